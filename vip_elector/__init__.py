@@ -1,0 +1,3 @@
+"""vip-elector: Consul leader election for vip-manager."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,856 @@
+"""A private network namespace with Consul, vip-manager and vip-elector in it.
+
+The end-to-end test, `tests/tools/bench` and `tests/tools/demo --vip-manager`
+build the same small world with this module:
+
+    with Lab(nodes="abc", interval_ms=100) as lab:   # netns, Consul, 3 vip-managers
+        lab.start_elector("a"); lab.start_elector("b")
+        lab.wait_leader()                            # -> "a" or "b"
+        lab.vip.holders()                            # {"veth-a"}: who has the VIP now
+        lab.fail_check("a"); lab.pass_check("a")
+
+Layout, inside one network namespace of the lab's own (`unshare(CLONE_NEWNET)`;
+the machine's interfaces are never touched):
+
+  * `lo` up; a Consul -dev agent on 127.0.0.1:8500 with TTL checks
+    check-a/b/c in its configuration file (so they come back, passing, when
+    the agent restarts). Its HTTP API also listens on a unix socket in the
+    lab's directory: the test process, which stays in the machine's network
+    namespace, talks to Consul through that file.
+  * one veth pair per node: `veth-X` is node X's interface; vip-manager X
+    puts the VIP there when the trigger-key holds `node-X`.
+  * `ip -ts -o monitor address`: an event stream of address changes with the
+    kernel-side timestamps of `ip`, from which `VipMonitor` knows, at any
+    moment of the run, which interfaces held the VIP (no polling).
+
+Nothing here imports vip_elector or a Consul library: the daemon is observed
+from outside, over plain HTTP.
+
+Cleanup: every process the lab starts gets PR_SET_PDEATHSIG=SIGKILL (it dies
+with the process that started it, even if that one is SIGKILLed), and the
+namespace is anonymous: it disappears with the last process in it. `close()`
+stops everything in order and is idempotent. Start processes from the main
+thread only (PDEATHSIG follows the thread that forked).
+"""
+
+import base64
+import ctypes
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from datetime import datetime
+
+CACHE = os.environ.get("VIP_ELECTOR_CACHE", "/var/cache/vip-elector-test")
+CONSUL = os.path.join(CACHE, "consul/usr/bin/consul")
+VIP_MANAGER = os.path.join(CACHE, "vip-manager/usr/bin/vip-manager")
+PYTHON = "/usr/bin/python3"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+LOCK_FLAG = 3304740253564472344
+CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret, what):
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "%s: %s" % (what, os.strerror(err)))
+
+
+def _child_setup(netns_fd=None, new_netns=False):
+    """preexec_fn: die with our parent; enter the lab's netns (or a new one)."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if new_netns:
+        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+    if netns_fd is not None:
+        _check(_libc.setns(netns_fd, CLONE_NEWNET), "setns")
+
+
+def missing_prerequisite():
+    """Why the lab cannot run here (a string), or None."""
+    if os.geteuid() != 0:
+        return "needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN for a network namespace)"
+    for path in (CONSUL, VIP_MANAGER):
+        if not os.access(path, os.X_OK):
+            return "%s missing: run tests/tools/fetch-deps" % path
+    if not shutil.which("ip"):
+        return "iproute2's `ip` missing"
+    try:
+        subprocess.run(["true"], preexec_fn=lambda: _child_setup(new_netns=True), check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        return "cannot create a network namespace: %s" % e
+    return None
+
+
+def wait_for(condition, timeout, interval=0.01, message="condition"):
+    """Poll condition() until it returns a true value; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError("timed out after %.1fs waiting for %s" % (timeout, message))
+        time.sleep(interval)
+
+
+# --- processes -------------------------------------------------------------------
+
+class Proc:
+    """A child process whose merged output goes to a log file and to `lines`.
+
+    Each line is stored as (time.time(), text); `on_line(proc, t, text)`, if
+    given, is called from the reader thread for every line.
+    """
+
+    def __init__(self, name, argv, log_path, netns=None, env=None, cwd=None,
+                 on_line=None, pass_fds=()):
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.lines = []
+        self.on_line = on_line
+        self._cond = threading.Condition()
+        fd = netns.fd if netns else None
+        self.started = time.time()
+        self.popen = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True,
+            pass_fds=tuple(pass_fds) + ((fd,) if fd is not None else ()),
+            preexec_fn=lambda: _child_setup(netns_fd=fd))
+        self._reader = threading.Thread(target=self._read, daemon=True,
+                                        name="reader-%s" % name)
+        self._reader.start()
+
+    def _read(self):
+        with open(self.log_path, "a", encoding="utf-8", errors="replace") as log:
+            for raw in self.popen.stdout:
+                t = time.time()
+                text = raw.decode("utf-8", "replace").rstrip("\n")
+                log.write("%.6f %s\n" % (t, text))
+                log.flush()
+                with self._cond:
+                    self.lines.append((t, text))
+                    self._cond.notify_all()
+                if self.on_line:
+                    self.on_line(self, t, text)
+
+    @property
+    def pid(self):
+        return self.popen.pid
+
+    def alive(self):
+        return self.popen.poll() is None
+
+    def send(self, sig):
+        if self.alive():
+            self.popen.send_signal(sig)
+
+    def wait(self, timeout=None):
+        return self.popen.wait(timeout)
+
+    def stop(self, timeout=10, sig=signal.SIGTERM):
+        """Signal, wait up to timeout, then SIGKILL; return the exit status."""
+        if self.alive():
+            self.send(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._reader.join(2)
+        return self.popen.returncode
+
+    def find_line(self, pattern, since=0.0):
+        rx = re.compile(pattern)
+        with self._cond:
+            for t, text in self.lines:
+                if t >= since and rx.search(text):
+                    return t, text
+        return None
+
+    def wait_line(self, pattern, timeout, since=0.0):
+        return wait_for(lambda: self.find_line(pattern, since), timeout,
+                        message="%s to log /%s/" % (self.name, pattern))
+
+    def tail(self, n=30):
+        with self._cond:
+            return "\n".join(text for _, text in self.lines[-n:])
+
+
+# --- the network namespace -----------------------------------------------------
+
+class Netns:
+    """An anonymous network namespace, held open by a `sleep` process."""
+
+    def __init__(self):
+        self.holder = subprocess.Popen(
+            ["sleep", "infinity"], stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=lambda: _child_setup(new_netns=True))
+        # Popen returns after the exec, so the unshare has happened.
+        self.fd = os.open("/proc/%d/ns/net" % self.holder.pid, os.O_RDONLY | os.O_CLOEXEC)
+        self.run(["ip", "link", "set", "lo", "up"])
+
+    def run(self, argv, check=True):
+        """Run a short command inside the namespace; return its stdout."""
+        fd = self.fd
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           pass_fds=(fd,), preexec_fn=lambda: _child_setup(netns_fd=fd))
+        if check and r.returncode != 0:
+            raise RuntimeError("%s failed (%d): %s" % (" ".join(argv), r.returncode, r.stderr.strip()))
+        return r.stdout
+
+    def socket(self, *args):
+        """A socket created inside the namespace (usable from any thread)."""
+        out = {}
+
+        def make():
+            try:
+                _check(_libc.setns(self.fd, CLONE_NEWNET), "setns")
+                out["sock"] = socket.socket(*args)
+            except BaseException as e:  # handed to the caller below
+                out["error"] = e
+
+        t = threading.Thread(target=make, name="netns-socket")  # thread dies with its netns
+        t.start()
+        t.join()
+        if "error" in out:
+            raise out["error"]
+        return out["sock"]
+
+    def close(self):
+        if self.holder.poll() is None:
+            self.holder.kill()
+            self.holder.wait()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+# --- observing the VIP ---------------------------------------------------------
+
+_ADDR_LINE = re.compile(
+    r"^\[(?P<ts>[^\]]+)\]\s+(?P<deleted>Deleted\s+)?\d+:\s+(?P<ifname>[^\s@]+)\S*\s+"
+    r"inet\s+(?P<addr>[0-9.]+)/\d+")
+
+
+def parse_monitor_line(line):
+    """(time, ifname, addr, added) from a line of `ip -ts -o monitor address`."""
+    m = _ADDR_LINE.match(line)
+    if not m:
+        return None
+    t = datetime.fromisoformat(m.group("ts")).timestamp()  # ip prints local time
+    return t, m.group("ifname"), m.group("addr"), not m.group("deleted")
+
+
+def overlaps(events, start=0.0, end=None):
+    """Intervals (t_from, t_to, ifnames) during which two or more interfaces held the VIP.
+
+    events: time-ordered (t, ifname, added) for the VIP only.
+    """
+    holders, result, since = set(), [], None
+    for t, ifname, added in events:
+        (holders.add if added else holders.discard)(ifname)
+        if len(holders) >= 2 and since is None:
+            since, who = t, set(holders)
+        elif len(holders) >= 2:
+            who |= holders
+        elif since is not None:
+            result.append((since, t, frozenset(who)))
+            since = None
+    if since is not None:
+        result.append((since, end if end is not None else time.time(), frozenset(who)))
+    return [(a, b, w) for a, b, w in result if b >= start and (end is None or a <= end)]
+
+
+class VipMonitor:
+    """Which interfaces hold the VIP, from `ip -ts -o monitor address` events."""
+
+    SENTINEL = "192.0.2.254"
+
+    def __init__(self, netns, vip, log_path):
+        self.vip = vip
+        self.events = []           # (t, ifname, added) for the VIP, in order
+        self._holders = set()
+        self._cond = threading.Condition()
+        self._sentinel_seen = False
+        self.proc = Proc("ip-monitor", ["ip", "-ts", "-o", "monitor", "address"],
+                         log_path, netns=netns, on_line=self._on_line)
+        # Make sure the monitor is subscribed before anything else happens.
+        deadline = time.monotonic() + 10
+        while not self._sentinel_seen:
+            netns.run(["ip", "addr", "replace", self.SENTINEL + "/32", "dev", "lo"])
+            with self._cond:
+                self._cond.wait_for(lambda: self._sentinel_seen, 0.2)
+            netns.run(["ip", "addr", "del", self.SENTINEL + "/32", "dev", "lo"], check=False)
+            if time.monotonic() > deadline:
+                raise TimeoutError("ip monitor did not report the sentinel address")
+
+    def _on_line(self, proc, t_read, line):
+        parsed = parse_monitor_line(line)
+        if not parsed:
+            return
+        t, ifname, addr, added = parsed
+        with self._cond:
+            if addr == self.SENTINEL:
+                self._sentinel_seen = True
+            elif addr == self.vip:
+                self.events.append((t, ifname, added))
+                (self._holders.add if added else self._holders.discard)(ifname)
+            self._cond.notify_all()
+
+    def holders(self):
+        with self._cond:
+            return set(self._holders)
+
+    def wait_holders(self, expected, timeout):
+        """Wait until exactly the set `expected` holds the VIP; return the time it became so."""
+        expected = set(expected)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._holders == expected, timeout):
+                raise TimeoutError("VIP on %s, expected on %s after %.1fs"
+                                   % (sorted(self._holders) or "no interface",
+                                      sorted(expected) or "no interface", timeout))
+            return self.events[-1][0] if self.events else 0.0
+
+    def first_add(self, ifname, since):
+        """Time the VIP was first added to ifname at or after `since`, or None."""
+        with self._cond:
+            for t, name, added in self.events:
+                if t >= since and name == ifname and added:
+                    return t
+        return None
+
+    def ever_on(self, ifname, start, end=None):
+        """Whether ifname held the VIP at any moment in [start, end]."""
+        with self._cond:
+            held_at_start = False
+            for t, name, added in self.events:
+                if name != ifname:
+                    continue
+                if t < start:
+                    held_at_start = added
+                elif end is not None and t > end:
+                    break
+                elif added:
+                    return True
+            return held_at_start
+
+    def overlaps(self, start=0.0, end=None):
+        with self._cond:
+            return overlaps(list(self.events), start, end)
+
+    def longest_overlap(self, start=0.0, end=None):
+        """(seconds, interval) of the longest time two interfaces held the VIP at once."""
+        found = self.overlaps(start, end)
+        if not found:
+            return 0.0, None
+        best = max(found, key=lambda o: o[1] - o[0])
+        return best[1] - best[0], best
+
+
+# --- talking to Consul through its unix socket --------------------------------
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self._path)
+        self.sock = s
+
+
+class ConsulError(Exception):
+    def __init__(self, status, body, method, path):
+        super().__init__("%s %s -> %s %s" % (method, path, status, body.strip()[:200]))
+        self.status = status
+        self.body = body
+
+
+class ConsulHTTP:
+    """Minimal Consul HTTP client over a unix socket (one connection per call)."""
+
+    def __init__(self, socket_path, node="lab"):
+        self.socket_path = socket_path
+        self.node = node
+
+    def request(self, method, path, body=None, params=None, timeout=10):
+        """(status, headers, body bytes)."""
+        url = "/v1/" + path.lstrip("/")
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+        elif isinstance(body, str):
+            body = body.encode()
+        conn = _UnixHTTPConnection(self.socket_path, timeout)
+        try:
+            conn.request(method, url, body=body)
+            resp = conn.getresponse()
+            return resp.status, dict(resp.getheaders()), resp.read()
+        finally:
+            conn.close()
+
+    def call(self, method, path, body=None, params=None, timeout=10):
+        status, _, data = self.request(method, path, body, params, timeout)
+        if status >= 400:
+            raise ConsulError(status, data.decode("utf-8", "replace"), method, path)
+        return json.loads(data) if data.strip() else None
+
+    def ready(self):
+        try:
+            leader = self.call("GET", "status/leader", timeout=1)
+            if not leader:
+                return False
+            checks = self.call("GET", "health/node/" + self.node, timeout=1)
+            return any(c.get("CheckID") == "serfHealth" and c.get("Status") == "passing"
+                       for c in checks)
+        except (OSError, ConsulError, http.client.HTTPException, ValueError):
+            return False
+
+    def kv_get(self, key):
+        status, _, data = self.request("GET", "kv/" + key)
+        if status == 404:
+            return None
+        if status >= 400:
+            raise ConsulError(status, data.decode(), "GET", key)
+        entry = json.loads(data)[0]
+        entry["Value"] = base64.b64decode(entry["Value"]) if entry.get("Value") else b""
+        return entry
+
+    def kv_put(self, key, value, **params):
+        return self.call("PUT", "kv/" + key, body=value, params=params or None)
+
+    def kv_delete(self, key):
+        return self.call("DELETE", "kv/" + key)
+
+    def check_update(self, check_id, status):
+        self.call("PUT", "agent/check/%s/%s" % ({"passing": "pass", "critical": "fail",
+                                                  "warning": "warn"}[status], check_id))
+
+    def check_status(self, check_id):
+        checks = self.call("GET", "agent/checks")
+        c = checks.get(check_id)
+        return c and c["Status"]
+
+    def sessions(self):
+        return self.call("GET", "session/list")
+
+
+class KeyWatcher:
+    """Every state of one key, seen through blocking queries: (t, value, session, index).
+
+    value is None when the key is absent. States shorter than a round trip
+    can be missed (a blocking query reports the latest state); the time of
+    each state is when the answer arrived, an upper bound on when it began.
+    """
+
+    def __init__(self, consul, key):
+        self.consul = consul
+        self.key = key
+        self.history = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="key-watcher")
+        self._thread.start()
+        wait_for(lambda: self.history, 30, message="first answer about the key")
+
+    def _run(self):
+        index = 0
+        while not self._stop.is_set():
+            try:
+                status, headers, data = self.consul.request(
+                    "GET", "kv/" + self.key, params={"index": index, "wait": "5s"}, timeout=15)
+            except (OSError, http.client.HTTPException):
+                index = 0
+                self._stop.wait(0.005)
+                continue
+            t = time.time()
+            if status not in (200, 404):
+                index = 0
+                self._stop.wait(0.005)
+                continue
+            new_index = int(headers.get("X-Consul-Index", 0) or 0)
+            if status == 200:
+                entry = json.loads(data)[0]
+                value = base64.b64decode(entry["Value"]).decode() if entry.get("Value") else ""
+                state = (value, entry.get("Session"), entry["ModifyIndex"])
+            else:
+                state = (None, None, 0)
+            with self._cond:
+                if not self.history or self.history[-1][1:] != state:
+                    self.history.append((t,) + state)
+                    self._cond.notify_all()
+            index = new_index if new_index >= index else 0
+
+    def current(self):
+        with self._cond:
+            return self.history[-1] if self.history else None
+
+    def wait(self, predicate, timeout, since=0.0, message="key state"):
+        """Wait for a state (t, value, session, index) with t >= since matching predicate."""
+        def found():
+            for state in self.history:
+                if state[0] >= since and predicate(state):
+                    return state
+            return None
+        with self._cond:
+            result = self._cond.wait_for(found, timeout)
+        if not result:
+            raise TimeoutError("%s not seen in %.1fs; key now %r" % (message, timeout, self.current()))
+        return result
+
+    def values_between(self, start, end):
+        """Values the key held in [start, end] (including the one current at start)."""
+        with self._cond:
+            out, before = set(), None
+            for t, value, _, _ in self.history:
+                if t < start:
+                    before = value
+                elif t <= end:
+                    out.add(value)
+            out.add(before)
+            return out
+
+    def close(self):
+        self._stop.set()
+
+
+# --- counting HTTP requests ----------------------------------------------------
+
+class CountingProxy:
+    """A TCP listener inside the lab's netns that forwards to Consul's unix socket
+    and counts the HTTP requests passing through (method, path, time)."""
+
+    def __init__(self, netns, consul_socket):
+        self.consul_socket = consul_socket
+        self.requests = []
+        self._lock = threading.Lock()
+        self.listener = netns.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True, name="proxy-%d" % self.port).start()
+
+    @property
+    def addr(self):
+        return "127.0.0.1:%d" % self.port
+
+    def _accept(self):
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                upstream.connect(self.consul_socket)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src, dst, count):
+        buf = b""
+        skip = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+                if not count:
+                    continue
+                buf += data
+                while True:
+                    if skip:
+                        n = min(skip, len(buf))
+                        buf, skip = buf[n:], skip - n
+                        if skip:
+                            break
+                    end = buf.find(b"\r\n\r\n")
+                    if end < 0:
+                        break
+                    head, buf = buf[:end].decode("latin-1"), buf[end + 4:]
+                    first = head.split("\r\n", 1)[0].split(" ")
+                    m = re.search(r"(?im)^content-length:\s*(\d+)", head)
+                    skip = int(m.group(1)) if m else 0
+                    with self._lock:
+                        self.requests.append((time.time(), first[0], first[1] if len(first) > 1 else ""))
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def count(self, start, end):
+        with self._lock:
+            return [r for r in self.requests if start <= r[0] <= end]
+
+    def close(self):
+        self._closed = True
+        self.listener.close()
+
+
+# --- the lab ---------------------------------------------------------------------
+
+class Lab:
+    """Network namespace + Consul + one vip-manager per node (+ electors on demand)."""
+
+    def __init__(self, nodes="abc", key="service/e2e/leader", vip="10.77.0.100",
+                 interval_ms=100, vip_manager=True, workdir=None):
+        self.nodes = list(nodes)
+        self.key = key
+        self.vip = vip
+        self.interval_ms = interval_ms
+        self.with_vip_manager = vip_manager
+        self._own_dir = workdir is None
+        self.dir = workdir or tempfile.mkdtemp(prefix="vip-elector-lab-")
+        self.sock = os.path.join(self.dir, "consul.sock")
+        self.consul = ConsulHTTP(self.sock)
+        self.netns = None
+        self.vip_monitor = None
+        self.agent = None
+        self.watcher = None
+        self.vip_managers = {}
+        self.electors = {}
+        self._retired = []
+        self._proxies = []
+
+    # names
+    def name(self, node):
+        return "node-" + node
+
+    def check_id(self, node):
+        return "check-" + node
+
+    def iface(self, node):
+        return "veth-" + node
+
+    def node_of_iface(self, ifname):
+        return ifname[len("veth-"):] if ifname.startswith("veth-") else None
+
+    def node_of_value(self, value):
+        return value[len("node-"):] if value and value.startswith("node-") else None
+
+    def log(self, what):
+        return os.path.join(self.dir, what + ".log")
+
+    # lifecycle
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def start(self):
+        self.netns = Netns()
+        for node in self.nodes:
+            self.netns.run(["ip", "link", "add", self.iface(node), "type", "veth",
+                            "peer", "name", "peer-" + node])
+            self.netns.run(["ip", "link", "set", self.iface(node), "up"])
+            self.netns.run(["ip", "link", "set", "peer-" + node, "up"])
+        self.vip_monitor = VipMonitor(self.netns, self.vip, self.log("ip-monitor"))
+        self.write_consul_config()
+        self.start_consul()
+        self.watcher = KeyWatcher(self.consul, self.key)
+        if self.with_vip_manager:
+            for node in self.nodes:
+                self.start_vip_manager(node)
+        for node in self.nodes:
+            self.write_elector_config(node)
+
+    def close(self):
+        for proc in list(self.electors.values()):
+            proc.stop(timeout=6)
+        for proc in list(self.vip_managers.values()):
+            proc.stop(timeout=3)
+        if self.watcher:
+            self.watcher.close()
+        for proxy in self._proxies:
+            proxy.close()
+        if self.agent:
+            self.agent.stop(timeout=10)
+        if self.vip_monitor:
+            self.vip_monitor.proc.stop(timeout=2)
+        if self.netns:
+            self.netns.close()
+        if self._own_dir and not os.environ.get("VIP_ELECTOR_KEEP_LAB"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # Consul
+    def write_consul_config(self):
+        config = {
+            "addresses": {"http": "127.0.0.1 unix://" + self.sock},
+            "checks": [{"id": self.check_id(n), "name": "health of node-" + n,
+                        "ttl": "24h", "status": "passing"} for n in self.nodes],
+            "log_level": "info",
+        }
+        with open(os.path.join(self.dir, "consul.json"), "w") as f:
+            json.dump(config, f)
+
+    def start_consul(self, timeout=30):
+        argv = [CONSUL, "agent", "-dev", "-node", "lab", "-bind", "127.0.0.1",
+                "-client", "127.0.0.1", "-http-port", "8500", "-dns-port", "-1",
+                "-grpc-port", "-1", "-config-file", os.path.join(self.dir, "consul.json")]
+        self.agent = Proc("consul", argv, self.log("consul"), netns=self.netns, cwd=self.dir)
+        try:
+            wait_for(self.consul.ready, timeout, interval=0.02, message="Consul to be ready")
+        except TimeoutError:
+            raise TimeoutError("Consul not ready:\n" + self.agent.tail())
+
+    def restart_consul(self):
+        """Stop the agent (SIGTERM) and start it again; return (t_stopped, t_ready)."""
+        self.agent.stop(timeout=10)
+        t_stopped = time.time()
+        self.start_consul()
+        return t_stopped, time.time()
+
+    def pass_check(self, node):
+        self.consul.check_update(self.check_id(node), "passing")
+
+    def fail_check(self, node):
+        self.consul.check_update(self.check_id(node), "critical")
+
+    def counting_proxy(self):
+        proxy = CountingProxy(self.netns, self.sock)
+        self._proxies.append(proxy)
+        return proxy
+
+    # vip-manager
+    def vip_manager_config(self, node):
+        return os.path.join(self.dir, "vip-manager-%s.yml" % node)
+
+    def write_elector_config(self, node):
+        """The vip-manager YAML of node (also the elector's --vip-manager-config)."""
+        with open(self.vip_manager_config(node), "w") as f:
+            f.write("# vip-manager %s configuration for node %s\n"
+                    "ip: %s\nnetmask: 24\ninterface: %s\n"
+                    "trigger-key: %s\ntrigger-value: %s\n"
+                    "dcs-type: consul\ndcs-endpoints:\n  - http://127.0.0.1:8500\n"
+                    "interval: %d\n"
+                    % ("1.0.1", node, self.vip, self.iface(node), self.key, self.name(node),
+                       self.interval_ms))
+
+    def start_vip_manager(self, node):
+        self.write_elector_config(node)
+        proc = Proc("vip-manager-" + node, [VIP_MANAGER, "--config", self.vip_manager_config(node)],
+                    self.log("vip-manager-" + node), netns=self.netns, cwd=self.dir)
+        self.vip_managers[node] = proc
+        proc.wait_line(r"state is (true|false), desired", 10)
+        return proc
+
+    # vip-elector
+    def elector_argv(self, node, addr="127.0.0.1:8500", extra=()):
+        return [PYTHON, "-m", "vip_elector", "--vip-manager-config", self.vip_manager_config(node),
+                "--hostname", self.name(node), "--check-id", self.check_id(node),
+                "--addr", addr] + list(extra)
+
+    def elector_env(self, extra=None):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("CONSUL_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC",
+                                                           "WATCHDOG_PID", "PYTHONPATH")}
+        env["PYTHONPATH"] = REPO
+        env.update(extra or {})
+        return env
+
+    def start_elector(self, node, addr="127.0.0.1:8500", extra=(), env=None, on_line=None):
+        if node in self.electors:
+            self._retired.append(self.electors.pop(node))
+        proc = Proc("elector-" + node, self.elector_argv(node, addr, extra),
+                    self.log("elector-" + node), netns=self.netns, cwd=REPO,
+                    env=self.elector_env(env), on_line=on_line)
+        self.electors[node] = proc
+        return proc
+
+    def leader(self):
+        """The node whose name the key holds (with a session), or None."""
+        state = self.watcher.current()
+        if state and state[1] is not None and state[2]:
+            return self.node_of_value(state[1])
+        return None
+
+    def wait_leader(self, timeout=30, among=None, since=0.0):
+        """Wait until the key is held by a node (of `among`); return (node, t_seen)."""
+        among = set(among or self.nodes)
+        state = self.watcher.wait(
+            lambda s: s[2] and self.node_of_value(s[1]) in among, timeout, since=since,
+            message="a leader among %s" % sorted(among))
+        return self.node_of_value(state[1]), state[0]
+
+    def wait_vip_on(self, node, timeout=15):
+        """Wait until the VIP is on node's interface and no other; return the time."""
+        return self.vip_monitor.wait_holders({self.iface(node)} if node else set(), timeout)
+
+    def vip_holders_now(self):
+        """Nodes holding the VIP according to a fresh `ip -o addr` (cross-check of the monitor)."""
+        out = self.netns.run(["ip", "-o", "-4", "addr", "show"])
+        nodes = set()
+        for line in out.splitlines():
+            fields = line.split()
+            if len(fields) >= 4 and fields[3].split("/")[0] == self.vip:
+                nodes.add(self.node_of_iface(fields[1]))
+        return nodes
+
+
+def median(values):
+    s = sorted(values)
+    n = len(s)
+    if not n:
+        return float("nan")
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def percentile(values, p):
+    """Nearest-rank percentile (p in 0..100)."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = max(0, min(len(s) - 1, int(-(-p * len(s) // 100)) - 1))
+    return s[k]
+
+
+if __name__ == "__main__":  # smoke test: drive the key by hand, watch the VIP move
+    reason = missing_prerequisite()
+    if reason:
+        sys.exit("vipnet: " + reason)
+    with Lab() as lab:
+        for node in "abcb":
+            t0 = time.time()
+            lab.consul.kv_put(lab.key, lab.name(node))
+            t = lab.wait_vip_on(node)
+            print("key=%s: VIP on %s after %.1f ms" % (lab.name(node), sorted(lab.vip_holders_now()),
+                                                     (t - t0) * 1000))
+        t0 = time.time()
+        lab.consul.kv_delete(lab.key)
+        t = lab.wait_vip_on(None)
+        print("key deleted: VIP on no node after %.1f ms" % ((t - t0) * 1000))
+        print("longest overlap: %.1f ms" % (lab.vip_monitor.longest_overlap()[0] * 1000))

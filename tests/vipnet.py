@@ -56,6 +56,10 @@ VIP_MANAGER = os.path.join(CACHE, "vip-manager/usr/bin/vip-manager")
 PYTHON = "/usr/bin/python3"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# How to run the daemon: this tree's code by default; VIP_ELECTOR_COMMAND
+# (split on blanks) runs another build, e.g. "/usr/bin/vip-elector".
+ELECTOR_COMMAND = (os.environ.get("VIP_ELECTOR_COMMAND") or PYTHON + " -m vip_elector").split()
+
 LOCK_FLAG = 3304740253564472344
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
@@ -121,6 +125,7 @@ class Proc:
         self.argv = list(argv)
         self.log_path = log_path
         self.lines = []
+        self.exited_at = None
         self.on_line = on_line
         self._cond = threading.Condition()
         fd = netns.fd if netns else None
@@ -146,6 +151,8 @@ class Proc:
                     self._cond.notify_all()
                 if self.on_line:
                     self.on_line(self, t, text)
+        self.popen.wait()
+        self.exited_at = time.time()   # EOF on its output, then reaped: when it exited
 
     @property
     def pid(self):
@@ -503,9 +510,12 @@ class KeyWatcher:
         with self._cond:
             return self.history[-1] if self.history else None
 
-    def wait(self, predicate, timeout, since=0.0, message="key state"):
-        """Wait for a state (t, value, session, index) with t >= since matching predicate."""
+    def wait(self, predicate, timeout, since=None, message="key state"):
+        """Wait for a state (t, value, session, index) matching predicate: the
+        current one (since=None) or the first seen at or after `since`."""
         def found():
+            if since is None:
+                return self.history and predicate(self.history[-1]) and self.history[-1]
             for state in self.history:
                 if state[0] >= since and predicate(state):
                     return state
@@ -521,7 +531,7 @@ class KeyWatcher:
         with self._cond:
             out, before = set(), None
             for t, value, _, _ in self.history:
-                if t < start:
+                if t <= start:
                     before = value
                 elif t <= end:
                     out.add(value)
@@ -613,6 +623,84 @@ class CountingProxy:
     def close(self):
         self._closed = True
         self.listener.close()
+
+
+# --- sd_notify, as systemd would receive it ---------------------------------------
+
+class NotifySocket:
+    """An AF_UNIX datagram socket to hand to a daemon as NOTIFY_SOCKET.
+
+    messages: (time.time() at receipt, text) for each datagram. A path in the
+    file system, so it is reachable from any network namespace.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        if os.path.exists(path):
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.messages = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="notify")
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            t = time.time()
+            with self._cond:
+                for text in data.decode("utf-8", "replace").split("\n"):
+                    if text:
+                        self.messages.append((t, text))
+                self._cond.notify_all()
+
+    def find(self, prefix, since=0.0):
+        with self._cond:
+            for t, text in self.messages:
+                if t >= since and text.startswith(prefix):
+                    return t, text
+        return None
+
+    def wait(self, prefix, timeout, since=0.0):
+        with self._cond:
+            found = self._cond.wait_for(lambda: self.find(prefix, since), timeout)
+        if not found:
+            raise TimeoutError("no %s on %s within %.1fs" % (prefix, self.path, timeout))
+        return found
+
+    def last_status(self):
+        with self._cond:
+            for t, text in reversed(self.messages):
+                if text.startswith("STATUS="):
+                    return text[len("STATUS="):]
+        return None
+
+    def close(self):
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def proc_cpu_seconds(pid):
+    """utime + stime of a process, in seconds."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_status_kb(pid, field):
+    """A `kB` field of /proc/PID/status (VmRSS, VmHWM...)."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
 
 
 # --- the lab ---------------------------------------------------------------------
@@ -770,7 +858,7 @@ class Lab:
 
     # vip-elector
     def elector_argv(self, node, addr="127.0.0.1:8500", extra=()):
-        return [PYTHON, "-m", "vip_elector", "--vip-manager-config", self.vip_manager_config(node),
+        return ELECTOR_COMMAND + ["--vip-manager-config", self.vip_manager_config(node),
                 "--hostname", self.name(node), "--check-id", self.check_id(node),
                 "--addr", addr] + list(extra)
 
@@ -798,13 +886,26 @@ class Lab:
             return self.node_of_value(state[1])
         return None
 
-    def wait_leader(self, timeout=30, among=None, since=0.0):
-        """Wait until the key is held by a node (of `among`); return (node, t_seen)."""
+    def wait_leader(self, timeout=30, among=None, since=None):
+        """Wait for the key to be held by a node (of `among`); return (node, t_seen).
+
+        since=None: the key's current state; else the first state seen at or
+        after `since` (a time.time()).
+        """
         among = set(among or self.nodes)
         state = self.watcher.wait(
             lambda s: s[2] and self.node_of_value(s[1]) in among, timeout, since=since,
             message="a leader among %s" % sorted(among))
         return self.node_of_value(state[1]), state[0]
+
+    def sessions_of(self, node):
+        name = "vip-elector-" + self.name(node)
+        return [s for s in self.consul.sessions() if s["Name"] == name]
+
+    def wait_competing(self, node, timeout=30):
+        """Wait until node's elector has a session (it is up and competing)."""
+        return wait_for(lambda: self.sessions_of(node), timeout, interval=0.02,
+                        message="node-%s to have a session" % node)
 
     def wait_vip_on(self, node, timeout=15):
         """Wait until the VIP is on node's interface and no other; return the time."""

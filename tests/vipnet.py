@@ -98,6 +98,20 @@ def missing_prerequisite():
     return None
 
 
+def free_ports(n):
+    """n distinct free TCP ports on 127.0.0.1 of this network namespace."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def wait_for(condition, timeout, interval=0.01, message="condition"):
     """Poll condition() until it returns a true value; return that value."""
     deadline = time.monotonic() + timeout
@@ -393,9 +407,10 @@ class ConsulError(Exception):
 class ConsulHTTP:
     """Minimal Consul HTTP client over a unix socket (one connection per call)."""
 
-    def __init__(self, socket_path, node="lab"):
+    def __init__(self, socket_path, node="lab", checks=()):
         self.socket_path = socket_path
         self.node = node
+        self.checks = set(checks)
 
     def request(self, method, path, body=None, params=None, timeout=10):
         """(status, headers, body bytes)."""
@@ -425,9 +440,11 @@ class ConsulHTTP:
             leader = self.call("GET", "status/leader", timeout=1)
             if not leader:
                 return False
-            checks = self.call("GET", "health/node/" + self.node, timeout=1)
-            return any(c.get("CheckID") == "serfHealth" and c.get("Status") == "passing"
-                       for c in checks)
+            # serfHealth and the configured checks, as the servers see them
+            # (the agent syncs its checks to the catalog a moment after start).
+            passing = {c.get("CheckID") for c in self.call("GET", "health/node/" + self.node, timeout=1)
+                       if c.get("Status") == "passing"}
+            return passing >= {"serfHealth"} | self.checks
         except (OSError, ConsulError, http.client.HTTPException, ValueError):
             return False
 
@@ -552,7 +569,7 @@ class CountingProxy:
         self.consul_socket = consul_socket
         self.requests = []
         self._lock = threading.Lock()
-        self.listener = netns.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener = (netns.socket if netns else socket.socket)(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
@@ -709,16 +726,20 @@ class Lab:
     """Network namespace + Consul + one vip-manager per node (+ electors on demand)."""
 
     def __init__(self, nodes="abc", key="service/e2e/leader", vip="10.77.0.100",
-                 interval_ms=100, vip_manager=True, workdir=None):
+                 interval_ms=100, vip_manager=True, workdir=None, private_netns=True):
+        """private_netns=False: no namespace, no vip-manager, no root needed;
+        Consul on free ports of the machine's loopback (the plain demo)."""
         self.nodes = list(nodes)
         self.key = key
         self.vip = vip
         self.interval_ms = interval_ms
-        self.with_vip_manager = vip_manager
+        self.private_netns = private_netns
+        self.with_vip_manager = vip_manager and private_netns
+        self.ports = {"http": 8500, "serf_lan": 8301, "serf_wan": 8302, "server": 8300}
         self._own_dir = workdir is None
         self.dir = workdir or tempfile.mkdtemp(prefix="vip-elector-lab-")
         self.sock = os.path.join(self.dir, "consul.sock")
-        self.consul = ConsulHTTP(self.sock)
+        self.consul = ConsulHTTP(self.sock, checks=[self.check_id(n) for n in self.nodes])
         self.netns = None
         self.vip_monitor = None
         self.agent = None
@@ -760,6 +781,14 @@ class Lab:
         self.close()
 
     def start(self):
+        if not self.private_netns:
+            self.ports = dict(zip(self.ports, free_ports(len(self.ports))))
+            self.write_consul_config()
+            self.start_consul()
+            self.watcher = KeyWatcher(self.consul, self.key)
+            for node in self.nodes:
+                self.write_elector_config(node)
+            return
         self.netns = Netns()
         for node in self.nodes:
             self.netns.run(["ip", "link", "add", self.iface(node), "type", "veth",
@@ -777,7 +806,9 @@ class Lab:
             self.write_elector_config(node)
 
     def close(self):
-        for proc in list(self.electors.values()):
+        # Followers first, so that the leadership does not bounce on the way out.
+        leader = self.leader() if self.watcher else None
+        for node, proc in sorted(self.electors.items(), key=lambda item: item[0] == leader):
             proc.stop(timeout=6)
         for proc in list(self.vip_managers.values()):
             proc.stop(timeout=3)
@@ -807,8 +838,9 @@ class Lab:
 
     def start_consul(self, timeout=30):
         argv = [CONSUL, "agent", "-dev", "-node", "lab", "-bind", "127.0.0.1",
-                "-client", "127.0.0.1", "-http-port", "8500", "-dns-port", "-1",
-                "-grpc-port", "-1", "-config-file", os.path.join(self.dir, "consul.json")]
+                "-client", "127.0.0.1", "-http-port", str(self.ports["http"]),
+                "-serf-lan-port", str(self.ports["serf_lan"]), "-serf-wan-port", str(self.ports["serf_wan"]),
+                "-server-port", str(self.ports["server"]), "-dns-port", "-1", "-grpc-port", "-1", "-config-file", os.path.join(self.dir, "consul.json")]
         self.agent = Proc("consul", argv, self.log("consul"), netns=self.netns, cwd=self.dir)
         try:
             wait_for(self.consul.ready, timeout, interval=0.02, message="Consul to be ready")
@@ -843,10 +875,10 @@ class Lab:
             f.write("# vip-manager %s configuration for node %s\n"
                     "ip: %s\nnetmask: 24\ninterface: %s\n"
                     "trigger-key: %s\ntrigger-value: %s\n"
-                    "dcs-type: consul\ndcs-endpoints:\n  - http://127.0.0.1:8500\n"
+                    "dcs-type: consul\ndcs-endpoints:\n  - http://%s\n"
                     "interval: %d\n"
                     % ("1.0.1", node, self.vip, self.iface(node), self.key, self.name(node),
-                       self.interval_ms))
+                       self.http_addr, self.interval_ms))
 
     def start_vip_manager(self, node):
         self.write_elector_config(node)
@@ -857,7 +889,12 @@ class Lab:
         return proc
 
     # vip-elector
-    def elector_argv(self, node, addr="127.0.0.1:8500", extra=()):
+    @property
+    def http_addr(self):
+        return "127.0.0.1:%d" % self.ports["http"]
+
+    def elector_argv(self, node, addr=None, extra=()):
+        addr = addr or self.http_addr
         return ELECTOR_COMMAND + ["--vip-manager-config", self.vip_manager_config(node),
                 "--hostname", self.name(node), "--check-id", self.check_id(node),
                 "--addr", addr] + list(extra)
@@ -870,7 +907,7 @@ class Lab:
         env.update(extra or {})
         return env
 
-    def start_elector(self, node, addr="127.0.0.1:8500", extra=(), env=None, on_line=None):
+    def start_elector(self, node, addr=None, extra=(), env=None, on_line=None):
         if node in self.electors:
             self._retired.append(self.electors.pop(node))
         proc = Proc("elector-" + node, self.elector_argv(node, addr, extra),

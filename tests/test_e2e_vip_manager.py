@@ -60,6 +60,12 @@ def report_overlap(lab):
     line = ("e2e: VIP moves observed: %d; overlaps: %d; longest time on two interfaces: %.1f ms%s"
             % (sum(1 for e in lab.vip_monitor.events if e[2]), count, longest * 1000,
                " (%s)" % ", ".join(sorted(interval[2])) if interval else ""))
+    # Each overlap with the key's states around it, to tell whose doing it was.
+    for start, end, who in lab.vip_monitor.overlaps(lab.t_start):
+        states = ["%+.1f ms %s" % ((t - start) * 1000, value)
+                  for t, value, _, _ in lab.watcher.history if start - 1.5 <= t <= end]
+        line += ("\n  %.1f ms on %s; key before/while: %s"
+                 % ((end - start) * 1000, "+".join(sorted(who)), ", ".join(states)))
     print("\n" + line)
     with open(lab.log("summary"), "a") as f:
         f.write(line + "\n")

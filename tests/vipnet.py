@@ -642,6 +642,65 @@ class CountingProxy:
         self.listener.close()
 
 
+# --- a small tcpdump -------------------------------------------------------------
+
+class PacketTrace:
+    """TCP segments with a payload to or from `port` on the lab's loopback,
+    with the kernel's receive timestamps: (t, src_port, dst_port, payload head).
+
+    Used to split a handover into its steps (who sent what, when) without
+    touching the processes involved.
+    """
+
+    SO_TIMESTAMPNS = 35
+    ETH_P_ALL = 0x0003
+
+    def __init__(self, netns, port=8500, keep=512):
+        self.port = port
+        self.keep = keep
+        self.packets = []
+        self._lock = threading.Lock()
+        self.sock = netns.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(self.ETH_P_ALL))
+        self.sock.bind(("lo", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, self.SO_TIMESTAMPNS, 1)
+        threading.Thread(target=self._run, daemon=True, name="packet-trace").start()
+
+    def _run(self):
+        import struct
+        while True:
+            try:
+                data, ancillary, _, addr = self.sock.recvmsg(65536, 64)
+            except OSError:
+                return
+            if addr[2] == socket.PACKET_OUTGOING or data[12:14] != b"\x08\x00":
+                continue
+            t = None
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == self.SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", value[:16])
+                    t = sec + nsec / 1e9
+            ip = data[14:]
+            if ip[9] != 6:  # TCP
+                continue
+            tcp = ip[(ip[0] & 15) * 4:]
+            sport, dport = struct.unpack("!HH", tcp[:4])
+            payload = tcp[(tcp[12] >> 4) * 4:]
+            if payload and self.port in (sport, dport):
+                with self._lock:
+                    self.packets.append((t or time.time(), sport, dport, bytes(payload[:self.keep])))
+
+    def between(self, start, end):
+        with self._lock:
+            return [p for p in self.packets if start <= p[0] <= end]
+
+    def clear(self):
+        with self._lock:
+            self.packets = []
+
+    def close(self):
+        self.sock.close()
+
+
 # --- sd_notify, as systemd would receive it ---------------------------------------
 
 class NotifySocket:

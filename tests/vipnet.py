@@ -644,9 +644,14 @@ class CountingProxy:
 
 # --- a small tcpdump -------------------------------------------------------------
 
+_REQUEST_LINE = re.compile(rb"^[A-Z]+ /\S* HTTP/1")
+
+
 class PacketTrace:
     """TCP segments with a payload to or from `port` on the lab's loopback,
-    with the kernel's receive timestamps: (t, src_port, dst_port, payload head).
+    with the kernel's receive timestamps: (t, src_port, dst_port, payload head,
+    request) where `request` is, for an answer, the head of the last request
+    sent on that connection (None for a request).
 
     Used to split a handover into its steps (who sent what, when) without
     touching the processes involved.
@@ -659,6 +664,7 @@ class PacketTrace:
         self.port = port
         self.keep = keep
         self.packets = []
+        self.last_request = {}
         self._lock = threading.Lock()
         self.sock = netns.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(self.ETH_P_ALL))
         self.sock.bind(("lo", 0))
@@ -686,8 +692,15 @@ class PacketTrace:
             sport, dport = struct.unpack("!HH", tcp[:4])
             payload = tcp[(tcp[12] >> 4) * 4:]
             if payload and self.port in (sport, dport):
+                head = bytes(payload[:self.keep])
                 with self._lock:
-                    self.packets.append((t or time.time(), sport, dport, bytes(payload[:self.keep])))
+                    if dport == self.port:
+                        if _REQUEST_LINE.match(head):  # a new request, not a body
+                            self.last_request[sport] = head
+                        self.packets.append((t or time.time(), sport, dport, head, None))
+                    else:
+                        self.packets.append((t or time.time(), sport, dport, head,
+                                             self.last_request.get(dport)))
 
     def between(self, start, end):
         with self._lock:

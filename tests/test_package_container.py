@@ -12,11 +12,13 @@ One container for the module, driven through the package's life in order:
      vip-elector.
   3. `systemctl stop` deletes the key (planned stop hands over at once).
   4. Upgrade to a newer build whose /etc/default/vip-elector changed, over an
-     untouched conffile: dpkg installs the new one and postinst gives it
-     0640 root:vip-elector again; the running daemon is restarted.
+     untouched conffile: dpkg installs the new one, still 0640
+     root:vip-elector; the running daemon is restarted.
   5. Upgrade again over a conffile the administrator changed: it is kept
      (content and mode) and the restarted daemon runs with its options.
-  6. Purge: daemon stopped, key gone, user, group, conffile and unit gone.
+  6. Reinstall over a deleted conffile (--force-confmiss): restored with
+     0640 root:vip-elector.
+  7. Purge: daemon stopped, key gone, user, group, conffile and unit gone.
 
 Each step needs the previous ones; when one fails the later ones are
 skipped, not failed again.
@@ -299,8 +301,20 @@ def test_upgrade_keeps_modified_conffile(ct, consul, debs, step, request):
     wait_for(lambda: consul.kv_value(key) == NAME, 30, message="leader after upgrade")
 
 
-def test_purge(ct, consul, step, request):
+def test_reinstall_restores_deleted_conffile_with_mode(ct, debs, step):
+    """dpkg keeps a conffile's mode across upgrades; a conffile it creates
+    anew (here: deleted by the administrator, restored with --force-confmiss)
+    comes out 0644 root:root, and postinst must make it 0640 root:vip-elector."""
     step("test_upgrade_keeps_modified_conffile")
+    ct.run(["rm", CONFFILE])
+    res = apt_install(ct, debs["v3"], "--reinstall", "-o", "Dpkg::Options::=--force-confmiss")
+    assert res.returncode == 0, "reinstall failed:\n%s\n%s" % (res.stdout, res.stderr)
+    assert "# upgrade test 2" in ct.read(CONFFILE)
+    assert stat(ct, CONFFILE) == "root:vip-elector 640"
+
+
+def test_purge(ct, consul, step, request):
+    step("test_reinstall_restores_deleted_conffile_with_mode")
     key = request.module.KEY
     res = ct.run(["apt-get", "purge", "-y", "vip-elector"],
                  env={"DEBIAN_FRONTEND": "noninteractive"}, check=False, timeout=300)

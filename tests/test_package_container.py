@@ -37,9 +37,6 @@ import subprocess
 
 import pytest
 
-from consul_agent import wait_for
-from container import Container, container_unavailable
-
 pytestmark = [pytest.mark.container, pytest.mark.consul]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,6 +125,9 @@ def debs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ct(request):
+    # Imported here, not at the top: collecting this module (e.g. in the
+    # package build, which deselects it) needs neither helper.
+    from container import Container, container_unavailable
     reason = container_unavailable()
     if reason:
         pytest.skip(reason)
@@ -176,6 +176,11 @@ def main_pid_user(ct):
     pid = unit(ct, "MainPID")["MainPID"]
     assert pid != "0", "vip-elector is not running"
     return ct.run(["ps", "-o", "user=", "-p", pid]).stdout.strip()
+
+
+def wait_for(condition, timeout, message):
+    from consul_agent import wait_for as poll
+    return poll(condition, timeout, message=message)
 
 
 def write_vip_manager_config(ct, consul, key):

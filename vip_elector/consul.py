@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import os
 import threading
 import urllib.parse
@@ -220,6 +221,21 @@ def _without_consul_environment() -> Iterator[None]:
         os.environ.update(saved)
 
 
+def _translated(method):
+    """Library exceptions (they differ between the three) become our ConsulError."""
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except ConsulError:
+            raise
+        except consul_base.ConsulException as e:
+            raise ConsulError(f"unexpected answer from Consul: {type(e).__name__}: {e}"[:300]) from None
+        except (ValueError, KeyError, TypeError) as e:  # a body that is not Consul's JSON
+            raise ConsulError(f"unexpected answer (is {self.settings.address} a Consul agent?): "
+                              f"{type(e).__name__}") from None
+    return functools.wraps(method)(call)
+
+
 class _Library(consul_lib.Consul):
     """The library's client, on our transport."""
 
@@ -245,6 +261,7 @@ class ConsulClient:
 
     # Agent and health ---------------------------------------------------
 
+    @_translated
     def node_name(self) -> str:
         """The local agent's node name: sessions and checks live there."""
         data = self._lib.agent.self()
@@ -253,6 +270,7 @@ class ConsulClient:
         except (TypeError, KeyError):
             raise ConsulError("the address does not answer like a Consul agent") from None
 
+    @_translated
     def check_states(self, node: str, check_ids: list[str]) -> dict[str, Optional[str]]:
         """Status of each check on this node as the catalog sees it (None: not registered).
 
@@ -265,23 +283,30 @@ class ConsulClient:
 
     # Sessions -----------------------------------------------------------
 
+    @_translated
     def create_session(self, checks: list[str]) -> str:
         s = self.settings
         return self._lib.session.create(
             name=s.session_name, checks=checks, behavior="delete",
             ttl=_whole(s.ttl), lock_delay=_whole(s.lock_delay))
 
+    @_translated
     def renew_session(self, session_id: str) -> None:
         """Renew, or raise InvalidSession when Consul no longer knows it."""
-        result = self._lib.session.renew(session_id)
+        try:
+            result = self._lib.session.renew(session_id)
+        except consul_base.ConsulException:  # python-consul2 raises NotFound on a 404 here
+            result = None
         if self.transport.last_status == 404 or not result or result == (None, None):
             raise InvalidSession(f"session {session_id} no longer exists")
 
+    @_translated
     def destroy_session(self, session_id: str) -> None:
         self._lib.session.destroy(session_id)
 
     # The trigger-key ----------------------------------------------------
 
+    @_translated
     def read_key(self, index: Optional[int] = None, wait: Optional[float] = None) -> tuple[int, Optional[KeyState]]:
         """Read the key; with ``index`` and ``wait``, a blocking query."""
         kwargs: dict[str, Any] = {}
@@ -290,14 +315,17 @@ class ConsulClient:
         new_index, data = self._lib.kv.get(self.key, **kwargs)
         return _index(new_index), _key_state(data)
 
+    @_translated
     def acquire(self, session_id: str) -> bool:
         """Take the lock and write our name in one step; False if someone holds it."""
         return bool(self._lib.kv.put(self.key, self.settings.value, acquire=session_id, flags=LOCK_FLAG))
 
+    @_translated
     def delete_if_unchanged(self, modify_index: int) -> bool:
         """Delete the key only if nobody changed it since ``modify_index`` (our own write)."""
         return bool(self._lib.kv.delete(self.key, cas=modify_index))
 
+    @_translated
     def can_write_key(self) -> None:
         """Probe the write right without writing: a CAS no index can match.
 

@@ -90,7 +90,7 @@ class Backoff:
         self.attempt = 0
 
     def next(self) -> float:
-        base = min(self.high, self.low * (2 ** self.attempt))
+        base = min(self.high, self.low * (2 ** min(self.attempt, 16)))
         self.attempt += 1
         return max(self.low, min(self.high, base * (0.8 + 0.4 * self.rng())))
 
@@ -271,8 +271,10 @@ class Election:
         else:
             status = f"waiting for Consul at {self.settings.address}: {error}"
             text = f"cannot use Consul at {self.settings.address}: {error}; retrying in {delay:.0f}s"
-        if self.session is not None:
+        if self.session is not None:  # keep renewing on its own clock, decide again later
             self.decide_at = self.retry_at
+            self.acquire_retry_at = None
+            self.renew_at = max(self.renew_at, self.clock() + self.timing.renew_retry)
         self._set_role(Role.WAITING, status)
         if str(error) != self.trouble:
             log.warning("%s", text)
@@ -377,7 +379,9 @@ class Election:
             return
         if key is None or key.session is None:
             if self.leader:
-                self._lost("the key was deleted or released")
+                if not self._session_still_valid():
+                    return
+                self._lost("the key was deleted or released by someone else")
             self._try_acquire()
         elif key.session == self.session:
             if not self.leader:
@@ -386,6 +390,17 @@ class Election:
             if self.leader:
                 self._lost(f"{key.value or 'another session'} holds it now")
             self._follow(key)
+
+    def _session_still_valid(self) -> bool:
+        """The key vanished under us: find out whether Consul invalidated our session."""
+        try:
+            self.consul.renew_session(self.session)
+        except InvalidSession:
+            self._session_gone("Consul invalidated our session: a bound health check failed, "
+                               "or the session expired")
+            return False
+        self.renewed_at = self.clock()
+        return True
 
     def _try_acquire(self) -> None:
         if self.key is not None and not self.key.is_lock:

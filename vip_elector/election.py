@@ -275,7 +275,11 @@ class Election:
             self.decide_at = self.retry_at
             self.acquire_retry_at = None
             self.renew_at = max(self.renew_at, self.clock() + self.timing.renew_retry)
-        self._set_role(Role.WAITING, status)
+        if self.leader:  # still ours until the session goes: say both
+            self._set_role(Role.LEADER, f"leader: holding {self.settings.trigger_key} as "
+                                        f"{self.settings.value}; {status}")
+        else:
+            self._set_role(Role.WAITING, status)
         if str(error) != self.trouble:
             log.warning("%s", text)
         self.trouble = str(error)

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .config import ConfigError, Options, Settings, build_settings, format_duration, parse_duration
-from .systemd import MESSAGE_CONFIG_ERROR, ElectionContext, Notifier, setup_logging
+from .systemd import MESSAGE_CONFIG_ERROR, ElectionContext, Notifier, logging_to_journal, setup_logging
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
@@ -75,13 +75,12 @@ def options_from(args: argparse.Namespace) -> Options:
     )
 
 
-def _config_error(error: ConfigError, context: ElectionContext) -> int:
-    message = str(error)
-    if any(isinstance(h, logging.StreamHandler) and h.stream is sys.stderr for h in log.handlers) \
-            and not os.environ.get("JOURNAL_STREAM"):
-        print(f"vip-elector: configuration error: {message}", file=sys.stderr)
+def _config_error(error: ConfigError) -> int:
+    """One line: to the journal with its MESSAGE_ID under systemd, else plainly to stderr."""
+    if logging_to_journal():
+        log.error("configuration error: %s", error, extra={"MESSAGE_ID": MESSAGE_CONFIG_ERROR})
     else:
-        log.error("configuration error: %s", message, extra={"MESSAGE_ID": MESSAGE_CONFIG_ERROR})
+        print(f"vip-elector: configuration error: {error}", file=sys.stderr)
     return EXIT_CONFIG
 
 
@@ -115,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         settings = build_settings(options_from(args), os.environ)
     except ConfigError as e:
-        return _config_error(e, context)
+        return _config_error(e)
     context.key, context.value = settings.trigger_key, settings.value
     if settings.token:
         context.secrets.append(settings.token)
@@ -135,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return election.run()
     except ConfigError as e:
-        return _config_error(e, context)
+        return _config_error(e)
     finally:
         consul.close()
 

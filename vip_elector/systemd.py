@@ -171,6 +171,10 @@ def setup_logging(context: ElectionContext, env: Mapping[str, str] = os.environ,
     return log
 
 
+def logging_to_journal() -> bool:
+    return any(isinstance(h, _Journal) for h in log.handlers)
+
+
 def _stderr_handler(plain: bool) -> logging.Handler:
     """Timestamped lines for a terminal; bare messages when journald adds its own."""
     handler = logging.StreamHandler(sys.stderr)

@@ -794,6 +794,25 @@ def proc_status_kb(pid, field):
 
 # --- the lab ---------------------------------------------------------------------
 
+LAB_PREFIX = "vip-elector-lab-"
+
+
+def remove_stale_labs():
+    """Remove the directories of labs whose process died without cleaning up (SIGKILL)."""
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        path = os.path.join(tmp, name)
+        if not name.startswith(LAB_PREFIX) or os.environ.get("VIP_ELECTOR_KEEP_LAB"):
+            continue
+        try:
+            with open(os.path.join(path, "owner.pid")) as f:
+                pid = int(f.read())
+        except (OSError, ValueError):
+            continue
+        if not os.path.exists("/proc/%d" % pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class Lab:
     """Network namespace + Consul + one vip-manager per node (+ electors on demand)."""
 
@@ -809,7 +828,11 @@ class Lab:
         self.with_vip_manager = vip_manager and private_netns
         self.ports = {"http": 8500, "serf_lan": 8301, "serf_wan": 8302, "server": 8300}
         self._own_dir = workdir is None
-        self.dir = workdir or tempfile.mkdtemp(prefix="vip-elector-lab-")
+        if self._own_dir:
+            remove_stale_labs()
+        self.dir = workdir or tempfile.mkdtemp(prefix=LAB_PREFIX)
+        with open(os.path.join(self.dir, "owner.pid"), "w") as f:
+            f.write("%d\n" % os.getpid())
         self.sock = os.path.join(self.dir, "consul.sock")
         self.consul = ConsulHTTP(self.sock, checks=[self.check_id(n) for n in self.nodes])
         self.netns = None

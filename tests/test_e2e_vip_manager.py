@@ -40,7 +40,7 @@ VIP_MOVE = 5.0               # key change -> VIP moved (vip-manager), generous
 
 
 @pytest.fixture(scope="module")
-def lab():
+def lab(request):
     reason = vipnet.missing_prerequisite()
     if reason:
         pytest.skip(reason)
@@ -51,10 +51,12 @@ def lab():
         try:
             yield lab
         finally:
-            report_overlap(lab)
+            capture = request.config.pluginmanager.getplugin("capturemanager")
+            with capture.global_and_fixture_disabled():
+                report_overlap(lab, request.config.pluginmanager.getplugin("terminalreporter"))
 
 
-def report_overlap(lab):
+def report_overlap(lab, terminal=None):
     longest, interval = lab.vip_monitor.longest_overlap(lab.t_start)
     count = len(lab.vip_monitor.overlaps(lab.t_start))
     line = ("e2e: VIP moves observed: %d; overlaps: %d; longest time on two interfaces: %.1f ms%s"
@@ -66,9 +68,12 @@ def report_overlap(lab):
                   for t, value, _, _ in lab.watcher.history if start - 1.5 <= t <= end]
         line += ("\n  %.1f ms on %s; key before/while: %s"
                  % ((end - start) * 1000, "+".join(sorted(who)), ", ".join(states)))
-    print("\n" + line)
-    with open(lab.log("summary"), "a") as f:
-        f.write(line + "\n")
+    # Shown in every run (not only with -s): the figure the issue asks for.
+    if terminal is not None:
+        terminal.write_line("")
+        terminal.write_line(line)
+    else:
+        print("\n" + line)
 
 
 def describe(lab):

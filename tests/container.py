@@ -289,7 +289,9 @@ class Container:
     def run(self, argv, *, input=None, check=True, timeout=60, env=None, text=True):
         """Run argv (a list, or a string for /bin/sh -c) inside the container.
 
-        Returns subprocess.CompletedProcess with stdout and stderr captured;
+        The command runs in a session of its own: a `kill 0` inside cannot
+        reach the test process. Returns subprocess.CompletedProcess with
+        stdout and stderr captured;
         raises ContainerError when check is true and the exit status is not 0.
         """
         if isinstance(argv, str):
@@ -297,7 +299,7 @@ class Container:
         try:
             res = subprocess.run(self.nsenter_argv(argv, env), input=input, text=text,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 timeout=timeout)
+                                 timeout=timeout, start_new_session=True)
         except subprocess.TimeoutExpired as e:
             raise ContainerError(f'{shlex.join(argv)}: no answer within {timeout}s '
                                  f'(stdout: {e.stdout!r}, stderr: {e.stderr!r})') from None
@@ -357,7 +359,8 @@ class Container:
     def _untar(self, data):
         res = subprocess.run(self.nsenter_argv(['tar', '-x', '-C', '/', '--same-owner',
                                                 '--same-permissions']),
-                             input=data, capture_output=True, timeout=60)
+                             input=data, capture_output=True, timeout=60,
+                             start_new_session=True)
         if res.returncode != 0:
             raise ContainerError(f'tar -x inside failed: {res.stderr.decode(errors="replace")}')
 

@@ -1,6 +1,6 @@
 """A booted Debian bookworm container with a real systemd, for tests.
 
-    from tests.container import Container, container_unavailable
+    from container import Container, container_unavailable   # tests/ is on sys.path under pytest
 
     reason = container_unavailable()          # None, or why it cannot run here
     with Container() as ct:                   # boots a throwaway copy

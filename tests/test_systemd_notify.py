@@ -10,111 +10,34 @@ NOTIFY_SOCKET nobody listens on, JOURNAL_STREAM without a journald): it keeps
 working, exits 0 on SIGTERM and says so once.
 """
 
-import base64
-import json
 import os
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest
 
+from local_consul import LocalConsul, free_ports, wait_for
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = '/usr/bin/python3' if os.path.exists('/usr/bin/python3') else sys.executable
-CACHE = os.environ.get('VIP_ELECTOR_CACHE', '/var/cache/vip-elector-test')
 
 pytestmark = pytest.mark.consul
 
 
-def wait_for(condition, timeout, message, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f'timed out after {timeout}s waiting for {message}')
-        time.sleep(interval)
-
-
-# ---------------------------------------------------------------------------
-# A Consul dev agent on free ports.
-# TO CONSOLIDATE: tests/consul_agent.py + the `consul` fixture of
-# tests/conftest.py (branch `harness`) do the same; switch to them once they
-# are in main and delete this section.
-
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(('127.0.0.1', 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class _Consul:
-    def __init__(self, workdir):
-        binary = os.environ.get('VIP_ELECTOR_CONSUL') or os.path.join(CACHE, 'consul/usr/bin/consul')
-        if not os.access(binary, os.X_OK):
-            binary = shutil.which('consul')
-        if not binary:
-            pytest.skip('no consul binary: run tests/tools/fetch-deps')
-        http, lan, wan, server = _free_ports(4)
-        self.addr = f'127.0.0.1:{http}'
-        self.log = open(os.path.join(workdir, 'consul.log'), 'wb')
-        self.proc = subprocess.Popen(
-            [binary, 'agent', '-dev', '-node', 'notify-test', '-bind', '127.0.0.1',
-             '-client', '127.0.0.1', '-http-port', str(http), '-dns-port', '-1',
-             '-grpc-port', '-1', '-serf-lan-port', str(lan), '-serf-wan-port', str(wan),
-             '-server-port', str(server), '-data-dir', os.path.join(workdir, 'data')],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_for(self._ready, 30, 'the Consul agent to elect itself and be healthy')
-
-    def _get(self, path):
-        with urllib.request.urlopen(f'http://{self.addr}{path}', timeout=5) as r:
-            return json.loads(r.read() or b'null')
-
-    def _ready(self):
-        try:
-            checks = self._get('/v1/health/node/notify-test')
-            return any(c['CheckID'] == 'serfHealth' and c['Status'] == 'passing' for c in checks)
-        except (OSError, ValueError):
-            return False
-
-    def key(self, key):
-        """(value, session) of the key, or None when it does not exist."""
-        try:
-            entry = self._get(f'/v1/kv/{key}')[0]
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                return None
-            raise
-        return base64.b64decode(entry['Value'] or '').decode(), entry.get('Session')
-
-    def stop(self):
-        self.proc.kill()
-        self.proc.wait()
-        self.log.close()
-
-
 @pytest.fixture(scope='module')
 def consul(tmp_path_factory):
-    agent = _Consul(str(tmp_path_factory.mktemp('consul')))
+    agent = LocalConsul(str(tmp_path_factory.mktemp('consul')))
     yield agent
     agent.stop()
 
-# End of the section to consolidate.
-# ---------------------------------------------------------------------------
+
 
 
 class NotifySocket:
@@ -294,7 +217,7 @@ def test_no_ready_on_configuration_error(consul, key, config, notify_socket, dae
 
 def test_ready_when_consul_unreachable_and_status_says_why(key, config, notify_socket, daemons):
     """READY=1 after the first attempt to reach Consul, even a failed one (SPEC §6)."""
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     sock = notify_socket()
     d = daemons(args_for(config(f'127.0.0.1:{port}', key), 'node-a'), {'NOTIFY_SOCKET': sock.path})
     sock.wait_for('READY=1')

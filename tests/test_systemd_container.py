@@ -97,9 +97,14 @@ def props(ct, *names):
 
 
 def journal_entries(ct, *args):
-    """journalctl -o json entries (dicts) of the unit's current log."""
+    """journalctl -o json entries (dicts) of the unit's log."""
     out = ct.journal('-u', UNIT, '-o', 'json', *args)
     return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def this_run(ct):
+    """journalctl match for what the unit's latest start logged."""
+    return '_SYSTEMD_INVOCATION_ID=' + props(ct, 'InvocationID')['InvocationID']
 
 
 def held_by(consul, key, name):
@@ -135,6 +140,32 @@ def test_unconfigured_node_is_skipped_and_says_why(installed, consul, key):
     assert consul.key(key) is None
 
 
+@pytest.mark.parametrize('opts, reason', [
+    ('--hostname=x --vip-manager-config /etc/vip-manager-alt.yml',
+     'not starting: /etc/vip-manager-alt.yml is missing or empty'),
+    ('--hostname=x', 'not starting: VIP_ELECTOR_OPTS (/etc/default/vip-elector) has no '
+                     '--vip-manager-config'),
+])
+def test_condition_reads_the_path_from_vip_elector_opts(installed, opts, reason):
+    """The condition follows VIP_ELECTOR_OPTS (both --flag=value and --flag value)."""
+    ct = installed
+    shipped = ct.read('/etc/default/vip-elector')
+    ct.put('/etc/default/vip-elector', f'VIP_ELECTOR_OPTS="{opts}"\n', mode=0o640, group='vip-elector')
+    try:
+        ct.put('/etc/vip-manager.yml', 'dcs-type: consul\n')   # present, but not the one named
+        ct.systemctl('start', UNIT)
+        assert props(ct, 'ActiveState')['ActiveState'] == 'inactive'
+        assert reason in ct.systemctl('status', UNIT, check=False).stdout
+        if 'alt' in opts:    # and it is that file that counts
+            ct.put('/etc/vip-manager-alt.yml', 'dcs-type: etcd\n')
+            ct.systemctl('start', UNIT, check=False)
+            assert props(ct, 'ExecMainStatus')['ExecMainStatus'] == '78'
+            ct.systemctl('reset-failed', UNIT)
+    finally:
+        ct.run(['rm', '-f', '/etc/vip-manager.yml', '/etc/vip-manager-alt.yml'])
+        ct.put('/etc/default/vip-elector', shipped, mode=0o640, group='vip-elector')
+
+
 def test_start_returns_after_ready_and_status_tells_the_role(installed, consul, key):
     ct = installed
     configure(ct, consul, key)
@@ -153,7 +184,7 @@ def test_start_returns_after_ready_and_status_tells_the_role(installed, consul, 
 def test_journal_has_identifier_fields_message_id_and_catalog(installed, consul, key):
     ct = installed
     value, session = wait_for(lambda: held_by(consul, key, NAME), 20, f'{NAME} to hold {key}')
-    entries = journal_entries(ct)
+    entries = journal_entries(ct, this_run(ct))
     own = [e for e in entries if e.get('SYSLOG_IDENTIFIER') == 'vip-elector'
            and e.get('_COMM') != 'sh' and 'VIP_ELECTOR_ROLE' in e]
     assert own, entries
@@ -226,16 +257,15 @@ def test_configuration_error_fails_once_without_restart(installed, consul, key):
     ct = installed
     configure(ct, consul, key, dcs_type='etcd')
     ct.systemctl('reset-failed', UNIT, check=False)
-    since = ct.run(['date', '+%Y-%m-%d %H:%M:%S']).stdout.strip()
     res = ct.systemctl('start', UNIT, check=False)
     assert res.returncode != 0, 'the start job fails: the daemon exited before READY=1'
     p = props(ct, 'ActiveState', 'SubState', 'Result', 'ExecMainStatus', 'NRestarts')
     # A restart would show as activating/auto-restart right after the exit.
     assert (p['ActiveState'], p['SubState'], p['ExecMainStatus']) == ('failed', 'failed', '78'), p
     assert p['NRestarts'] == '0', p
-    errors = [e for e in journal_entries(ct, '--since', since)
-              if e.get('MESSAGE_ID') == MSG_CONFIG]
-    assert len(errors) == 1, journal_entries(ct, '--since', since)
+    logged = journal_entries(ct, this_run(ct))
+    errors = [e for e in logged if e.get('MESSAGE_ID') == MSG_CONFIG]
+    assert len(errors) == 1, logged
     assert errors[0]['PRIORITY'] == '3', errors[0]
     assert 'etcd' in errors[0]['MESSAGE'] and 'Traceback' not in errors[0]['MESSAGE']
     assert consul.key(key) is None

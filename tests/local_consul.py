@@ -105,3 +105,19 @@ class LocalConsul:
             self.proc.kill()
         self.proc.wait()
         self.log.close()
+
+    def put(self, path, body=None):
+        data = json.dumps(body).encode() if body is not None else b''
+        req = urllib.request.Request(f'http://{self.addr}{path}', data=data, method='PUT')
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read() or b'null')
+
+    def register_ttl_check(self, check_id, status='passing'):
+        self.put('/v1/agent/check/register',
+                 {'ID': check_id, 'Name': check_id, 'TTL': '10m', 'Status': status})
+
+    def fail_check(self, check_id):
+        self.put(f'/v1/agent/check/fail/{check_id}')
+
+    def deregister_check(self, check_id):
+        self.put(f'/v1/agent/check/deregister/{check_id}')

@@ -240,6 +240,47 @@ def test_hung_daemon_is_killed_by_the_watchdog_restarted_and_leads_again(install
     ct.systemctl('daemon-reload')
 
 
+def test_waiting_and_lost_are_explained_in_the_journal(installed, consul, key):
+    """--check-id: waiting while the check is missing, leader when it passes,
+    LOCK LOST when it fails; each event with its MESSAGE_ID and catalog text."""
+    ct = installed
+    check = 'vip-ct-check'
+    shipped = ct.read('/etc/default/vip-elector')
+    ct.systemctl('stop', UNIT)
+    ct.put('/etc/default/vip-elector', shipped.replace(f'--hostname={NAME}',
+                                                       f'--hostname={NAME} --check-id={check}'),
+           mode=0o640, group='vip-elector')
+    try:
+        ct.systemctl('start', UNIT)
+        status = lambda: props(ct, 'StatusText')['StatusText']  # noqa: E731
+        wait_for(lambda: status().startswith(f"waiting: check '{check}' is not registered"), 10,
+                 'the waiting status')
+        run = this_run(ct)
+        consul.register_ttl_check(check)
+        wait_for(lambda: held_by(consul, key, NAME), 15, f'{NAME} to lead once {check} passes')
+        consul.fail_check(check)
+        wait_for(lambda: status() == f"waiting: check '{check}' is critical", 15,
+                 'the waiting status once the check fails')
+        assert not held_by(consul, key, NAME)
+        entries = journal_entries(ct, run)
+        by_id = {mid: [e for e in entries if e.get('MESSAGE_ID') == mid]
+                 for mid in (MSG_WAITING, MSG_ACQUIRED, MSG_LOST)}
+        assert all(by_id.values()), by_id
+        # Each line carries the role it leads to (as LOCK ACQUIRED carries leader).
+        assert by_id[MSG_WAITING][0]['VIP_ELECTOR_ROLE'] == 'waiting', by_id[MSG_WAITING][0]
+        assert by_id[MSG_LOST][0]['VIP_ELECTOR_ROLE'] in ('follower', 'waiting'), by_id[MSG_LOST][0]
+        assert check in by_id[MSG_WAITING][0]['MESSAGE']
+        assert 'LOCK LOST' in by_id[MSG_LOST][0]['MESSAGE']
+        assert by_id[MSG_LOST][0]['PRIORITY'] in ('3', '4'), by_id[MSG_LOST][0]
+        explained = ct.journal('-x', '-u', UNIT, run)
+        assert f'Subject: this node lost the VIP key {key}' in explained, explained
+        assert "Subject: waiting for this node's health check to pass" in explained, explained
+    finally:
+        ct.systemctl('stop', UNIT, check=False)
+        ct.put('/etc/default/vip-elector', shipped, mode=0o640, group='vip-elector')
+        consul.deregister_check(check)
+
+
 def test_stop_hands_over_and_ends_clean(installed, consul, key):
     ct = installed
     if props(ct, 'ActiveState')['ActiveState'] != 'active':
@@ -273,7 +314,11 @@ def test_configuration_error_fails_once_without_restart(installed, consul, key):
     assert 'Subject: configuration error, not starting' in explained
 
 
-def test_loaded_unit_exposure_at_most_2(installed):
+def test_loaded_unit_verifies_and_exposure_at_most_2(installed):
+    res = installed.run(['systemd-analyze', 'verify', UNIT], check=False)
+    complaints = [line for line in res.stderr.splitlines()
+                  if line.strip() and 'man vip-elector(8)' not in line]  # no man(1) in the container
+    assert not complaints, res.stderr
     res = installed.run(['systemd-analyze', 'security', '--no-pager', UNIT])
     score = _exposure(res.stdout)
     print(f'exposure in the container: {score}')

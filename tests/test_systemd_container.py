@@ -30,6 +30,9 @@ pytestmark = [pytest.mark.container, pytest.mark.consul]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNIT = 'vip-elector.service'
 NAME = 'node-ct'
+# Consul here runs without ACLs and ignores it; what counts is that the
+# sandboxed daemon can read a root:vip-elector 0640 file and never logs it.
+TOKEN = 'c0ffee00-5ec2-e7ed-70ce-' + os.urandom(6).hex()
 MSG_ACQUIRED = '5167235c50a3439b965b74c3cb0102bc'
 MSG_LOST = '4da94490216148db9573bb18f3304344'
 MSG_RELEASED = '071fe3546e774ce5958b0e1e1225c17d'
@@ -78,8 +81,10 @@ def installed(ct, consul, key):
     ct.run(['adduser', '--system', '--group', '--home', '/nonexistent', '--no-create-home',
             '--quiet', 'vip-elector'])
     ct.put('/etc/default/vip-elector',
-           f'VIP_ELECTOR_OPTS="--vip-manager-config=/etc/vip-manager.yml --hostname={NAME}"\n'
+           f'VIP_ELECTOR_OPTS="--vip-manager-config=/etc/vip-manager.yml --hostname={NAME} '
+           '--token-file=/etc/vip-elector/token"\n'
            '#CONSUL_HTTP_TOKEN=\n', mode=0o640, owner='root', group='vip-elector')
+    ct.put('/etc/vip-elector/token', TOKEN + '\n', mode=0o640, owner='root', group='vip-elector')
     ct.run(['journalctl', '--update-catalog'])
     ct.systemctl('daemon-reload')
     ct.systemctl('enable', UNIT)
@@ -202,6 +207,7 @@ def test_journal_has_identifier_fields_message_id_and_catalog(installed, consul,
                   'VIP_ELECTOR_ROLE=leader', f'VIP_ELECTOR_KEY={key}',
                   f'VIP_ELECTOR_VALUE={NAME}', f'VIP_ELECTOR_SESSION={session}'):
         assert field in verbose, field
+    assert TOKEN not in ct.journal('-o', 'verbose')
     # The catalog: compiled, all five IDs, and its text under the message.
     listed = ct.journal('--list-catalog', *ALL_IDS)
     for mid in ALL_IDS:

@@ -314,7 +314,8 @@ def test_configuration_error_fails_once_without_restart(installed, consul, key):
     errors = [e for e in logged if e.get('MESSAGE_ID') == MSG_CONFIG]
     assert len(errors) == 1, logged
     assert errors[0]['PRIORITY'] == '3', errors[0]
-    assert 'etcd' in errors[0]['MESSAGE'] and 'Traceback' not in errors[0]['MESSAGE']
+    assert 'etcd' in errors[0]['MESSAGE'] and '/etc/vip-manager.yml' in errors[0]['MESSAGE']
+    assert not [e for e in logged if 'Traceback' in e.get('MESSAGE', '')], 'one line, no traceback'
     assert consul.key(key) is None
     explained = ct.journal('-x', '-u', UNIT, f'MESSAGE_ID={MSG_CONFIG}')
     assert 'Subject: configuration error, not starting' in explained

@@ -235,18 +235,18 @@ def test_watchdog_pings_at_half_of_watchdog_usec(consul, key, config, notify_soc
         holder = daemons(args_for(cfg, 'node-x'), {})
         wait_for(lambda: consul.key(key), 15, 'node-x to lead')
     sock = notify_socket()
-    # 2 s: pings due every 1 s. The loop's own work (renewals every few
+    # 3 s: pings due every 1.5 s. The loop's own work (renewals every few
     # seconds, blocking queries up to a minute) must not delay them.
     # WATCHDOG_PID is the daemon's own PID, as systemd sets it.
-    d = daemons(args_for(cfg, 'node-a'), {'NOTIFY_SOCKET': sock.path, 'WATCHDOG_USEC': '2000000'},
+    d = daemons(args_for(cfg, 'node-a'), {'NOTIFY_SOCKET': sock.path, 'WATCHDOG_USEC': '3000000'},
                 argv_prefix=('sh', '-c', 'WATCHDOG_PID=$$ exec "$@"', 'sh'))
     sock.wait_for('READY=1')
-    wait_for(lambda: len(sock.times('WATCHDOG=1')) >= 7, 20, '7 watchdog pings')
+    wait_for(lambda: len(sock.times('WATCHDOG=1')) >= 6, 30, '6 watchdog pings')
     pings = sock.times('WATCHDOG=1')
     gaps = [b - a for a, b in zip(pings, pings[1:])]
-    assert max(gaps) < 1.8, f'a ping came late enough to be killed by systemd: {gaps}'
-    assert 0.6 < sum(gaps) / len(gaps) < 1.4, f'pings not at half of WATCHDOG_USEC: {gaps}'
-    assert min(gaps) > 0.3, f'pings much more often than needed: {gaps}'
+    assert max(gaps) < 2.7, f'a ping came late enough to be killed by systemd: {gaps}'
+    assert 0.9 < sum(gaps) / len(gaps) < 2.1, f'pings not at half of WATCHDOG_USEC: {gaps}'
+    assert min(gaps) > 0.45, f'pings much more often than needed: {gaps}'
     assert sock.lines('STATUS=')[-1].startswith(f'STATUS={role}: '), sock.lines('STATUS=')
     assert d.terminate() == 0
     if role == 'follower':

@@ -5,9 +5,12 @@ build the same small world with this module:
 
     with Lab(nodes="abc", interval_ms=100) as lab:   # netns, Consul, 3 vip-managers
         lab.start_elector("a"); lab.start_elector("b")
-        lab.wait_leader()                            # -> "a" or "b"
-        lab.vip.holders()                            # {"veth-a"}: who has the VIP now
+        lab.wait_leader()                            # -> ("a" or "b", time seen)
+        lab.vip_monitor.holders()                    # {"veth-a"}: who has the VIP now
         lab.fail_check("a"); lab.pass_check("a")
+
+`Lab(private_netns=False)` is the plain demo's world: no namespace, no
+vip-manager, no root; Consul on free ports of the machine's loopback.
 
 Layout, inside one network namespace of the lab's own (`unshare(CLONE_NEWNET)`;
 the machine's interfaces are never touched):
@@ -20,8 +23,14 @@ the machine's interfaces are never touched):
   * one veth pair per node: `veth-X` is node X's interface; vip-manager X
     puts the VIP there when the trigger-key holds `node-X`.
   * `ip -ts -o monitor address`: an event stream of address changes with the
-    kernel-side timestamps of `ip`, from which `VipMonitor` knows, at any
-    moment of the run, which interfaces held the VIP (no polling).
+    timestamps `ip` gives them as it receives them, from which `VipMonitor`
+    knows, at any moment of the run, which interfaces held the VIP (no polling).
+
+Observers for the benchmark: `KeyWatcher` (every state of the key, through
+blocking queries), `NotifySocket` (a NOTIFY_SOCKET to time READY=1),
+`CountingProxy` (counts one elector's HTTP requests to Consul) and
+`PacketTrace` (packets to Consul on the namespace's loopback, with kernel
+timestamps, to split a handover into its steps).
 
 Nothing here imports vip_elector or a Consul library: the daemon is observed
 from outside, over plain HTTP.
@@ -967,7 +976,7 @@ class Lab:
     def write_elector_config(self, node):
         """The vip-manager YAML of node (also the elector's --vip-manager-config)."""
         with open(self.vip_manager_config(node), "w") as f:
-            f.write("# vip-manager %s configuration for node %s\n"
+            f.write("# vip-manager (%s) configuration for node %s\n"
                     "ip: %s\nnetmask: 24\ninterface: %s\n"
                     "trigger-key: %s\ntrigger-value: %s\n"
                     "dcs-type: consul\ndcs-endpoints:\n  - http://%s\n"

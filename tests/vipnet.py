@@ -786,10 +786,17 @@ class NotifySocket:
 
 
 def proc_cpu_seconds(pid):
-    """utime + stime of a process, in seconds."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process's live threads, in seconds, to the nanosecond
+    (/proc/PID/task/*/schedstat; utime+stime from /proc/PID/stat count in
+    10 ms ticks, too coarse for an idle daemon)."""
+    total = 0
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1e9
 
 
 def proc_status_kb(pid, field):

@@ -5,7 +5,7 @@
   fresh_consul  function-scoped agent a test may stop, kill, restart.
   consul_factory(node=..., acl=..., start=True) -> more agents, killed at teardown.
   key           a trigger key no other test uses: "service/<test>-<hex>/leader".
-  electors(args, env=None, name=None) -> a started Elector, reaped at teardown
+  electors(args, env=None, name=None, wrapper=()) -> a started Elector, reaped at teardown
                 (its log is printed when the test fails).
   write_config(addr, key, **fields) -> path of a vip-manager YAML file.
 
@@ -85,8 +85,8 @@ def pytest_runtest_makereport(item, call):
 def electors(request):
     started = []
 
-    def make(args, env=None, name=None):
-        e = Elector(args, env=env, name=name or "elector-%d" % len(started))
+    def make(args, env=None, name=None, wrapper=()):
+        e = Elector(args, env=env, name=name or "elector-%d" % len(started), wrapper=wrapper)
         started.append(e)
         return e.start()
 

@@ -43,8 +43,9 @@ def run_elector(args, env=None, timeout=30, input=None):
 
 
 class Elector:
-    def __init__(self, args, env=None, name="elector"):
+    def __init__(self, args, env=None, name="elector", wrapper=()):
         self.args = list(args)
+        self.wrapper = list(wrapper)   # command run before python, e.g. ["unshare", ...]
         self.env = env
         self.name = name
         self.proc = None
@@ -55,7 +56,7 @@ class Elector:
         self.started_at = None
 
     def start(self):
-        self.proc = subprocess.Popen([PYTHON, "-m", "vip_elector"] + self.args, cwd=REPO,
+        self.proc = subprocess.Popen(self.wrapper + [PYTHON, "-m", "vip_elector"] + self.args, cwd=REPO,
                                      env=elector_env(self.env), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      start_new_session=True)
@@ -119,6 +120,8 @@ class Elector:
             return "\n".join(self.lines)
 
     def _match(self, pattern, line):
+        if callable(pattern):
+            return pattern(line)
         if isinstance(pattern, re.Pattern):
             return pattern.search(line)
         return pattern in line
@@ -132,7 +135,7 @@ class Elector:
         return None
 
     def wait_for_line(self, pattern, timeout, since=0):
-        """Wait for a stderr line (substring or compiled regex); return (index, line)."""
+        """Wait for a stderr line (substring, compiled regex or predicate); return (index, line)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:

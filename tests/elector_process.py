@@ -10,7 +10,8 @@ as cwd and PYTHONPATH, an environment without CONSUL_* / VIP_* / NOTIFY_SOCKET
 variables unless the test adds them, stderr read line by line by a thread.
 $VIP_ELECTOR_TEST_PYTHONPATH, when set, is put before the repository root on
 PYTHONPATH (to run the suite with another Consul library, e.g. the cache's
-py-consul or python-consul).
+py-consul or python-consul). $VIP_ELECTOR_TEST_SRC, when set, is the source
+tree to run instead of this repository.
 """
 
 import os
@@ -20,7 +21,7 @@ import subprocess
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.environ.get("VIP_ELECTOR_TEST_SRC") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = "/usr/bin/python3"
 
 

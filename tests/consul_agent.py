@@ -365,8 +365,14 @@ class ConsulAgent:
                                 start_new_session=True, **popen)
 
 
+EXAMPLE_POLICY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "examples", "consul-acl-policy.hcl")
+
+
 def elector_rules(key, node):
-    """The least privilege vip-elector needs (see examples/consul-acl-policy.hcl)."""
-    return ('key "%s" { policy = "write" }\n'
-            'session "%s" { policy = "write" }\n'
-            'node "%s" { policy = "read" }\n' % (key, node, node))
+    """The least privilege vip-elector needs: examples/consul-acl-policy.hcl,
+    with its example key and node names replaced (so the tests prove the example)."""
+    with open(EXAMPLE_POLICY) as f:
+        text = f.read()
+    assert '"service/pgcluster/leader"' in text and '"node-a"' in text, "example policy changed"
+    return text.replace('"service/pgcluster/leader"', '"%s"' % key).replace('"node-a"', '"%s"' % node)

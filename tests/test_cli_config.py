@@ -280,6 +280,10 @@ def test_check_mode_ok_and_takes_no_leadership(consul, tmp_path, write_config, c
     try:
         k = "service/checkmode-%s/leader" % check_id
         config = write_config(consul.http_addr, k)
+        # Another node holds the key: that is fine for --check.
+        other = consul.create_session(name="someone-else")
+        assert consul.acquire(k, other, b"node-x") is True
+        untouched_kv = consul.kv_all()
         t0 = time.monotonic()
         r = run_elector(["--vip-manager-config", config, "--check-id", check_id, "--hostname", "chk",
                          "--check"], timeout=60)
@@ -288,7 +292,9 @@ def test_check_mode_ok_and_takes_no_leadership(consul, tmp_path, write_config, c
         assert check_id in r.stdout + r.stderr
         assert "Traceback" not in r.stderr
         assert time.monotonic() - t0 < 30
-        assert consul.kv_get(k) is None
+        assert consul.kv_all() == untouched_kv
+        consul.destroy_session(other)
+        consul.kv_delete(k)
     finally:
         consul.deregister_check(check_id)
 

@@ -162,7 +162,9 @@ def test_failed_check_moves_leadership_and_unhealthy_node_stays_out(consul, key,
     procs = {n: start(consul, key, n, checks[n]) for n in names}
     first = wait_leader(consul, key, names)
     consul.fail_check(checks[first])
-    second = wait_leader(consul, key, set(names) - {first}, timeout=30)
+    # lock-delay is 1 s: an acquire refused by it is retried promptly (SPEC §4.4)
+    second = wait_leader(consul, key, set(names) - {first}, timeout=12)
+    procs[first].wait_for_line("LOCK LOST", 10)
     # The failed node stays out while critical, and keeps running.
     assert_never_leads(consul, key, procs.values(), 3, names={first})
     # Healthy again: back as a standby; the next failure may elect it again.
@@ -192,16 +194,35 @@ def test_critical_or_unregistered_check_never_leads_until_passing(consul, key, c
     assert not sessions_named(consul, "vip-elector-node-crit")
     assert not sessions_named(consul, "vip-elector-node-missing")
     consul.pass_check(crit)
-    wait_leader(consul, key, "node-crit", timeout=20)        # looked at least every 2 s
+    wait_leader(consul, key, "node-crit", timeout=10)        # looked at least every 2 s
     a.terminate()
     assert a.wait(10) == 0
     assert_never_leads(consul, key, [b], 2)
     consul.register_ttl_check(missing)
-    wait_leader(consul, key, "node-missing", timeout=20)
+    wait_leader(consul, key, "node-missing", timeout=10)
     b.terminate()
     assert b.wait(10) == 0
     consul.deregister_check(crit)
     consul.deregister_check(missing)
+
+
+def test_leader_recovers_when_its_key_or_session_disappears(consul, key, start):
+    """An operator deletes the key, then destroys the session: lost, then leading again."""
+    a = start(consul, key, "node-a", lock_delay="0s")
+    wait_leader(consul, key, "node-a")
+    consul.kv_delete(key)
+    a.wait_for_line("LOCK LOST", 10)
+    wait_leader(consul, key, "node-a", timeout=15)
+    old = consul.kv_get(key)["Session"]
+    n = len(a.lines)
+    consul.destroy_session(old)              # behaviour delete: the key goes with it
+    a.wait_for_line("LOCK LOST", 10, since=n)
+    wait_for(lambda: (consul.kv_get(key) or {}).get("Session") not in (None, old), 20,
+             message="a new session holding the key")
+    assert leader_of(consul, key) == "node-a"
+    assert len(sessions_named(consul, "vip-elector-node-a")) == 1
+    a.terminate()
+    assert a.wait(10) == 0
 
 
 # ----------------------------------------------------------- stop and crash

@@ -1,0 +1,52 @@
+# vip-elector — the two commands a newcomer needs:
+#   make demo    a live local demo: a Consul dev agent, three electors, a handover
+#   make test    install what the tests need (apt, Consul, vip-manager) and run them all
+PYTHON  ?= /usr/bin/python3
+CACHE   ?= /var/cache/vip-elector-test
+export VIP_ELECTOR_CACHE := $(CACHE)
+PYTEST  := $(PYTHON) -m pytest -ra -p no:cacheprovider
+OTHER_LIBS := $(CACHE)/python3-consul/usr/lib/python3/dist-packages $(CACHE)/py-consul
+
+.PHONY: all deps test unit compat demo demo-vip bench deb lint clean
+
+all: test
+
+deps:
+	tests/tools/fetch-deps
+
+# Everything: unit tests, the real-Consul suite (with each of the three Consul
+# libraries), the booted-systemd container and .deb tests, the vip-manager
+# end-to-end test.
+test: deps
+	$(PYTEST) tests
+	$(MAKE) --no-print-directory compat
+
+# The real-Consul election tests again, with python-consul 0.7.1 (bookworm,
+# what Patroni uses) and py-consul 1.5 (what trixie ships) in place of
+# python3-consul2: the adapter must work with each (SPEC §7).
+compat: deps
+	set -e; for lib in $(OTHER_LIBS); do \
+	  echo "== with the consul library from $$lib"; \
+	  PYTHONPATH=$$lib $(PYTEST) -m compat tests; \
+	done
+
+# Fast: no Consul, no containers.
+unit:
+	$(PYTEST) -m "not consul and not container and not e2e" tests
+
+demo: deps
+	$(PYTHON) tests/tools/demo
+
+demo-vip: deps
+	$(PYTHON) tests/tools/demo --vip-manager
+
+bench: deps
+	$(PYTHON) tests/tools/bench
+
+deb:
+	dpkg-buildpackage -us -uc -b
+	@ls -l ../vip-elector_*_all.deb
+
+clean:
+	rm -rf build .pybuild *.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +

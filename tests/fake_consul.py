@@ -1,0 +1,133 @@
+"""An in-memory stand-in for vip_elector.consul.ConsulClient, for the state machine's unit tests.
+
+It models only what a real agent cannot be made to do on demand: refuse an
+acquire for a chosen number of attempts, fail renewals for exactly as long as
+a test wants, or answer a blocking query at a chosen moment. Everything the
+product claims about Consul itself is proven against a real agent elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Optional
+
+from vip_elector.config import LOCK_FLAG
+from vip_elector.consul import CheckNotPassing, ConsulUnreachable, InvalidSession, KeyState
+
+
+class FakeTransport:
+    def __init__(self):
+        self.timeouts: list[float] = []
+
+    @contextlib.contextmanager
+    def timeout(self, seconds: float):
+        self.timeouts.append(seconds)
+        yield
+
+
+class FakeConsul:
+    def __init__(self, value: str = "node-a"):
+        self.value = value
+        self.cond = threading.Condition()
+        self.index = 1
+        self.key: Optional[KeyState] = None
+        self.sessions: set[str] = set()
+        self.checks: dict[str, Optional[str]] = {"serfHealth": "passing"}
+        self.reachable = True
+        self.renew_fails = False
+        self.refuse_acquires = 0
+        self.calls: list[str] = []
+        self.transport = FakeTransport()
+        self._next_session = 0
+
+    # helpers for tests
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if not self.reachable:
+            raise ConsulUnreachable("connection refused")
+
+    def _bump(self) -> None:
+        self.index += 1
+        self.cond.notify_all()
+
+    def set_key(self, key: Optional[KeyState]) -> None:
+        with self.cond:
+            self._bump()
+            self.key = None if key is None else KeyState(key.value, key.flags, key.session, self.index)
+
+    def invalidate(self, session: str) -> None:
+        """What Consul does when a bound check fails (behaviour delete)."""
+        with self.cond:
+            self.sessions.discard(session)
+            if self.key and self.key.session == session:
+                self.key = None
+                self._bump()
+
+    def count(self, name: str) -> int:
+        return self.calls.count(name)
+
+    # the ConsulClient API
+    def node_name(self) -> str:
+        self._call("node_name")
+        return "node1"
+
+    def check_states(self, node, check_ids):
+        self._call("check_states")
+        return {c: self.checks.get(c) for c in check_ids}
+
+    def create_session(self, checks) -> str:
+        self._call("create_session")
+        if any(self.checks.get(c) in (None, "critical") for c in checks):
+            raise CheckNotPassing("Check is in critical state")
+        with self.cond:
+            self._next_session += 1
+            sid = f"session-{self._next_session}"
+            self.sessions.add(sid)
+        return sid
+
+    def renew_session(self, sid: str) -> None:
+        self._call("renew_session")
+        if self.renew_fails:
+            raise ConsulUnreachable("connection refused")
+        if sid not in self.sessions:
+            raise InvalidSession(f"session {sid} not found")
+
+    def destroy_session(self, sid: str) -> None:
+        self._call("destroy_session")
+        self.invalidate(sid)
+
+    def read_key(self, index: Optional[int] = None, wait: Optional[float] = None):
+        self._call("read_key")
+        with self.cond:
+            if index:
+                self.cond.wait_for(lambda: self.index != index or not self.reachable, timeout=wait)
+                if not self.reachable:
+                    raise ConsulUnreachable("connection refused")
+            return self.index, self.key
+
+    def acquire(self, sid: str) -> bool:
+        self._call("acquire")
+        with self.cond:
+            if sid not in self.sessions:
+                raise InvalidSession("invalid session")
+            if self.refuse_acquires > 0:
+                self.refuse_acquires -= 1
+                return False
+            if self.key is not None and self.key.session not in (None, sid):
+                return False
+            self._bump()
+            self.key = KeyState(self.value, LOCK_FLAG, sid, self.index)
+            return True
+
+    def delete_if_unchanged(self, modify_index: int) -> bool:
+        self._call("delete_if_unchanged")
+        with self.cond:
+            if self.key is None or self.key.modify_index != modify_index:
+                return False
+            self.key = None
+            self._bump()
+            return True
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,284 @@
+"""The state machine against an in-memory Consul, with timings shrunk to milliseconds.
+
+These cover the paths a real agent cannot be made to take on demand (an
+acquire refused N times, renewals failing for exactly a TTL, Consul vanishing
+mid-leadership); the real-agent suite proves the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from vip_elector.config import LOCK_FLAG, ConfigError, Settings
+from vip_elector.consul import KeyState
+from vip_elector.election import Backoff, Election, Timing
+from vip_elector.systemd import ElectionContext, Notifier
+
+from fake_consul import FakeConsul
+
+FAST = Timing(backoff_min=0.05, backoff_max=0.2, health_poll=0.05, lock_delay_retry=0.01,
+              watch_wait=0.5, renew_retry=0.05, shutdown_timeout=0.2)
+
+
+def settings(**kw) -> Settings:
+    base = dict(config_path="/etc/vip-manager.yml", trigger_key="service/pg/leader", value="node-a",
+                scheme="http", host="127.0.0.1", port=8500, ttl=0.6, lock_delay=0.2)
+    base.update(kw)
+    return Settings(**base)
+
+
+class Recorder:
+    """A Notifier's send function that keeps what it was told."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def __call__(self, message: str) -> None:
+        self.messages.append(message)
+
+    def statuses(self) -> list[str]:
+        return [m[len("STATUS="):] for m in self.messages if m.startswith("STATUS=")]
+
+
+def wait_for(predicate, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Running:
+    """An Election running in a thread, stopped and joined at the end."""
+
+    def __init__(self, consul: FakeConsul, env=None, **kw):
+        self.consul = consul
+        self.recorder = Recorder()
+        env = {"NOTIFY_SOCKET": "/fake"} if env is None else env
+        self.notifier = Notifier(env=env, send=self.recorder)
+        self.context = ElectionContext("service/pg/leader", consul.value)
+        self.election = Election(settings(value=consul.value, **kw), consul, self.notifier, self.context, FAST)
+        self.result: list = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            self.result.append(self.election.run())
+        except BaseException as e:  # surfaced by stop()
+            self.result.append(e)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.election.request_stop()
+        self.thread.join(5)
+        assert not self.thread.is_alive(), "the election did not stop"
+        return self.result[0]
+
+    def __exit__(self, *exc):
+        if self.thread.is_alive():
+            self.stop()
+
+
+def test_leads_when_the_key_is_free_and_says_so():
+    consul = FakeConsul()
+    with Running(consul) as r:
+        wait_for(lambda: r.election.leader, what="leadership")
+        assert consul.key.session in consul.sessions and consul.key.flags == LOCK_FLAG
+        assert consul.key.value == "node-a"
+        wait_for(lambda: "leader: holding service/pg/leader as node-a" in r.recorder.statuses())
+        assert r.recorder.messages.index("READY=1") < len(r.recorder.messages)
+    assert r.result == [0]
+
+
+def test_ready_is_sent_even_when_consul_is_unreachable_and_retries_back_off():
+    consul = FakeConsul()
+    consul.reachable = False
+    with Running(consul) as r:
+        wait_for(lambda: "READY=1" in r.recorder.messages, what="READY=1")
+        time.sleep(0.6)
+        attempts = consul.count("node_name")
+        # 0.05, 0.1, 0.2, 0.2 … (±20 %): a handful in 0.6 s, never a busy loop
+        assert 2 <= attempts <= 8, attempts
+        assert any(s.startswith("waiting for Consul at 127.0.0.1:8500: connection refused")
+                   for s in r.recorder.statuses())
+        consul.reachable = True
+        wait_for(lambda: r.election.leader, what="leadership after Consul came back")
+
+
+def test_critical_check_means_no_session_until_it_passes():
+    consul = FakeConsul()
+    consul.checks["vip-http"] = "critical"
+    with Running(consul, check_id="vip-http") as r:
+        wait_for(lambda: "waiting: check 'vip-http' is critical" in r.recorder.statuses())
+        time.sleep(0.2)
+        assert consul.count("create_session") == 0 and consul.key is None
+        polls = consul.count("check_states")
+        assert polls >= 2, "the check must be looked at again, regularly"
+        consul.checks["vip-http"] = "passing"
+        wait_for(lambda: r.election.leader, what="leadership once the check passes")
+
+
+def test_unregistered_check_is_reported_as_such():
+    consul = FakeConsul()
+    with Running(consul, check_id="nope") as r:
+        wait_for(lambda: "waiting: check 'nope' is not registered on the local agent" in r.recorder.statuses())
+        assert consul.count("create_session") == 0
+
+
+def test_a_plain_key_at_start_is_a_configuration_error_and_stays_untouched():
+    consul = FakeConsul()
+    consul.set_key(KeyState("someone", 0, None, 0))
+    before = consul.key
+    with Running(consul) as r:
+        r.thread.join(5)
+    assert isinstance(r.result[0], ConfigError)
+    assert "consul kv delete service/pg/leader" in str(r.result[0])
+    assert consul.key == before and consul.count("acquire") == 0
+
+
+def test_follower_takes_over_when_the_leader_releases():
+    consul = FakeConsul()
+    consul.sessions.add("other")
+    consul.set_key(KeyState("node-b", LOCK_FLAG, "other", 0))
+    with Running(consul) as r:
+        wait_for(lambda: "follower: leader is node-b" in r.recorder.statuses())
+        assert not r.election.leader
+        consul.set_key(None)  # node-b's planned stop: CAS delete
+        wait_for(lambda: r.election.leader, what="takeover")
+
+
+def test_acquire_refused_by_lock_delay_is_retried_promptly():
+    consul = FakeConsul()
+    consul.refuse_acquires = 5  # the key looks free, Consul says false: lock-delay
+    with Running(consul) as r:
+        started = time.monotonic()
+        wait_for(lambda: r.election.leader, what="leadership after lock-delay")
+        elapsed = time.monotonic() - started
+        assert consul.count("acquire") >= 6
+        assert elapsed < 2.0, f"retries must be prompt, took {elapsed:.2f}s"
+
+
+def test_session_invalidated_by_a_failing_check_loses_leadership(caplog):
+    consul = FakeConsul()
+    with caplog.at_level(logging.INFO, logger="vip_elector"), Running(consul) as r:
+        wait_for(lambda: r.election.leader)
+        consul.checks["serfHealth"] = "critical"
+        consul.invalidate(r.election.session)
+        wait_for(lambda: not r.election.leader, what="loss of leadership")
+        wait_for(lambda: any("waiting: check 'serfHealth' is critical" == s for s in r.recorder.statuses()))
+    lost = [rec for rec in caplog.records if "LOCK LOST" in rec.getMessage()]
+    assert lost and lost[0].MESSAGE_ID == "4da94490216148db9573bb18f3304344"
+    assert lost[0].levelno == logging.WARNING
+
+
+def test_renewals_failing_for_a_whole_ttl_lose_leadership():
+    consul = FakeConsul()
+    with Running(consul) as r:
+        wait_for(lambda: r.election.leader)
+        consul.renew_fails = True
+        t0 = time.monotonic()
+        wait_for(lambda: not r.election.leader, timeout=5, what="loss after a TTL of failed renewals")
+        assert time.monotonic() - t0 >= 0.3  # not before the TTL (0.6 s) minus the renew interval
+        consul.renew_fails = False
+
+
+def test_renewal_happens_before_half_the_ttl():
+    consul = FakeConsul()
+    with Running(consul) as r:
+        wait_for(lambda: r.election.leader)
+        n0, t0 = consul.count("renew_session"), time.monotonic()
+        time.sleep(1.2)
+        renewals = consul.count("renew_session") - n0
+        # TTL 0.6 s: renew at least every 0.3 s → ≥ 4 in 1.2 s
+        assert renewals >= 4, renewals
+
+
+def test_planned_stop_deletes_our_key_by_cas_then_destroys_the_session():
+    consul = FakeConsul()
+    with Running(consul) as r:
+        wait_for(lambda: r.election.leader)
+        wait_for(lambda: r.election.key is not None and r.election.key.session == r.election.session)
+        consul.calls.clear()
+        assert r.stop() == 0
+    assert consul.key is None and not consul.sessions
+    assert consul.calls.index("delete_if_unchanged") < consul.calls.index("destroy_session")
+    assert "STOPPING=1" in r.recorder.messages
+
+
+def test_planned_stop_with_consul_gone_still_exits_promptly():
+    consul = FakeConsul()
+    with Running(consul) as r:
+        wait_for(lambda: r.election.leader)
+        consul.reachable = False
+        t0 = time.monotonic()
+        assert r.stop() == 0
+        assert time.monotonic() - t0 < 2
+
+
+def test_watch_news_older_than_our_own_acquire_is_ignored():
+    """The watcher's first answer (key absent) may arrive after we acquired: not a loss."""
+    consul = FakeConsul()
+    with Running(consul) as r:
+        wait_for(lambda: r.election.leader)
+        time.sleep(0.1)
+        assert r.election.leader
+        assert consul.count("acquire") == 1
+
+
+def test_watchdog_is_pinged_from_the_loop_at_half_the_interval():
+    consul = FakeConsul()
+    env = {"NOTIFY_SOCKET": "/fake", "WATCHDOG_USEC": "200000"}
+    with Running(consul, env=env) as r:
+        wait_for(lambda: r.election.leader)
+        time.sleep(0.55)
+        pings = r.recorder.messages.count("WATCHDOG=1")
+        assert 3 <= pings <= 8, pings
+
+
+def test_no_systemd_means_no_notifications():
+    consul = FakeConsul()
+    with Running(consul, env={}) as r:
+        wait_for(lambda: r.election.leader)
+    assert r.recorder.messages == []
+
+
+@pytest.mark.parametrize("raw", ["garbage", "0", "-5", ""])
+def test_bad_watchdog_usec_is_ignored(raw):
+    n = Notifier(env={"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": raw}, send=lambda m: None)
+    assert n.watchdog_interval is None
+
+
+def test_watchdog_for_another_pid_is_not_ours():
+    n = Notifier(env={"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"},
+                 send=lambda m: None)
+    assert n.watchdog_interval is None
+
+
+def test_notify_socket_that_fails_is_given_up_once(caplog):
+    def broken(message):
+        raise FileNotFoundError(2, "No such file or directory")
+    n = Notifier(env={"NOTIFY_SOCKET": "/nowhere"}, send=broken)
+    with caplog.at_level(logging.WARNING, logger="vip_elector"):
+        n.ready()
+        n.status("leader")
+        n.stopping()
+    assert len(caplog.records) == 1 and not n.active
+
+
+def test_backoff_grows_jittered_between_one_and_thirty_seconds():
+    rng = iter([0.0, 1.0, 0.5] * 20).__next__
+    b = Backoff(1.0, 30.0, rng)
+    delays = [b.next() for _ in range(12)]
+    assert all(1.0 <= d <= 30.0 for d in delays)
+    assert delays[0] == 1.0 and delays[-1] >= 24
+    assert delays[3] > delays[1]
+    b.reset()
+    assert b.next() <= 1.2

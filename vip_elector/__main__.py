@@ -1,0 +1,5 @@
+"""``python3 -m vip_elector``."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,85 @@
+"""``vip-elector --check``: what an operator runs before ``systemctl start``.
+
+Every line answers one question (is the configuration valid, does Consul
+answer, may the token do what the daemon needs, is the check passing, what is
+in the key), and nothing is changed in Consul except a throw-away session
+that proves session rights and health, destroyed at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TextIO
+
+from .config import Settings, format_duration
+from .consul import CheckNotPassing, ConsulClient, ConsulError, PermissionDenied
+
+
+def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout) -> int:
+    failures = 0
+
+    def report(ok: bool, text: str) -> bool:
+        nonlocal failures
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'}  {text}", file=out)
+        return ok
+
+    def attempt(what: str, fn: Callable):
+        try:
+            return True, fn()
+        except PermissionDenied as e:
+            return report(False, f"{what}: the token from {settings.token_source} is refused: {e}"), None
+        except ConsulError as e:
+            return report(False, f"{what}: {e}"), None
+
+    report(True, f"configuration {settings.config_path}: key {settings.trigger_key}, value "
+                 f"{settings.value}, ttl {format_duration(settings.ttl)}, lock-delay "
+                 f"{format_duration(settings.lock_delay)}, token from {settings.token_source}")
+    for warning in settings.warnings:
+        print(f"warn  {warning}", file=out)
+
+    ok, node = attempt(f"Consul at {settings.address}", consul.node_name)
+    if not ok:
+        return 1
+    report(True, f"Consul at {settings.address} answers (agent node {node})")
+
+    ok, key = attempt(f"read {settings.trigger_key}", lambda: consul.read_key()[1])
+    if ok:
+        if key is None:
+            report(True, f"trigger-key {settings.trigger_key} is free")
+        elif not key.is_lock:
+            report(False, f"trigger-key {settings.trigger_key} is not a lock key (flags {key.flags}); "
+                          f"remove it with 'consul kv delete {settings.trigger_key}'")
+        elif key.session:
+            report(True, f"trigger-key {settings.trigger_key} is held by {key.value!r}")
+        else:
+            report(True, f"trigger-key {settings.trigger_key} is free (last value {key.value!r})")
+
+    ok, _ = attempt(f"write right on {settings.trigger_key}", consul.can_write_key)
+    if ok:
+        report(True, f"the token may write {settings.trigger_key}")
+
+    ok, states = attempt("read health checks", lambda: consul.check_states(node, settings.checks))
+    if ok:
+        for check_id, state in states.items():
+            if state is None:
+                report(False, f"check '{check_id}' is not registered on node {node}")
+            else:
+                report(state != "critical", f"check '{check_id}' is {state}")
+
+    def probe_session() -> None:
+        session = consul.create_session(settings.checks)
+        consul.destroy_session(session)
+
+    try:
+        probe_session()
+        report(True, "a session bound to the checks can be created")
+    except CheckNotPassing as e:
+        report(False, f"a session cannot be created: {e}")
+    except PermissionDenied as e:
+        report(False, f"the token may not create sessions: {e}")
+    except ConsulError as e:
+        report(False, f"a session cannot be created: {e}")
+
+    print("all checks passed" if not failures else f"{failures} problem(s) found", file=out)
+    return 0 if not failures else 1

@@ -1,0 +1,143 @@
+"""Command line → Settings → election; exit statuses of SPEC §5.
+
+0 clean stop, 2 usage error, 78 (EX_CONFIG) configuration error. A user's
+mistake is one line naming the file or flag, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from typing import Optional, Sequence
+
+from . import __version__
+from .config import ConfigError, Options, Settings, build_settings, format_duration, parse_duration
+from .systemd import MESSAGE_CONFIG_ERROR, ElectionContext, Notifier, logging_to_journal, setup_logging
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+
+log = logging.getLogger("vip_elector")
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage too)
+        raise UsageError(message)
+
+
+def _duration(flag: str):
+    def parse(text: str) -> float:
+        try:
+            return parse_duration(text)
+        except ValueError:
+            raise ConfigError(f"{flag} {text!r} is not a duration: write e.g. 10s, 1m30s or 500ms.") from None
+    return parse
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = _Parser(prog="vip-elector",
+                description="Consul leader election for vip-manager: the node holding the lock "
+                            "writes its name to vip-manager's trigger-key.")
+    p.add_argument("--vip-manager-config", metavar="PATH",
+                   help="vip-manager's configuration: YAML, or the VIP_*=... environment file (required)")
+    p.add_argument("--check-id", metavar="ID", help="Consul check the session is bound to, beside serfHealth")
+    p.add_argument("--ttl", metavar="DURATION", default="10s", help="session TTL, 10s..24h (default 10s)")
+    p.add_argument("--lock-delay", metavar="DURATION", default="1s", help="session lock-delay (default 1s)")
+    p.add_argument("--addr", metavar="ADDR", help="Consul address, host:port or http(s)://host:port")
+    p.add_argument("--token", metavar="TOKEN", help="Consul ACL token (visible in ps: prefer --token-file "
+                                                    "or CONSUL_HTTP_TOKEN)")
+    p.add_argument("--token-file", metavar="PATH", help="read the Consul ACL token from this file")
+    p.add_argument("--hostname", metavar="NAME", help="the value written to the key (default: trigger-value, "
+                                                      "else the short hostname)")
+    p.add_argument("--check", action="store_true",
+                   help="check configuration and Consul access, print a report, take no leadership")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
+    args = p.parse_args(argv)
+    if not args.version and not args.vip_manager_config:
+        raise UsageError("the --vip-manager-config PATH option is required")
+    return args
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    return Options(
+        vip_manager_config=args.vip_manager_config,
+        check_id=args.check_id,
+        ttl=_duration("--ttl")(args.ttl),
+        lock_delay=_duration("--lock-delay")(args.lock_delay),
+        addr=args.addr, token=args.token, token_file=args.token_file, hostname=args.hostname,
+    )
+
+
+def _config_error(error: ConfigError) -> int:
+    """One line: to the journal with its MESSAGE_ID under systemd, else plainly to stderr."""
+    if logging_to_journal():
+        log.error("configuration error: %s", error, extra={"MESSAGE_ID": MESSAGE_CONFIG_ERROR})
+    else:
+        print(f"vip-elector: configuration error: {error}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _version() -> str:
+    from .consul import library_name
+    return f"vip-elector {__version__} ({library_name()}, Python {sys.version.split()[0]})"
+
+
+def _log_start(settings: Settings) -> None:
+    log.info("vip-elector %s starting: key %s, value %s, Consul %s, checks %s, ttl %s, lock-delay %s, "
+             "token from %s", __version__, settings.trigger_key, settings.value, settings.address,
+             "+".join(settings.checks), format_duration(settings.ttl),
+             format_duration(settings.lock_delay), settings.token_source)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    context = ElectionContext()
+    try:
+        args = parse_args(argv)
+    except UsageError as e:
+        print(f"vip-elector: {e} (see --help)", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    if args.version:
+        print(_version())
+        return EXIT_OK
+    setup_logging(context, level=logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        settings = build_settings(options_from(args), os.environ)
+    except ConfigError as e:
+        return _config_error(e)
+    context.key, context.value = settings.trigger_key, settings.value
+    if settings.token:
+        context.secrets.append(settings.token)
+
+    from .consul import ConsulClient  # after validation: a config error needs no Consul library
+    consul = ConsulClient(settings)
+    if args.check:
+        from .check import run_check
+        return run_check(settings, consul)
+
+    from .election import Election
+    notifier = Notifier()
+    election = Election(settings, consul, notifier, context)
+    signal.signal(signal.SIGTERM, election.request_stop)
+    signal.signal(signal.SIGINT, election.request_stop)
+    _log_start(settings)
+    try:
+        return election.run()
+    except ConfigError as e:
+        return _config_error(e)
+    finally:
+        consul.close()
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""Settings: the vip-manager configuration, the command line and the environment.
+
+vip-elector reads vip-manager's own configuration so the two programs can
+never disagree about the key, the value or the Consul they talk to. This
+module turns that file (YAML, or the ``/etc/default/vip-manager`` environment
+file), the command-line options and the ``CONSUL_*`` environment into one
+validated :class:`Settings`, following the precedence rules of SPEC §3.
+
+Every problem a user can fix raises :class:`ConfigError` with one sentence
+that names the file or flag and says what to change.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+import yaml
+
+#: The flags HashiCorp's lock API puts on a lock key; ``consul lock`` and the
+#: Go vip-elector use it too, so all three recognise each other's locks.
+LOCK_FLAG = 0x2DDCCBC058A50C18
+
+DEFAULT_ADDR = "127.0.0.1:8500"
+MIN_TTL, MAX_TTL = 10.0, 24 * 3600.0  # Consul refuses anything else
+MAX_LOCK_DELAY = 60.0  # Consul silently caps lock-delay at 60 s
+
+
+class ConfigError(Exception):
+    """A configuration problem the user can fix; the message is one sentence."""
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    verify: object = True  # True, False, or a CA bundle path (as requests takes it)
+    cert: Optional[tuple[str, str]] = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_path: str
+    trigger_key: str
+    value: str
+    scheme: str
+    host: str
+    port: int
+    token: Optional[str] = field(default=None, repr=False)
+    token_source: str = "none"
+    check_id: Optional[str] = None
+    ttl: float = 10.0
+    lock_delay: float = 1.0
+    tls: TLSSettings = TLSSettings()
+    #: Warnings to log once logging is up (e.g. the hostname mismatch).
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def address(self) -> str:
+        """The Consul address as people write it, for messages."""
+        prefix = "https://" if self.scheme == "https" else ""
+        return f"{prefix}{self.host}:{self.port}"
+
+    @property
+    def session_name(self) -> str:
+        return f"vip-elector-{self.value}"
+
+    @property
+    def checks(self) -> list[str]:
+        return ["serfHealth"] + ([self.check_id] if self.check_id else [])
+
+
+# --------------------------------------------------------------------------
+# Durations
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration (``500ms``, ``1m30s``) or a bare number of seconds."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty duration")
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    while pos < len(text):
+        m = _DURATION_PART.match(text, pos)
+        if not m:
+            raise ValueError(f"invalid duration {text!r}")
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds the way Consul and people read them (``10s``, ``1.5s``)."""
+    return f"{seconds:g}s"
+
+
+# --------------------------------------------------------------------------
+# The vip-manager configuration file
+
+
+@dataclass(frozen=True)
+class VipManagerConfig:
+    """The part of vip-manager's configuration vip-elector uses."""
+
+    path: str
+    dcs_type: Optional[str]
+    endpoints: Optional[list[str]]  # None: not given; []: given but empty
+    trigger_key: Optional[str]
+    trigger_value: Optional[str]
+    consul_token: Optional[str]
+
+
+# New names first, then the legacy names of Debian's /etc/default/vip-manager.
+_ENV_NAMES = {
+    "dcs-type": ("VIP_DCS_TYPE", "VIP_TYPE"),
+    "dcs-endpoints": ("VIP_DCS_ENDPOINTS", "VIP_ENDPOINT"),
+    "trigger-key": ("VIP_TRIGGER_KEY", "VIP_KEY"),
+    "trigger-value": ("VIP_TRIGGER_VALUE", "VIP_HOST"),
+    "consul-token": ("VIP_CONSUL_TOKEN",),
+}
+_ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+def _is_env_file(text: str) -> bool:
+    lines = [ln.strip() for ln in text.splitlines()]
+    meaningful = [ln for ln in lines if ln and not ln.startswith("#")]
+    return bool(meaningful) and all(_ENV_LINE.match(ln) for ln in meaningful)
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    if " #" in value:  # a trailing comment on an unquoted value
+        value = value.split(" #", 1)[0].rstrip()
+    return value
+
+
+def _parse_env_file(text: str) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        m = _ENV_LINE.match(line.strip())
+        if m:
+            values[m.group(1)] = _unquote(m.group(2))
+    return values
+
+
+def _from_env_file(path: str, text: str) -> VipManagerConfig:
+    env = _parse_env_file(text)
+
+    def pick(name: str) -> Optional[str]:
+        for var in _ENV_NAMES[name]:
+            if var in env:
+                return env[var]
+        return None
+
+    endpoints = pick("dcs-endpoints")
+    return VipManagerConfig(
+        path=path,
+        dcs_type=pick("dcs-type"),
+        endpoints=None if endpoints is None else [e.strip() for e in endpoints.split(",") if e.strip()],
+        trigger_key=pick("trigger-key"),
+        trigger_value=pick("trigger-value"),
+        consul_token=pick("consul-token"),
+    )
+
+
+def _yaml_scalar(path: str, data: Mapping, name: str) -> Optional[str]:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"{path}: '{name}' must be a single value, not a {type(value).__name__}.")
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    return str(value)
+
+
+def _from_yaml(path: str, text: str) -> VipManagerConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: fix the syntax or give the "
+                          "VIP_*=... environment-file form.") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty: it must set at least dcs-type: consul and trigger-key.")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a YAML mapping of vip-manager settings "
+                          f"(key: value lines), not a {type(data).__name__}.")
+    raw = data.get("dcs-endpoints")
+    if raw is None:
+        endpoints = None
+    elif isinstance(raw, list):
+        endpoints = [str(e).strip() for e in raw if e is not None and str(e).strip()]
+    elif isinstance(raw, str):
+        endpoints = [e.strip() for e in raw.split(",") if e.strip()]
+    else:
+        raise ConfigError(f"{path}: 'dcs-endpoints' must be a list of addresses such as "
+                          "[\"http://127.0.0.1:8500\"].")
+    return VipManagerConfig(
+        path=path,
+        dcs_type=_yaml_scalar(path, data, "dcs-type"),
+        endpoints=endpoints,
+        trigger_key=_yaml_scalar(path, data, "trigger-key"),
+        trigger_value=_yaml_scalar(path, data, "trigger-value"),
+        consul_token=_yaml_scalar(path, data, "consul-token"),
+    )
+
+
+def load_vip_manager_config(path: str) -> VipManagerConfig:
+    """Read vip-manager's YAML file or its environment file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1024 * 1024 + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"--vip-manager-config: {path} does not exist.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--vip-manager-config: {path} is a directory, not a file.") from None
+    except PermissionError:
+        raise ConfigError(f"--vip-manager-config: {path} is not readable by this user "
+                          "(check its mode and owner).") from None
+    except OSError as e:
+        raise ConfigError(f"--vip-manager-config: cannot read {path}: {e.strerror}.") from None
+    if len(raw) > 1024 * 1024:
+        raise ConfigError(f"{path} is larger than 1 MiB: is it really vip-manager's configuration?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file: give vip-manager's YAML "
+                          "configuration or its environment file.") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path} contains binary data: give vip-manager's YAML "
+                          "configuration or its environment file.")
+    if not text.strip():
+        raise ConfigError(f"{path} is empty: it must set at least dcs-type: consul and trigger-key.")
+    if _is_env_file(text):
+        return _from_env_file(path, text)
+    return _from_yaml(path, text)
+
+
+# --------------------------------------------------------------------------
+# Addresses, tokens, names
+
+
+def parse_address(text: str, source: str) -> tuple[str, str, int]:
+    """``host:port``, ``http://host:port`` or ``https://host[:port]`` → (scheme, host, port)."""
+    text = text.strip().rstrip("/")
+    scheme = "http"
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", text)
+    if m:
+        scheme = m.group(1).lower()
+        text = m.group(2)
+        if scheme not in ("http", "https"):
+            raise ConfigError(f"{source}: unsupported scheme {scheme!r} in the Consul address; "
+                              "use http:// or https://.")
+    if "/" in text:
+        raise ConfigError(f"{source}: a Consul address is host:port, without a path.")
+    default_port = 8501 if scheme == "https" else 8500
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\](?::(\d+))?$", text) or re.match(r"^([^:\[\]]+)(?::(\d+))?$", text)
+    if not m or not m.group(1):
+        raise ConfigError(f"{source}: {text!r} is not a Consul address; write host:port, "
+                          "e.g. 127.0.0.1:8500.")
+    host = m.group(1)
+    port = int(m.group(2)) if m.group(2) else default_port
+    if not 0 < port < 65536:
+        raise ConfigError(f"{source}: port {port} is out of range.")
+    return scheme, host, port
+
+
+def read_token_file(path: str, source: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: token file {path} does not exist.") from None
+    except PermissionError:
+        raise ConfigError(f"{source}: token file {path} is not readable by this user.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: cannot read token file {path}: {getattr(e, 'strerror', e)}.") from None
+    if not token:
+        raise ConfigError(f"{source}: token file {path} is empty.")
+    return token
+
+
+def normalise_key(key: str) -> str:
+    """Strip leading slashes as HashiCorp's Go client does, so vip-manager reads the same key."""
+    return key.strip().lstrip("/")
+
+
+@dataclass(frozen=True)
+class Options:
+    """The command-line options, as parsed (durations already in seconds)."""
+
+    vip_manager_config: str
+    check_id: Optional[str] = None
+    ttl: float = 10.0
+    lock_delay: float = 1.0
+    addr: Optional[str] = None
+    token: Optional[str] = field(default=None, repr=False)
+    token_file: Optional[str] = None
+    hostname: Optional[str] = None
+
+
+def _choose_address(opts: Options, vm: VipManagerConfig, env: Mapping[str, str]) -> tuple[str, str, int]:
+    if opts.addr:
+        return parse_address(opts.addr, "--addr")
+    if vm.endpoints:
+        return parse_address(vm.endpoints[0], f"{vm.path}: dcs-endpoints")
+    if env.get("CONSUL_HTTP_ADDR"):
+        return parse_address(env["CONSUL_HTTP_ADDR"], "CONSUL_HTTP_ADDR")
+    return parse_address(DEFAULT_ADDR, "default address")
+
+
+def _choose_token(opts: Options, vm: VipManagerConfig, env: Mapping[str, str]) -> tuple[Optional[str], str]:
+    if opts.token:
+        return opts.token, "--token"
+    if opts.token_file:
+        return read_token_file(opts.token_file, "--token-file"), "--token-file"
+    if env.get("CONSUL_HTTP_TOKEN"):
+        return env["CONSUL_HTTP_TOKEN"], "CONSUL_HTTP_TOKEN"
+    if env.get("CONSUL_HTTP_TOKEN_FILE"):
+        return read_token_file(env["CONSUL_HTTP_TOKEN_FILE"], "CONSUL_HTTP_TOKEN_FILE"), "CONSUL_HTTP_TOKEN_FILE"
+    if vm.consul_token:
+        return vm.consul_token, f"{vm.path}: consul-token"
+    return None, "none"
+
+
+def _choose_tls(env: Mapping[str, str]) -> TLSSettings:
+    verify: object = True
+    if env.get("CONSUL_CACERT"):
+        if not os.path.isfile(env["CONSUL_CACERT"]):
+            raise ConfigError(f"CONSUL_CACERT: {env['CONSUL_CACERT']} does not exist.")
+        verify = env["CONSUL_CACERT"]
+    flag = env.get("CONSUL_HTTP_SSL_VERIFY", "").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        verify = False
+    elif flag not in ("", "1", "true", "yes", "on"):
+        raise ConfigError(f"CONSUL_HTTP_SSL_VERIFY: {flag!r} is not true or false.")
+    cert, key = env.get("CONSUL_CLIENT_CERT"), env.get("CONSUL_CLIENT_KEY")
+    if bool(cert) != bool(key):
+        raise ConfigError("CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY must be set together.")
+    for var, path in (("CONSUL_CLIENT_CERT", cert), ("CONSUL_CLIENT_KEY", key)):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{var}: {path} does not exist.")
+    return TLSSettings(verify=verify, cert=(cert, key) if cert and key else None)
+
+
+def _choose_value(opts: Options, vm: VipManagerConfig, fqdn: str) -> tuple[str, list[str]]:
+    if opts.hostname is not None:
+        if not opts.hostname.strip():
+            raise ConfigError("--hostname must not be empty.")
+        return opts.hostname.strip(), []
+    if vm.trigger_value is not None and vm.trigger_value.strip():
+        return vm.trigger_value.strip(), []
+    short = fqdn.split(".", 1)[0]
+    warnings = []
+    if short != fqdn:
+        warnings.append(
+            f"writing the short hostname {short!r} to the trigger-key, but vip-manager's default "
+            f"trigger-value is the full hostname {fqdn!r}: set trigger-value in {vm.path} "
+            "(or --hostname) so both programs agree, or vip-manager will never bring up the VIP.")
+    return short, warnings
+
+
+def build_settings(opts: Options, env: Mapping[str, str], kernel_hostname: Optional[str] = None) -> Settings:
+    """Combine options, vip-manager's file and the environment (SPEC §3)."""
+    if not (MIN_TTL <= opts.ttl <= MAX_TTL):
+        raise ConfigError(f"--ttl {format_duration(opts.ttl)} is out of Consul's range: use 10s to 24h.")
+    if not (0 <= opts.lock_delay <= MAX_LOCK_DELAY):
+        raise ConfigError(f"--lock-delay {format_duration(opts.lock_delay)} is out of range: use 0s to 60s.")
+    if opts.check_id is not None and not opts.check_id.strip():
+        raise ConfigError("--check-id must not be empty: give the ID of a check on the local Consul agent.")
+
+    vm = load_vip_manager_config(opts.vip_manager_config)
+    path = vm.path
+    if vm.dcs_type is None:
+        raise ConfigError(f"{path} does not set dcs-type: add 'dcs-type: consul' "
+                          "(vip-manager would default to etcd).")
+    if vm.dcs_type.strip().lower() != "consul":
+        raise ConfigError(f"{path} sets dcs-type to {vm.dcs_type!r}: vip-elector works only with "
+                          "'dcs-type: consul'.")
+    if vm.endpoints is not None and not vm.endpoints:
+        raise ConfigError(f"{path} sets dcs-endpoints but lists no address: give at least one, "
+                          "e.g. [\"http://127.0.0.1:8500\"], or remove the setting.")
+    if vm.trigger_key is None or not normalise_key(vm.trigger_key):
+        raise ConfigError(f"{path} does not set trigger-key: add the Consul key vip-manager "
+                          "watches, e.g. 'trigger-key: service/pg/leader'.")
+    key = normalise_key(vm.trigger_key)
+    if key.endswith("/"):
+        raise ConfigError(f"{path}: trigger-key {vm.trigger_key!r} ends with '/': it must name a key, "
+                          "not a folder.")
+
+    scheme, host, port = _choose_address(opts, vm, env)
+    token, token_source = _choose_token(opts, vm, env)
+    tls = _choose_tls(env) if scheme == "https" else TLSSettings()
+    fqdn = kernel_hostname if kernel_hostname is not None else socket.gethostname()
+    value, warnings = _choose_value(opts, vm, fqdn)
+
+    return Settings(
+        config_path=path, trigger_key=key, value=value,
+        scheme=scheme, host=host, port=port,
+        token=token, token_source=token_source,
+        check_id=opts.check_id.strip() if opts.check_id else None,
+        ttl=opts.ttl, lock_delay=opts.lock_delay, tls=tls,
+        warnings=tuple(warnings),
+    )

@@ -1,0 +1,377 @@
+"""The Consul adapter: the only module that knows the ``consul`` library.
+
+Works with any of the three libraries Debian has shipped under the module
+name ``consul`` (python-consul2 0.1.5, python-consul 0.7.1, py-consul 1.5):
+we keep to the calls they share and supply our own HTTP transport beneath
+them, as Patroni does, because none of them does what a daemon needs:
+
+* every request has a timeout (a blocking query gets ``wait`` plus Consul's
+  jitter plus slack), so a silent Consul can never hang the election loop;
+* the token travels only in the ``X-Consul-Token`` header (python-consul
+  0.7.1 would put it in the URL, where error messages would show it);
+* ``CONSUL_HTTP_ADDR`` and ``CONSUL_HTTP_TOKEN`` in the environment cannot
+  override what SPEC §3's precedence chose (all three libraries let them);
+* Consul's error answers become typed exceptions, so the election loop reacts
+  to types, not to strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import os
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import requests
+
+import consul as consul_lib
+import consul.base as consul_base
+
+from .config import LOCK_FLAG, Settings, format_duration
+
+CONNECT_TIMEOUT = 3.0
+REQUEST_TIMEOUT = 5.0
+
+
+class ConsulError(Exception):
+    """Consul answered with an error we did not expect; retry with backoff."""
+
+
+class ConsulUnreachable(ConsulError):
+    """No answer: connection refused, timed out, TLS failure, not Consul."""
+
+
+class PermissionDenied(ConsulError):
+    """The ACL token lacks a right (or is unknown); retrying won't help until it is fixed."""
+
+
+class InvalidSession(ConsulError):
+    """The session is gone: destroyed, expired, or its check failed."""
+
+
+class CheckNotPassing(ConsulError):
+    """Session create refused: a bound check is critical or not registered."""
+
+
+class InvalidSessionTTL(ConsulError):
+    """Consul refused the TTL (outside 10s..24h)."""
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """The trigger-key as Consul has it."""
+
+    value: str
+    flags: int
+    session: Optional[str]
+    modify_index: int
+
+    @property
+    def is_lock(self) -> bool:
+        return self.flags == LOCK_FLAG
+
+
+def _short_reason(exc: BaseException) -> str:
+    """Turn a requests/urllib3 exception chain into words an operator reads."""
+    text = str(exc)
+    for needle, words in (
+        ("Connection refused", "connection refused"),
+        ("Name or service not known", "host name not found"),
+        ("Temporary failure in name resolution", "host name not found"),
+        ("No route to host", "no route to host"),
+        ("Network is unreachable", "network unreachable"),
+        ("CERTIFICATE_VERIFY_FAILED", "TLS certificate not trusted (set CONSUL_CACERT)"),
+        ("SSL", "TLS handshake failed"),
+        ("Read timed out", "no answer (timed out)"),
+        ("timed out", "no answer (timed out)"),
+        ("RemoteDisconnected", "connection closed by peer"),
+        ("Connection reset", "connection reset"),
+        ("Connection aborted", "connection closed by peer"),
+    ):
+        if needle in text:
+            return words
+    return type(exc).__name__
+
+
+class _Transport:
+    """The HTTP client the consul library calls: requests with timeouts.
+
+    Has the interface of ``consul.base.HTTPClient`` for all three libraries;
+    one ``requests.Session`` per thread because the watcher thread and the
+    election loop talk to Consul at the same time.
+    """
+
+    def __init__(self, settings: Settings):
+        self.scheme, self.host, self.port = settings.scheme, settings.host, settings.port
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.base_uri = f"{self.scheme}://{host}:{self.port}"
+        self.verify = settings.tls.verify
+        self.cert = settings.tls.cert
+        self.token = settings.token
+        self._local = threading.local()
+        self._response_fields = consul_base.Response._fields
+
+    # The libraries' HTTPClient API --------------------------------------
+
+    def uri(self, path: str, params: Any = None) -> str:
+        uri = self.base_uri + urllib.parse.quote(path, safe="/:")
+        if params:
+            uri = f"{uri}?{urllib.parse.urlencode(params)}"
+        return uri
+
+    def get(self, callback, path, params=None, headers=None):
+        return self._call("GET", callback, path, params, None, headers)
+
+    def put(self, callback, path, params=None, data="", headers=None):
+        return self._call("PUT", callback, path, params, data, headers)
+
+    def delete(self, callback, path, params=None, data="", headers=None):
+        return self._call("DELETE", callback, path, params, data, headers)
+
+    def post(self, callback, path, params=None, data="", headers=None):
+        return self._call("POST", callback, path, params, data, headers)
+
+    def close(self) -> None:
+        session = getattr(self._local, "session", None)
+        if session is not None:
+            session.close()
+            self._local.session = None
+
+    # Ours -----------------------------------------------------------------
+
+    @property
+    def last_status(self) -> Optional[int]:
+        return getattr(self._local, "status", None)
+
+    @contextlib.contextmanager
+    def timeout(self, seconds: float) -> Iterator[None]:
+        """Use a shorter (or longer) read timeout for the calls inside."""
+        old = getattr(self._local, "timeout", None)
+        self._local.timeout = seconds
+        try:
+            yield
+        finally:
+            self._local.timeout = old
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # no proxies or netrc from the environment
+            self._local.session = session
+        return session
+
+    def _call(self, method, callback, path, params, data, headers):
+        params = list(params.items()) if isinstance(params, dict) else list(params or [])
+        # The token goes in the header, never in the URL (python-consul 0.7.1).
+        params = [(k, v) for k, v in params if k != "token"]
+        headers = {k: v for k, v in (headers or {}).items() if k.lower() != "x-consul-token"}
+        if self.token:
+            headers["X-Consul-Token"] = self.token
+        read_timeout = getattr(self._local, "timeout", None) or REQUEST_TIMEOUT
+        wait = dict(params).get("wait")
+        if wait is not None and dict(params).get("index") is not None:
+            seconds = float(str(wait).rstrip("s"))
+            read_timeout = max(read_timeout, seconds + seconds / 16 + REQUEST_TIMEOUT)
+        try:
+            response = self._session().request(
+                method, self.uri(path, params), data=data, headers=headers,
+                verify=self.verify, cert=self.cert, allow_redirects=False,
+                timeout=(min(CONNECT_TIMEOUT, read_timeout), read_timeout))
+        except requests.RequestException as e:
+            self.close()  # a half-read connection must not go back to the pool
+            raise ConsulUnreachable(_short_reason(e)) from None
+        self._local.status = response.status_code
+        response.encoding = "utf-8"
+        body = response.text
+        if response.status_code >= 400 and response.status_code != 404:
+            raise _error_for(response.status_code, body)
+        if 300 <= response.status_code < 400:
+            raise ConsulError(f"unexpected redirect ({response.status_code}) for {path}")
+        fields = {"code": response.status_code, "headers": response.headers,
+                  "body": body, "content": response.content}
+        return callback(consul_base.Response(**{f: fields[f] for f in self._response_fields}))
+
+
+def _error_for(code: int, body: str) -> ConsulError:
+    text = " ".join(body.split())[:200]
+    lowered = text.lower()
+    if code == 403 or "permission denied" in lowered or "acl not found" in lowered:
+        return PermissionDenied(text or "permission denied")
+    if "invalid session ttl" in lowered:
+        return InvalidSessionTTL(text)
+    if "in critical state" in lowered or "missing check" in lowered:
+        return CheckNotPassing(text)
+    if "invalid session" in lowered or "session" in lowered and "not found" in lowered:
+        return InvalidSession(text)
+    return ConsulError(f"HTTP {code}: {text}" if text else f"HTTP {code}")
+
+
+@contextlib.contextmanager
+def _without_consul_environment() -> Iterator[None]:
+    """The libraries read CONSUL_HTTP_* while constructing; hide them for that moment."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("CONSUL_HTTP")}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _translated(method):
+    """Library exceptions (they differ between the three) become our ConsulError."""
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except ConsulError:
+            raise
+        except consul_base.ConsulException as e:
+            raise ConsulError(f"unexpected answer from Consul: {type(e).__name__}: {e}"[:300]) from None
+        except (ValueError, KeyError, TypeError) as e:  # a body that is not Consul's JSON
+            raise ConsulError(f"unexpected answer (is {self.settings.address} a Consul agent?): "
+                              f"{type(e).__name__}") from None
+    return functools.wraps(method)(call)
+
+
+class _Library(consul_lib.Consul):
+    """The library's client, on our transport."""
+
+    def __init__(self, transport: _Transport):
+        self._vip_transport = transport
+        with _without_consul_environment():
+            super().__init__()
+        self.http = transport
+        self.token = None  # the transport adds the token header itself
+
+    def http_connect(self, *args, **kwargs):
+        return self._vip_transport
+
+
+class ConsulClient:
+    """What the election loop needs from Consul, in its own words."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.transport = _Transport(settings)
+        self._lib = _Library(self.transport)
+        self.key = settings.trigger_key
+
+    # Agent and health ---------------------------------------------------
+
+    @_translated
+    def node_name(self) -> str:
+        """The local agent's node name: sessions and checks live there."""
+        data = self._lib.agent.self()
+        try:
+            return data["Config"]["NodeName"]
+        except (TypeError, KeyError):
+            raise ConsulError("the address does not answer like a Consul agent") from None
+
+    @_translated
+    def check_states(self, node: str, check_ids: list[str]) -> dict[str, Optional[str]]:
+        """Status of each check on this node as the catalog sees it (None: not registered).
+
+        The catalog is what Consul consults when a session is created, so the
+        answer here agrees with what ``session create`` will say.
+        """
+        _, checks = self._lib.health.node(node)
+        found = {c.get("CheckID"): c.get("Status") for c in checks or []}
+        return {cid: found.get(cid) for cid in check_ids}
+
+    # Sessions -----------------------------------------------------------
+
+    @_translated
+    def create_session(self, checks: list[str]) -> str:
+        s = self.settings
+        return self._lib.session.create(
+            name=s.session_name, checks=checks, behavior="delete",
+            ttl=_whole(s.ttl), lock_delay=_whole(s.lock_delay))
+
+    @_translated
+    def renew_session(self, session_id: str) -> None:
+        """Renew, or raise InvalidSession when Consul no longer knows it."""
+        try:
+            result = self._lib.session.renew(session_id)
+        except consul_base.ConsulException:  # python-consul2 raises NotFound on a 404 here
+            result = None
+        if self.transport.last_status == 404 or not result or result == (None, None):
+            raise InvalidSession(f"session {session_id} no longer exists")
+
+    @_translated
+    def destroy_session(self, session_id: str) -> None:
+        self._lib.session.destroy(session_id)
+
+    # The trigger-key ----------------------------------------------------
+
+    @_translated
+    def read_key(self, index: Optional[int] = None, wait: Optional[float] = None) -> tuple[int, Optional[KeyState]]:
+        """Read the key; with ``index`` and ``wait``, a blocking query."""
+        kwargs: dict[str, Any] = {}
+        if index:
+            kwargs = {"index": index, "wait": format_duration(round(wait or 60, 3))}
+        new_index, data = self._lib.kv.get(self.key, **kwargs)
+        return _index(new_index), _key_state(data)
+
+    @_translated
+    def acquire(self, session_id: str) -> bool:
+        """Take the lock and write our name in one step; False if someone holds it."""
+        return bool(self._lib.kv.put(self.key, self.settings.value, acquire=session_id, flags=LOCK_FLAG))
+
+    @_translated
+    def delete_if_unchanged(self, modify_index: int) -> bool:
+        """Delete the key only if nobody changed it since ``modify_index`` (our own write)."""
+        return bool(self._lib.kv.delete(self.key, cas=modify_index))
+
+    @_translated
+    def can_write_key(self) -> None:
+        """Probe the write right without writing: a CAS no index can match.
+
+        Consul checks the ACL before the CAS, so a missing right answers 403
+        and a present one answers ``false``; nothing is written either way.
+        """
+        self._lib.kv.put(self.key, "", cas=2 ** 63 - 1)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def _whole(seconds: float):
+    return int(seconds) if float(seconds).is_integer() else seconds
+
+
+def _index(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _key_state(data: Any) -> Optional[KeyState]:
+    if not data:
+        return None
+    raw = data.get("Value")
+    if isinstance(raw, str):  # some libraries leave it base64-encoded
+        try:
+            raw = base64.b64decode(raw)
+        except ValueError:
+            raw = raw.encode()
+    value = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else ""
+    return KeyState(value=value, flags=int(data.get("Flags") or 0),
+                    session=data.get("Session") or None,
+                    modify_index=int(data.get("ModifyIndex") or 0))
+
+
+def library_name() -> str:
+    """Which Consul library is in use, for ``--version`` and bug reports."""
+    path = getattr(consul_lib, "__file__", "") or ""
+    version = getattr(consul_lib, "__version__", "?")
+    return f"consul {version} ({os.path.dirname(path)})"
+
+
+__all__ = [
+    "ConsulClient", "ConsulError", "ConsulUnreachable", "PermissionDenied", "InvalidSession",
+    "CheckNotPassing", "InvalidSessionTTL", "KeyState", "library_name",
+]

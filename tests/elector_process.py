@@ -8,9 +8,9 @@
 Every run is `/usr/bin/python3 -m vip_elector ARGS` with the repository root
 as cwd and PYTHONPATH, an environment without CONSUL_* / VIP_* / NOTIFY_SOCKET
 variables unless the test adds them, stderr read line by line by a thread.
-$VIP_ELECTOR_TEST_PYTHONPATH, when set, is put before the repository root on
-PYTHONPATH (to run the suite with another Consul library, e.g. the cache's
-py-consul or python-consul). $VIP_ELECTOR_TEST_SRC, when set, is the source
+$VIP_ELECTOR_TEST_PYTHONPATH and then the test run's own PYTHONPATH, when
+set, are put before the repository root on PYTHONPATH (to run the suite with
+another Consul library, e.g. the cache's py-consul or python-consul). $VIP_ELECTOR_TEST_SRC, when set, is the source
 tree to run instead of this repository.
 """
 
@@ -28,7 +28,8 @@ PYTHON = "/usr/bin/python3"
 def elector_env(extra=None):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("CONSUL_", "VIP_", "NOTIFY_SOCKET", "WATCHDOG_", "PYTHON"))}
-    paths = [p for p in (os.environ.get("VIP_ELECTOR_TEST_PYTHONPATH"), REPO) if p]
+    paths = [p for p in (os.environ.get("VIP_ELECTOR_TEST_PYTHONPATH"), os.environ.get("PYTHONPATH"), REPO)
+             if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.update(extra or {})

@@ -7,6 +7,7 @@ same agent, so the node's serfHealth is shared; the check IDs are what
 distinguishes their health.
 """
 
+import os
 import signal
 import time
 
@@ -133,6 +134,7 @@ def test_three_contenders_exactly_one_holder_throughout(consul, key, start):
              message="a session per contender")
     # Over more than 2×TTL (so renewals must work): one holder at every sample,
     # always the same one, nobody exits.
+    cpu0 = {p.name: cpu_seconds(p.pid) for p in procs}
     with KeySampler(consul, key, interval=0.1) as sampler:
         end = time.monotonic() + 22
         while time.monotonic() < end:
@@ -144,6 +146,9 @@ def test_three_contenders_exactly_one_holder_throughout(consul, key, start):
     holders = {(v, s) for (_, v, s) in sampler.samples}
     assert len(holders) == 1 and None not in next(iter(holders)), holders
     assert next(iter(holders))[0] == first
+    for p in procs:     # blocking queries, not polling: idle in steady state
+        used = cpu_seconds(p.pid) - cpu0[p.name]
+        assert used < 2, "%s used %.1fs CPU in 22s of steady state" % (p.name, used)
     for n in names:
         assert len(sessions_named(consul, "vip-elector-" + n)) == 1, "one session per node, no leak"
     for p in procs:
@@ -314,6 +319,25 @@ def test_leader_stop_with_consul_gone_exits_within_5s(fresh_consul, key, start):
 
 # --------------------------------------------------------- Consul comes and goes
 
+def test_leader_steps_down_when_it_cannot_renew_for_a_ttl(fresh_consul, key, start):
+    """Consul hung (SIGSTOP) longer than the TTL: the session is as good as gone
+    (SPEC §4.3), so the leader must say so; once Consul is back it leads again."""
+    a = start(fresh_consul, key, "node-a")
+    wait_leader(fresh_consul, key, "node-a")
+    n = len(a.lines)
+    fresh_consul.proc.send_signal(signal.SIGSTOP)
+    try:
+        a.wait_for_line("LOCK LOST", 10 + 10, since=n)
+    finally:
+        fresh_consul.proc.send_signal(signal.SIGCONT)
+    assert a.alive
+    wait_for(lambda: leader_of(fresh_consul, key) == "node-a"
+             and len(sessions_named(fresh_consul, "vip-elector-node-a")) == 1, 60,
+             message="node-a leading again with a single session")
+    a.terminate()
+    assert a.wait(10) == 0
+
+
 def test_agent_restart_under_running_leader(fresh_consul, key, start):
     agent = fresh_consul
     a = start(agent, key, "node-a")
@@ -343,14 +367,23 @@ def test_agent_restart_under_running_leader(fresh_consul, key, start):
     assert a.wait(10) == 0 and b.wait(10) == 0
 
 
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_consul_not_running_yet_at_start(consul_factory, key, start):
     agent = consul_factory(start=False)
     a = start(agent, key, "node-a")
-    # It waits (no exit) while nothing listens on the port ...
+    a.wait_for_line(agent.http_addr, 15)          # it has started and tried once
+    # It waits (no exit, no busy loop) while nothing listens on the port ...
+    cpu0 = cpu_seconds(a.pid)
     end = time.monotonic() + 3
     while time.monotonic() < end:
         assert a.alive, a.log()
         time.sleep(0.2)
+    assert cpu_seconds(a.pid) - cpu0 < 0.5, "busy loop while Consul is away?"
     agent.start()
     # ... and leads once the agent appears (backoff ≤ 30 s, jittered).
     wait_leader(agent, key, "node-a", timeout=45)
@@ -403,6 +436,9 @@ def test_environment_does_not_override_flags_or_config(consul_factory, key, elec
                   {"CONSUL_HTTP_ADDR": agent.http_addr, "CONSUL_HTTP_TOKEN": token}),
         # consul-token from the config is used when nothing else gives one
         "env-5": (["--vip-manager-config", write_config(agent.http_addr, key + "5", consul_token=token)], {}),
+        # CONSUL_HTTP_TOKEN_FILE beats consul-token
+        "env-6": (["--vip-manager-config", write_config(agent.http_addr, key + "6", consul_token="bad-token")],
+                  {"CONSUL_HTTP_TOKEN_FILE": str(token_file)}),
     }
     procs = {}
     for name, (args, env) in runs.items():
@@ -439,6 +475,26 @@ def test_acl_minimal_token_works(consul_factory, key, check_id, electors, write_
     assert agent.kv_get(key) is None
     for p in (a, b):
         assert token not in p.log()
+
+
+def test_acl_check_mode(consul_factory, key, check_id, write_config):
+    from elector_process import run_elector
+    agent = consul_factory(acl=True)
+    agent.register_ttl_check(check_id)
+    good = agent.create_token(elector_rules(key, agent.node))
+    weak = agent.create_token('key "%s" { policy = "read" }\nnode_prefix "" { policy = "read" }' % key)
+    config = write_config(agent.http_addr, key)
+    args = ["--vip-manager-config", config, "--hostname", "node-a", "--check-id", check_id, "--check"]
+    before = agent.kv_all()
+    ok = run_elector(args, env={"CONSUL_HTTP_TOKEN": good}, timeout=60)
+    bad = run_elector(args, env={"CONSUL_HTTP_TOKEN": weak}, timeout=60)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert bad.returncode != 0, bad.stdout + bad.stderr
+    for r, t in ((ok, good), (bad, weak)):
+        assert t not in r.stdout + r.stderr, "token printed"
+        assert "Traceback" not in r.stderr
+    assert agent.kv_all() == before
+    assert not [s for s in agent.sessions() if s["Name"].startswith("vip-elector-")]
 
 
 def test_acl_wrong_token_keeps_retrying_and_says_why(consul_factory, key, electors, write_config):

@@ -3,7 +3,8 @@
   consul        module-scoped dev agent (node "vip-test-node"); tests share it,
                 each with its own `key` and its own check IDs. Don't stop it.
   fresh_consul  function-scoped agent a test may stop, kill, restart.
-  consul_factory(node=..., acl=..., start=True) -> more agents, killed at teardown.
+  consul_factory(node=..., acl=..., start=True, tls=..., verify_incoming=...)
+                -> more agents, killed at teardown.
   key           a trigger key no other test uses: "service/<test>-<hex>/leader".
   electors(args, env=None, name=None, wrapper=()) -> a started Elector, reaped at teardown
                 (its log is printed when the test fails).
@@ -46,9 +47,9 @@ def consul(consul_binary, tmp_path_factory):
 def consul_factory(consul_binary, tmp_path):
     agents = []
 
-    def make(node=NODE, acl=False, start=True):
+    def make(node=NODE, acl=False, start=True, **options):
         agent = ConsulAgent(tmp_path / ("consul-%d" % len(agents)), node=node, acl=acl,
-                            binary=consul_binary)
+                            binary=consul_binary, **options)
         agents.append(agent)
         return agent.start() if start else agent
 

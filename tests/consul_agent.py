@@ -92,7 +92,7 @@ class ConsulError(Exception):
 
 class ConsulAgent:
     def __init__(self, workdir, node="vip-test-node", acl=False, binary=None,
-                 master_token=None):
+                 master_token=None, tls=False, verify_incoming=False):
         self.binary = binary or find_consul()
         if not self.binary:
             raise RuntimeError("no consul binary found")
@@ -101,7 +101,12 @@ class ConsulAgent:
         self.node = node
         self.acl = acl
         self.master_token = (master_token or str(uuid.uuid4())) if acl else None
-        self.http_port, self.serf_lan_port, self.serf_wan_port, self.server_port = free_ports(4)
+        (self.http_port, self.serf_lan_port, self.serf_wan_port, self.server_port,
+         self.https_port) = free_ports(5)
+        self.tls = tls
+        self.verify_incoming = verify_incoming
+        if tls:
+            self._make_certificates()
         self.proc = None
         self.log_path = os.path.join(self.workdir, "consul-%s.log" % node)
         self.starts = 0
@@ -115,6 +120,25 @@ class ConsulAgent:
     @property
     def url(self):
         return "http://" + self.http_addr
+
+    @property
+    def https_url(self):
+        """HTTPS endpoint (tls=True): certificate for 127.0.0.1/localhost from `ca_file`."""
+        return "https://127.0.0.1:%d" % self.https_port
+
+    def _make_certificates(self):
+        """A CA, a server and a client certificate, made by `consul tls` (dc1)."""
+        d = os.path.join(self.workdir, "tls")
+        os.makedirs(d, exist_ok=True)
+        for args in (["ca", "create"], ["cert", "create", "-server", "-dc", "dc1"],
+                     ["cert", "create", "-client", "-dc", "dc1"]):
+            subprocess.run([self.binary, "tls"] + args, cwd=d, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.ca_file = os.path.join(d, "consul-agent-ca.pem")
+        self.server_cert = os.path.join(d, "dc1-server-consul-0.pem")
+        self.server_key = os.path.join(d, "dc1-server-consul-0-key.pem")
+        self.client_cert = os.path.join(d, "dc1-client-consul-0.pem")
+        self.client_key = os.path.join(d, "dc1-client-consul-0-key.pem")
 
     @property
     def running(self):
@@ -134,6 +158,11 @@ class ConsulAgent:
                             'enable_token_persistence = false '
                             'tokens { master = "%s" agent = "%s" } }'
                     % (self.master_token, self.master_token)]
+        if self.tls:
+            cmd += ["-hcl", 'ports { https = %d } cert_file = "%s" key_file = "%s" ca_file = "%s" '
+                            'verify_incoming_https = %s'
+                    % (self.https_port, self.server_cert, self.server_key, self.ca_file,
+                       "true" if self.verify_incoming else "false")]
         return cmd
 
     def start(self, timeout=30):

@@ -108,3 +108,16 @@ def test_consul_lock_peer(consul, key):
         if lock.poll() is None:
             lock.kill()
         lock.wait()
+
+
+def test_tls_endpoint(consul_factory):
+    import ssl
+    import urllib.request
+    agent = consul_factory(tls=True, verify_incoming=True)
+    ctx = ssl.create_default_context(cafile=agent.ca_file)
+    ctx.load_cert_chain(agent.client_cert, agent.client_key)
+    with urllib.request.urlopen(agent.https_url + "/v1/status/leader", context=ctx, timeout=10) as r:
+        assert r.status == 200
+    with pytest.raises(Exception):        # no client certificate: refused
+        urllib.request.urlopen(agent.https_url + "/v1/status/leader",
+                               context=ssl.create_default_context(cafile=agent.ca_file), timeout=10)

@@ -43,9 +43,16 @@ demo-vip: deps
 bench: deps
 	$(PYTHON) tests/tools/bench
 
+# Build the Debian package into the parent directory and check it with lintian.
+# A clean PATH: a pyenv/virtualenv python3 first in PATH would make pybuild
+# build and test with the wrong interpreter.
+DEB_ENV := env -u PYTHONPATH PATH=/usr/sbin:/usr/bin:/sbin:/bin
+DEB_VERSION = $(shell dpkg-parsechangelog -S Version)
+DEB_CHANGES = ../vip-elector_$(DEB_VERSION)_$(shell dpkg --print-architecture).changes
 deb:
-	dpkg-buildpackage -us -uc -b
-	@ls -l ../vip-elector_*_all.deb
+	$(DEB_ENV) dpkg-buildpackage -us -uc -b
+	$(DEB_ENV) lintian --fail-on error,warning $(DEB_CHANGES)
+	@ls -l ../vip-elector_$(DEB_VERSION)_all.deb
 
 clean:
 	rm -rf build .pybuild *.egg-info

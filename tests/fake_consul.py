@@ -72,14 +72,17 @@ class FakeConsul:
         self._call("node_name")
         return "node1"
 
-    def check_states(self, node, check_ids):
+    def check_states(self, check_ids):
         self._call("check_states")
         return {c: self.checks.get(c) for c in check_ids}
 
     def create_session(self, checks) -> str:
         self._call("create_session")
-        if any(self.checks.get(c) in (None, "critical") for c in checks):
-            raise CheckNotPassing("Check is in critical state")
+        for c in checks:
+            if self.checks.get(c) is None:
+                raise CheckNotPassing(f"Missing check '{c}' registration")
+            if self.checks[c] == "critical":
+                raise CheckNotPassing(f"Check '{c}' is in critical state")
         with self.cond:
             self._next_session += 1
             sid = f"session-{self._next_session}"

@@ -38,32 +38,31 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
     for warning in settings.warnings:
         print(f"warn  {warning}", file=out)
 
-    ok, node = attempt(f"Consul at {settings.address}", consul.node_name)
+    ok, key = attempt(f"Consul at {settings.address}", lambda: consul.read_key()[1])
     if not ok:
         return 1
-    report(True, f"Consul at {settings.address} answers (agent node {node})")
-
-    ok, key = attempt(f"read {settings.trigger_key}", lambda: consul.read_key()[1])
-    if ok:
-        if key is None:
-            report(True, f"trigger-key {settings.trigger_key} is free")
-        elif not key.is_lock:
-            report(False, f"trigger-key {settings.trigger_key} is not a lock key (flags {key.flags}); "
-                          f"remove it with 'consul kv delete {settings.trigger_key}'")
-        elif key.session:
-            report(True, f"trigger-key {settings.trigger_key} is held by {key.value!r}")
-        else:
-            report(True, f"trigger-key {settings.trigger_key} is free (last value {key.value!r})")
+    node = consul.node_name()
+    report(True, f"Consul at {settings.address} answers" + (f" (agent node {node})" if node else ""))
+    if key is None:
+        report(True, f"trigger-key {settings.trigger_key} is free")
+    elif not key.is_lock:
+        report(False, f"trigger-key {settings.trigger_key} is not a lock key (flags {key.flags}); "
+                      f"remove it with 'consul kv delete {settings.trigger_key}'")
+    elif key.session:
+        report(True, f"trigger-key {settings.trigger_key} is held by {key.value!r}")
+    else:
+        report(True, f"trigger-key {settings.trigger_key} is free (last value {key.value!r})")
 
     ok, _ = attempt(f"write right on {settings.trigger_key}", consul.can_write_key)
     if ok:
         report(True, f"the token may write {settings.trigger_key}")
 
-    ok, states = attempt("read health checks", lambda: consul.check_states(node, settings.checks))
+    own = [settings.check_id] if settings.check_id else []
+    ok, states = attempt("read health checks", lambda: consul.check_states(own))
     if ok:
         for check_id, state in states.items():
             if state is None:
-                report(False, f"check '{check_id}' is not registered on node {node}")
+                report(False, f"check '{check_id}' is not registered on the local agent")
             else:
                 report(state != "critical", f"check '{check_id}' is {state}")
 

@@ -117,6 +117,18 @@ class VipManagerConfig:
     trigger_key: Optional[str]
     trigger_value: Optional[str]
     consul_token: Optional[str]
+    env_form: bool = False
+    #: The environment variables the settings came from (env form), for messages.
+    sources: tuple[tuple[str, str], ...] = ()
+
+    def name(self, setting: str) -> str:
+        """How the user spells a setting in this file: 'trigger-key' or 'VIP_TRIGGER_KEY'."""
+        if not self.env_form:
+            return setting
+        used = dict(self.sources).get(setting)
+        if used:
+            return used
+        return " or ".join(_ENV_NAMES[setting])
 
 
 # New names first, then the legacy names of Debian's /etc/default/vip-manager.
@@ -157,9 +169,12 @@ def _parse_env_file(text: str) -> dict[str, str]:
 def _from_env_file(path: str, text: str) -> VipManagerConfig:
     env = _parse_env_file(text)
 
+    sources: dict[str, str] = {}
+
     def pick(name: str) -> Optional[str]:
         for var in _ENV_NAMES[name]:
             if var in env:
+                sources[name] = var
                 return env[var]
         return None
 
@@ -171,6 +186,8 @@ def _from_env_file(path: str, text: str) -> VipManagerConfig:
         trigger_key=pick("trigger-key"),
         trigger_value=pick("trigger-value"),
         consul_token=pick("consul-token"),
+        env_form=True,
+        sources=tuple(sources.items()),
     )
 
 
@@ -316,7 +333,7 @@ def _choose_address(opts: Options, vm: VipManagerConfig, env: Mapping[str, str])
     if opts.addr:
         return parse_address(opts.addr, "--addr")
     if vm.endpoints:
-        return parse_address(vm.endpoints[0], f"{vm.path}: dcs-endpoints")
+        return parse_address(vm.endpoints[0], f"{vm.path}: {vm.name('dcs-endpoints')}")
     if env.get("CONSUL_HTTP_ADDR"):
         return parse_address(env["CONSUL_HTTP_ADDR"], "CONSUL_HTTP_ADDR")
     return parse_address(DEFAULT_ADDR, "default address")
@@ -332,7 +349,7 @@ def _choose_token(opts: Options, vm: VipManagerConfig, env: Mapping[str, str]) -
     if env.get("CONSUL_HTTP_TOKEN_FILE"):
         return read_token_file(env["CONSUL_HTTP_TOKEN_FILE"], "CONSUL_HTTP_TOKEN_FILE"), "CONSUL_HTTP_TOKEN_FILE"
     if vm.consul_token:
-        return vm.consul_token, f"{vm.path}: consul-token"
+        return vm.consul_token, f"{vm.path}: {vm.name('consul-token')}"
     return None, "none"
 
 
@@ -368,7 +385,7 @@ def _choose_value(opts: Options, vm: VipManagerConfig, fqdn: str) -> tuple[str, 
     if short != fqdn:
         warnings.append(
             f"writing the short hostname {short!r} to the trigger-key, but vip-manager's default "
-            f"trigger-value is the full hostname {fqdn!r}: set trigger-value in {vm.path} "
+            f"trigger-value is the full hostname {fqdn!r}: set {vm.name('trigger-value')} in {vm.path} "
             "(or --hostname) so both programs agree, or vip-manager will never bring up the VIP.")
     return short, warnings
 
@@ -384,22 +401,25 @@ def build_settings(opts: Options, env: Mapping[str, str], kernel_hostname: Optio
 
     vm = load_vip_manager_config(opts.vip_manager_config)
     path = vm.path
+    def example(setting: str, value: str) -> str:
+        return f"{vm.name(setting).split()[0]}={value}" if vm.env_form else f"{setting}: {value}"
+
     if vm.dcs_type is None:
-        raise ConfigError(f"{path} does not set dcs-type: add 'dcs-type: consul' "
-                          "(vip-manager would default to etcd).")
+        raise ConfigError(f"{path} does not set {vm.name('dcs-type')}: add "
+                          f"'{example('dcs-type', 'consul')}' (vip-manager would default to etcd).")
     if vm.dcs_type.strip().lower() != "consul":
-        raise ConfigError(f"{path} sets dcs-type to {vm.dcs_type!r}: vip-elector works only with "
-                          "'dcs-type: consul'.")
+        raise ConfigError(f"{path} sets {vm.name('dcs-type')} to {vm.dcs_type!r}: vip-elector works "
+                          f"only with '{example('dcs-type', 'consul')}'.")
     if vm.endpoints is not None and not vm.endpoints:
-        raise ConfigError(f"{path} sets dcs-endpoints but lists no address: give at least one, "
-                          "e.g. [\"http://127.0.0.1:8500\"], or remove the setting.")
+        raise ConfigError(f"{path} sets {vm.name('dcs-endpoints')} but lists no address: give at "
+                          "least one, e.g. http://127.0.0.1:8500, or remove the setting.")
     if vm.trigger_key is None or not normalise_key(vm.trigger_key):
-        raise ConfigError(f"{path} does not set trigger-key: add the Consul key vip-manager "
-                          "watches, e.g. 'trigger-key: service/pg/leader'.")
+        raise ConfigError(f"{path} does not set {vm.name('trigger-key')}: add the Consul key "
+                          f"vip-manager watches, e.g. '{example('trigger-key', 'service/pg/leader')}'.")
     key = normalise_key(vm.trigger_key)
     if key.endswith("/"):
-        raise ConfigError(f"{path}: trigger-key {vm.trigger_key!r} ends with '/': it must name a key, "
-                          "not a folder.")
+        raise ConfigError(f"{path}: {vm.name('trigger-key')} {vm.trigger_key!r} ends with '/': it must "
+                          "name a key, not a folder.")
 
     scheme, host, port = _choose_address(opts, vm, env)
     token, token_source = _choose_token(opts, vm, env)

@@ -21,6 +21,7 @@ import base64
 import contextlib
 import functools
 import os
+import re
 import threading
 import urllib.parse
 from dataclasses import dataclass
@@ -55,6 +56,15 @@ class InvalidSession(ConsulError):
 
 class CheckNotPassing(ConsulError):
     """Session create refused: a bound check is critical or not registered."""
+
+    @property
+    def check_id(self) -> Optional[str]:
+        m = re.search(r"[Cc]heck '([^']+)'", str(self))
+        return m.group(1) if m else None
+
+    @property
+    def state(self) -> Optional[str]:
+        return None if "missing check" in str(self).lower() else "critical"
 
 
 class InvalidSessionTTL(ConsulError):
@@ -262,24 +272,32 @@ class ConsulClient:
     # Agent and health ---------------------------------------------------
 
     @_translated
-    def node_name(self) -> str:
-        """The local agent's node name: sessions and checks live there."""
-        data = self._lib.agent.self()
+    def node_name(self) -> Optional[str]:
+        """The local agent's node name, for messages; None if the token may not read the agent.
+
+        Nothing depends on it: the session is created on the agent's own node
+        by default, and the checks are read from the agent.
+        """
+        try:
+            data = self._lib.agent.self()
+        except PermissionDenied:  # agent:read is not part of the least-privilege policy
+            return None
         try:
             return data["Config"]["NodeName"]
         except (TypeError, KeyError):
             raise ConsulError("the address does not answer like a Consul agent") from None
 
     @_translated
-    def check_states(self, node: str, check_ids: list[str]) -> dict[str, Optional[str]]:
-        """Status of each check on this node as the catalog sees it (None: not registered).
+    def check_states(self, check_ids: list[str]) -> dict[str, Optional[str]]:
+        """Status of each check on the local agent (None: not registered there).
 
-        The catalog is what Consul consults when a session is created, so the
-        answer here agrees with what ``session create`` will say.
+        ``serfHealth`` is not a check of the agent's own; Consul itself judges
+        it when the session is created (CheckNotPassing names it then).
         """
-        _, checks = self._lib.health.node(node)
-        found = {c.get("CheckID"): c.get("Status") for c in checks or []}
-        return {cid: found.get(cid) for cid in check_ids}
+        checks = self._lib.agent.checks()
+        if not isinstance(checks, dict):
+            raise ConsulError("the address does not answer like a Consul agent")
+        return {cid: (checks.get(cid) or {}).get("Status") for cid in check_ids}
 
     # Sessions -----------------------------------------------------------
 

@@ -152,7 +152,7 @@ class Election:
         self.watcher = KeyWatcher(consul, self.events, timing, rng)
         self.backoff = Backoff(timing.backoff_min, timing.backoff_max, rng)
 
-        self.node: Optional[str] = None          # set once Consul answered
+        self.connected = False                   # Consul answered at least once
         self.session: Optional[str] = None
         self.key: Optional[KeyState] = None      # last seen by the watcher
         self.key_known = False
@@ -208,7 +208,7 @@ class Election:
         """Do whatever is due in the current state."""
         now = self.clock()
         try:
-            if self.node is None:
+            if not self.connected:
                 if now >= self.retry_at:
                     self._connect()
             elif self.session is None:
@@ -234,12 +234,12 @@ class Election:
     # §4.6, §4.8: reaching Consul
 
     def _connect(self) -> None:
-        self.node = self.consul.node_name()
-        first = not self.key_known
         index, key = self.consul.read_key()
-        self._preflight(key, fatal=first)
+        self._preflight(key, fatal=True)
         self.key, self.key_known, self.key_index = key, True, index
-        log.info("connected to Consul at %s (node %s)", self.settings.address, self.node)
+        self.connected = True
+        node = self.consul.node_name()
+        log.info("connected to Consul at %s%s", self.settings.address, f" (node {node})" if node else "")
         if self.watcher.generation == 0:
             self.watcher.restart()
         self._recovered()
@@ -275,7 +275,11 @@ class Election:
             self.decide_at = self.retry_at
             self.acquire_retry_at = None
             self.renew_at = max(self.renew_at, self.clock() + self.timing.renew_retry)
-        self._set_role(Role.WAITING, status)
+        if self.leader:  # still ours until the session goes: say both
+            self._set_role(Role.LEADER, f"leader: holding {self.settings.trigger_key} as "
+                                        f"{self.settings.value}; {status}")
+        else:
+            self._set_role(Role.WAITING, status)
         if str(error) != self.trouble:
             log.warning("%s", text)
         self.trouble = str(error)
@@ -291,13 +295,14 @@ class Election:
     # §4.1, §4.7: a session bound to our health
 
     def _create_session_when_healthy(self) -> None:
-        states = self.consul.check_states(self.node, self.settings.checks)
+        own = [self.settings.check_id] if self.settings.check_id else []
+        states = self.consul.check_states(own)
         unhealthy = [(cid, st) for cid, st in states.items() if st is None or st == "critical"]
         if not unhealthy:
             try:
                 self.session = self.consul.create_session(self.settings.checks)
-            except CheckNotPassing as e:  # the agent's view moved on between the two calls
-                unhealthy = [(self.settings.checks[-1], "critical")]
+            except CheckNotPassing as e:  # serfHealth, or the catalog has not caught up yet
+                unhealthy = [(e.check_id or self.settings.checks[-1], e.state)]
                 log.debug("session refused: %s", e)
         if unhealthy:
             self._wait_for_health(*unhealthy[-1])

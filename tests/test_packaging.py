@@ -1,0 +1,127 @@
+"""The Debian packaging agrees with the program (pure: no Consul, no root).
+
+The man page documents exactly the options the CLI has, with its defaults;
+/etc/default/vip-elector holds options the CLI accepts; the shipped examples
+are valid configurations that say the same in both forms; the package version
+is the program's. These also run inside `dpkg-buildpackage` (debian/rules
+points VIP_ELECTOR_SOURCE at the source tree, since pybuild runs the tests
+from its build directory, which has no debian/ or examples/).
+"""
+
+import os
+import re
+import shlex
+import subprocess
+
+import pytest
+
+import vip_elector
+from vip_elector import cli
+from vip_elector.config import Options, build_settings
+
+SOURCE = os.environ.get("VIP_ELECTOR_SOURCE") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def source(*parts):
+    path = os.path.join(SOURCE, *parts)
+    assert os.path.exists(path), "%s missing (set VIP_ELECTOR_SOURCE to the source tree)" % path
+    return path
+
+
+def read(*parts):
+    with open(source(*parts), encoding="utf-8") as f:
+        return f.read()
+
+
+def man_options():
+    """{option: text of its paragraph} from the OPTIONS section of the man page."""
+    roff = read("debian", "vip-elector.8")
+    section = roff.split("\n.SH OPTIONS\n", 1)[1].split("\n.SH ", 1)[0]
+    found = {}
+    for block in section.split("\n.TP\n")[1:]:
+        tag, _, body = block.partition("\n")
+        names = re.findall(r"\\-\\-([a-z][a-z\\-]*)", tag)
+        assert names, "an OPTIONS paragraph without an option: %r" % tag
+        for name in names:
+            found["--" + name.replace("\\-", "-")] = body
+    return found
+
+
+def cli_options(capsys):
+    assert cli.main(["--help"]) == 0
+    help_text = capsys.readouterr().out
+    return set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z-]*)", help_text, re.M))
+
+
+def test_man_page_documents_exactly_the_cli_options(capsys):
+    assert set(man_options()) == cli_options(capsys)
+
+
+def test_man_page_gives_the_cli_defaults():
+    args = cli.parse_args(["--vip-manager-config", "/dev/null"])
+    documented = man_options()
+    for option in ("--ttl", "--lock-delay"):
+        default = getattr(args, option[2:].replace("-", "_"))
+        assert re.search(r"Default:\n\.BR %s \.$" % re.escape(default), documented[option]), \
+            "%s: the man page does not give the default %s" % (option, default)
+
+
+def test_man_page_renders_without_warnings():
+    res = subprocess.run(["groff", "-man", "-ww", "-z", source("debian", "vip-elector.8")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+
+
+def environment_file(text):
+    """NAME=value lines as systemd's EnvironmentFile= reads them (comments skipped)."""
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            values[name] = " ".join(shlex.split(value))
+    return values
+
+
+def test_defaults_file_holds_options_the_cli_accepts():
+    text = read("debian", "vip-elector.default")
+    env = environment_file(text)
+    assert set(env) == {"VIP_ELECTOR_OPTS"}, "only VIP_ELECTOR_OPTS may be set by default: %s" % env
+    assert re.search(r"^#CONSUL_HTTP_TOKEN=$", text, re.M)
+    # ExecStart=/usr/bin/vip-elector $VIP_ELECTOR_OPTS: systemd splits it at whitespace.
+    args = cli.parse_args(env["VIP_ELECTOR_OPTS"].split())
+    assert args.vip_manager_config == "/etc/vip-manager.yml"
+    cli.options_from(args)
+
+
+def test_unit_runs_the_daemon_with_the_defaults_file():
+    unit = read("debian", "vip-elector.service")
+    for line in ("Type=notify", "EnvironmentFile=-/etc/default/vip-elector",
+                 "ExecStart=/usr/bin/vip-elector $VIP_ELECTOR_OPTS", "User=vip-elector"):
+        assert re.search(r"^%s$" % re.escape(line), unit, re.M), "unit lacks " + line
+
+
+def test_examples_are_one_valid_configuration_in_both_forms():
+    yml = build_settings(Options(vip_manager_config=source("examples", "vip-manager.yml")), {},
+                         kernel_hostname="node-a.example.org")
+    env = build_settings(Options(vip_manager_config=source("examples", "vip-manager.env")), {},
+                         kernel_hostname="node-a.example.org")
+    same = ("trigger_key", "value", "scheme", "host", "port", "token", "ttl", "lock_delay")
+    assert [getattr(yml, f) for f in same] == [getattr(env, f) for f in same]
+    assert yml.warnings == () and env.warnings == (), "the examples set trigger-value explicitly"
+    check_ids = re.findall(r'^\s*id\s*=\s*"([^"]+)"', read("examples", "consul-service-check.hcl"), re.M)
+    assert check_ids, "the Consul check example has no explicit check id"
+    assert "--check-id=%s" % check_ids[0] in read("examples", "consul-service-check.hcl")
+
+
+def test_package_version_is_the_program_version():
+    first = read("debian", "changelog").splitlines()[0]
+    version = re.match(r"vip-elector \(([^)]+)\) ", first).group(1)
+    assert version == vip_elector.__version__
+
+
+@pytest.mark.parametrize("script", ["vip-elector.postinst", "vip-elector.postrm"])
+def test_maintainer_scripts_are_valid_sh_with_debhelper_token(script):
+    path = source("debian", script)
+    assert subprocess.run(["sh", "-n", path]).returncode == 0
+    assert "\n#DEBHELPER#\n" in read("debian", script)

@@ -16,7 +16,7 @@ import pytest
 from consul_agent import LOCK_FLAG, elector_rules, wait_for
 from helpers import KeySampler, go_duration, session_checks, sessions_named
 
-pytestmark = pytest.mark.consul
+pytestmark = [pytest.mark.consul, pytest.mark.compat]
 
 TTL = "10s"          # Consul's minimum: the fastest failover a SIGKILL can have
 

@@ -104,7 +104,8 @@ def test_status_while_waiting(consul, consul_factory, key, check_id, electors, w
     absent = consul_factory(start=False)           # ports nobody listens on
     b = electors(["--vip-manager-config", write_config(absent.http_addr, key), "--hostname", "node-b"],
                  env={"NOTIFY_SOCKET": notify2.path}, name="noconsul")
-    notify.wait(lambda m: m == "STATUS=waiting: check '%s' is critical" % check_id, 20, "waiting STATUS")
+    notify.wait(lambda m: m.startswith("STATUS=waiting: check '%s' is critical" % check_id), 20,
+                "waiting STATUS")
     notify.wait(lambda m: m == "READY=1", 1, "READY=1")
     # READY once the first attempt to reach Consul has finished, reached or not.
     notify2.wait(lambda m: m == "READY=1", 20, "READY=1 without Consul")
@@ -112,7 +113,7 @@ def test_status_while_waiting(consul, consul_factory, key, check_id, electors, w
                  or m.startswith("STATUS=waiting for Consul at http://%s: " % absent.http_addr),
                  20, "waiting-for-Consul STATUS")
     consul.deregister_check(check_id)
-    notify.wait(lambda m: m == "STATUS=waiting: check '%s' is not registered" % check_id, 20,
+    notify.wait(lambda m: m.startswith("STATUS=waiting: check '%s' is not registered" % check_id), 20,
                 "not-registered STATUS")
     for e in (a, b):
         e.terminate()

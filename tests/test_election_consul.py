@@ -391,6 +391,62 @@ def test_consul_not_running_yet_at_start(consul_factory, key, start):
     assert a.wait(10) == 0
 
 
+class CountingListener:
+    """A TCP port that accepts and drops connections, counting them (a broken Consul)."""
+
+    def __init__(self):
+        import socket
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(50)
+        self.sock.settimeout(0.2)
+        self.addr = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.accepted = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        import socket
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            self.accepted.append(time.monotonic())
+            conn.close()
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_backoff_while_consul_errors_and_prompt_stop_during_it(key, electors, write_config):
+    """SPEC §4.8: exponential backoff from 1 s (not a fixed 1 s, not a busy loop);
+    SIGTERM in the middle of a long backoff still stops at once (§4.5)."""
+    broken = CountingListener()
+    try:
+        e = electors(["--vip-manager-config", write_config(broken.addr, key), "--hostname", "node-a"])
+        wait_for(lambda: broken.accepted, 15, message="a first connection")
+        first = broken.accepted[0]
+        cpu0 = cpu_seconds(e.pid)
+        while time.monotonic() - first < 12:
+            assert e.alive, e.log()
+            time.sleep(0.2)
+        attempts = [t - first for t in broken.accepted if t - first < 12]
+        print("connections in the first 12 s:", ["%.1f" % t for t in attempts])
+        assert 2 <= len(attempts) <= 8, "want 1 s, 2 s, 4 s, ... (jittered): %s" % attempts
+        assert cpu_seconds(e.pid) - cpu0 < 1
+        t0 = time.monotonic()
+        e.terminate()
+        assert e.wait(10) == 0
+        assert time.monotonic() - t0 < 5, "SIGTERM waited for the backoff"
+    finally:
+        broken.close()
+
+
 # ----------------------------------------------------------------- pre-flight
 
 @pytest.mark.parametrize("flags", [0, 42])

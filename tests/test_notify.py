@@ -115,7 +115,9 @@ def test_status_while_waiting(consul, consul_factory, key, check_id, electors, w
     consul.deregister_check(check_id)
     notify.wait(lambda m: m.startswith("STATUS=waiting: check '%s' is not registered" % check_id), 20,
                 "not-registered STATUS")
+    t0 = time.monotonic()
     for e in (a, b):
         e.terminate()
     for e in (a, b):
         assert e.wait(10) == 0
+    assert time.monotonic() - t0 < 5, "a waiting elector was slow to stop"

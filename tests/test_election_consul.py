@@ -111,8 +111,8 @@ def test_trigger_value_and_hostname_precedence(consul, key, electors, write_conf
 def test_short_hostname_default_and_warning(consul, key, electors, write_config, tmp_path):
     """No --hostname, no trigger-value: the short kernel hostname, and a warning naming both."""
     import shutil
-    if not shutil.which("unshare"):
-        pytest.skip("unshare(1) missing")
+    if not shutil.which("unshare") or os.geteuid() != 0:
+        pytest.skip("needs unshare(1) and root for a UTS namespace with a hostname of its own")
     config = write_config(consul.http_addr, key)
     e = electors(["--vip-manager-config", config],
                  wrapper=["unshare", "--uts", "sh", "-c",

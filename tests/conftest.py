@@ -3,8 +3,9 @@
   consul        module-scoped dev agent (node "vip-test-node"); tests share it,
                 each with its own `key` and its own check IDs. Don't stop it.
   fresh_consul  function-scoped agent a test may stop, kill, restart.
-  consul_factory(node=..., acl=..., start=True, tls=..., verify_incoming=...)
-                -> more agents, killed at teardown.
+  consul_factory(node=..., acl=..., start=True, tls=..., verify_incoming=..., join=server)
+                -> more agents (join=: a client agent of that server's cluster),
+                killed at teardown.
   key           a trigger key no other test uses: "service/<test>-<hex>/leader".
   electors(args, env=None, name=None, wrapper=()) -> a started Elector, reaped at teardown
                 (its log is printed when the test fails).

@@ -92,7 +92,7 @@ class ConsulError(Exception):
 
 class ConsulAgent:
     def __init__(self, workdir, node="vip-test-node", acl=False, binary=None,
-                 master_token=None, tls=False, verify_incoming=False):
+                 master_token=None, tls=False, verify_incoming=False, join=None):
         self.binary = binary or find_consul()
         if not self.binary:
             raise RuntimeError("no consul binary found")
@@ -105,6 +105,8 @@ class ConsulAgent:
          self.https_port) = free_ports(5)
         self.tls = tls
         self.verify_incoming = verify_incoming
+        self.join = join          # a server ConsulAgent: be a client agent of its cluster
+        assert not (join and acl), "ACL mode is for a single dev agent"
         if tls:
             self._make_certificates()
         self.proc = None
@@ -145,7 +147,11 @@ class ConsulAgent:
         return self.proc is not None and self.proc.poll() is None
 
     def command(self):
-        cmd = [self.binary, "agent", "-dev", "-node", self.node,
+        if self.join:
+            mode = ["-retry-join", "127.0.0.1:%d" % self.join.serf_lan_port, "-retry-interval", "1s"]
+        else:
+            mode = ["-dev"]
+        cmd = [self.binary, "agent"] + mode + ["-node", self.node,
                "-bind", "127.0.0.1", "-client", "127.0.0.1",
                "-http-port", str(self.http_port), "-dns-port", "-1", "-grpc-port", "-1",
                "-serf-lan-port", str(self.serf_lan_port),

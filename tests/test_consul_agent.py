@@ -121,3 +121,17 @@ def test_tls_endpoint(consul_factory):
     with pytest.raises(Exception):        # no client certificate: refused
         urllib.request.urlopen(agent.https_url + "/v1/status/leader",
                                context=ssl.create_default_context(cafile=agent.ca_file), timeout=10)
+
+
+def test_client_agents_join_a_server(consul_factory):
+    server = consul_factory(node="server")
+    client = consul_factory(node="node-1", join=server)
+    assert {m["Name"] for m in server.get_json("/v1/agent/members")} == {"server", "node-1"}
+    sid = client.create_session(name="on-node-1")
+    assert server.session_info(sid)["Node"] == "node-1"
+    client.kill()
+    wait_for(lambda: server.get_json("/v1/health/node/node-1")[0]["Status"] == "critical", 30,
+             message="node-1 serfHealth critical once its agent is gone")
+    wait_for(lambda: server.session_info(sid) is None, 10, message="its session invalidated")
+    client.start()
+    assert client.check_status("serfHealth") == "passing"

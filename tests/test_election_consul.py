@@ -651,3 +651,38 @@ def test_https_endpoints_and_tls_environment(consul_factory, key, electors, writ
         p.terminate()
     for p in procs.values():
         assert p.wait(10) == 0
+
+
+# ------------------------------------------------------- a cluster of nodes
+
+def test_node_failures_in_a_cluster(consul_factory, key, start):
+    """Each elector on its own node's client agent, as in production: when a
+    node's agent dies its serfHealth fails and leadership moves long before
+    any TTL; the node comes back as a standby; a whole node dying likewise."""
+    server = consul_factory(node="server")
+    n1 = consul_factory(node="node-1", join=server)
+    n2 = consul_factory(node="node-2", join=server)
+    a = start(n1, key, "node-a")
+    wait_leader(server, key, "node-a")
+    b = start(n2, key, "node-b")
+    wait_for(lambda: sessions_named(server, "vip-elector-node-b"), 20, message="standby session")
+    assert sessions_named(server, "vip-elector-node-a")[0]["Node"] == "node-1"
+    assert sessions_named(server, "vip-elector-node-b")[0]["Node"] == "node-2"
+    # node-1's agent dies; its elector lives on.
+    t0 = time.monotonic()
+    n1.kill()
+    wait_leader(server, key, "node-b", timeout=15)
+    print("failover after the leader's agent died: %.1fs" % (time.monotonic() - t0))
+    assert a.alive
+    n1.start()
+    wait_for(lambda: sessions_named(server, "vip-elector-node-a"), 60,
+             message="node-a back as a standby once its agent returns")
+    assert leader_of(server, key) == "node-b"
+    # The whole of node-2 dies: agent and elector.
+    t0 = time.monotonic()
+    b.kill()
+    n2.kill()
+    wait_leader(server, key, "node-a", timeout=15)
+    print("failover after the leader's node died: %.1fs" % (time.monotonic() - t0))
+    a.terminate()
+    assert a.wait(10) == 0

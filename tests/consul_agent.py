@@ -15,6 +15,12 @@ ACL mode (`acl=True`): ACLs enabled, default deny, `agent.master_token`
 used by every helper here; `agent.create_token(rules)` makes a token with a
 policy of its own, `elector_rules(key, node)` are the rules vip-elector needs.
 
+TLS (`tls=True`, `verify_incoming=`): certificates made by `consul tls`,
+`agent.https_url`, `agent.ca_file`, `agent.client_cert`/`client_key`.
+Cluster: `ConsulAgent(dir, node="node-1", join=server)` is a client agent of
+the server agent's cluster (one agent per node, as in production).
+`agent.consul_lock(prefix, command)` runs HashiCorp's `consul lock` (Popen).
+
 The binary is $VIP_ELECTOR_CONSUL, else the test cache's Consul 1.8.7
 ($VIP_ELECTOR_CACHE/consul/usr/bin/consul), else `consul` on PATH.
 """

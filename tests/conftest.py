@@ -15,7 +15,6 @@ A dev agent starts in ~0.2 s, so per-test agents are cheap; the module agent
 only saves the processes.
 """
 
-import os
 import re
 import uuid
 

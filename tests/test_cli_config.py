@@ -8,6 +8,7 @@ though the configuration points at a live agent.
 import os
 import re
 import string
+import subprocess
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consul_agent import wait_for
-from elector_process import REPO, run_elector
+from elector_process import PYTHON, REPO, elector_env, run_elector
 from helpers import go_duration, sessions_named
 
 pytestmark = pytest.mark.consul
@@ -140,8 +141,6 @@ def test_config_unreadable_for_the_service_user(tmp_path, untouched):
     os.chmod(tmp_path, 0o755)
     if os.geteuid() != 0:
         pytest.skip("needs root to run as another user")
-    import subprocess
-    from elector_process import PYTHON, elector_env
     wrapper = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
     probe = subprocess.run(wrapper + [PYTHON, "-c", "import vip_elector.cli"], cwd="/",
                            env=elector_env(), capture_output=True, text=True)

@@ -8,12 +8,16 @@ distinguishes their health.
 """
 
 import os
+import shutil
 import signal
+import socket
+import threading
 import time
 
 import pytest
 
 from consul_agent import LOCK_FLAG, elector_rules, wait_for
+from elector_process import run_elector
 from helpers import KeySampler, go_duration, session_checks, sessions_named
 
 pytestmark = [pytest.mark.consul, pytest.mark.compat]
@@ -110,7 +114,6 @@ def test_trigger_value_and_hostname_precedence(consul, key, electors, write_conf
 
 def test_short_hostname_default_and_warning(consul, key, electors, write_config, tmp_path):
     """No --hostname, no trigger-value: the short kernel hostname, and a warning naming both."""
-    import shutil
     if not shutil.which("unshare") or os.geteuid() != 0:
         pytest.skip("needs unshare(1) and root for a UTS namespace with a hostname of its own")
     config = write_config(consul.http_addr, key)
@@ -395,8 +398,6 @@ class CountingListener:
     """A TCP port that accepts and drops connections, counting them (a broken Consul)."""
 
     def __init__(self):
-        import socket
-        import threading
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(50)
@@ -408,7 +409,6 @@ class CountingListener:
         self._thread.start()
 
     def _run(self):
-        import socket
         while not self._stop.is_set():
             try:
                 conn, _ = self.sock.accept()
@@ -451,7 +451,6 @@ def test_backoff_while_consul_errors_and_prompt_stop_during_it(key, electors, wr
 
 @pytest.mark.parametrize("flags", [0, 42])
 def test_existing_non_lock_key_is_a_config_error(consul, key, write_config, flags):
-    from elector_process import run_elector
     consul.kv_put(key, "someone-else", flags=flags)
     before = consul.kv_get(key)
     config = write_config(consul.http_addr, key)
@@ -534,7 +533,6 @@ def test_acl_minimal_token_works(consul_factory, key, check_id, electors, write_
 
 
 def test_acl_check_mode(consul_factory, key, check_id, write_config):
-    from elector_process import run_elector
     agent = consul_factory(acl=True)
     agent.register_ttl_check(check_id)
     good = agent.create_token(elector_rules(key, agent.node))

@@ -13,6 +13,7 @@ all: test
 
 deps:
 	tests/tools/fetch-deps
+	tests/tools/rootfs >/dev/null
 
 # Everything: unit tests, the real-Consul suite (with each of the three Consul
 # libraries), the booted-systemd container and .deb tests, the vip-manager

@@ -1,35 +1,59 @@
 """A booted Debian bookworm container with a real systemd, for tests.
 
-    from tests.container import Container, container_unavailable
+    from container import Container, container_unavailable, container_fixture
+    # (tests/ is on sys.path under pytest)
 
-    reason = container_unavailable()          # None, or why it cannot run here
-    with Container() as ct:                   # boots a throwaway copy
-        ct.put('/etc/vip-manager.yml', 'dcs-type: consul\\n')
-        ct.copy_in('vip_elector', '/usr/lib/python3/dist-packages/vip_elector')
-        ct.run(['systemctl', 'start', 'vip-elector'])
-        ct.show('vip-elector', 'ActiveState')  # {'ActiveState': 'active'}
+    @pytest.fixture(scope='module')           # boot once per module
+    def ct(request):
+        yield from container_fixture(request)  # skips if container_unavailable()
+
+    ct.put('/etc/vip-manager.yml', 'dcs-type: consul\n', mode=0o640, group='vip-elector')
+    ct.copy_in('vip_elector', '/usr/lib/python3/dist-packages/vip_elector')
+    ct.run(['systemctl', 'start', 'vip-elector'])          # CompletedProcess; raises
+    ct.run('systemctl is-active x', check=False).returncode  #   ContainerError if check
+    ct.systemctl('stop', 'vip-elector')
+    ct.show('vip-elector', 'ActiveState', 'NRestarts')     # {'ActiveState': ..., ...}
+    ct.journal('-u', 'vip-elector', '-o', 'json')          # journalctl's stdout
+    ct.read('/etc/passwd')
+
+API:
+  container_unavailable() -> None or the reason (not root, no nspawn/nsenter/
+      unshare, no mount namespaces): the only reasons to skip.
+  rootfs_path(build=True) -> the cached rootfs (tests/tools/rootfs builds it).
+  Container(rootfs=None, prefix='vipe', boot_timeout=120)
+      .boot() -> self (also `with Container() as ct:`); .boot_seconds
+      .run(argv | shell string, input=None, check=True, timeout=60, env=None,
+           text=True) -> subprocess.CompletedProcess (stdout, stderr captured)
+      .systemctl(*args, check=True), .show(unit, *props) -> dict,
+      .journal(*args, check=True) -> str, .read(path) -> str
+      .put(path, data, mode=0o644, owner='root', group='root')   (names
+           resolved inside, so a user created inside works)
+      .copy_in(host_src, dest, owner='root', group='root')   (file or tree,
+           replaces dest, modes kept, __pycache__ skipped)
+      .nsenter_argv(argv, env=None) -> host argv running argv inside
+      .stop()   idempotent, never raises; .name, .pid (host PID of its init)
+  container_fixture(request): generator body for a fixture of any scope.
 
 The root filesystem comes from `tests/tools/rootfs`, built once and cached in
 $VIP_ELECTOR_CACHE/rootfs-<hash>. Each Container boots a throwaway view of it:
 an overlayfs (lower = the cached tree, upper in a temporary directory) mounted
 in a private mount namespace of the container's own, so the cached tree is
-never written and nothing stays mounted if the test process dies. Booting
-takes well under a second of systemd's time once the tree is cached.
+never written and nothing stays mounted if the test process dies. systemd in
+the container finishes booting in ~0.3 s.
 
 systemd-nspawn runs with `--register=no --keep-unit`: no machined, no host bus
 needed. The container shares the host's network, so it reaches a Consul agent
-listening on 127.0.0.1. Commands run inside with `nsenter -a` into the
-container's init, with a clean environment; their output, exit status are
-returned like subprocess.run does.
+listening on 127.0.0.1. Commands run inside with `nsenter --all` into the
+container's init, with a clean environment, in a session of their own.
 
-On a host whose PID 1 is not systemd, nspawn would place every container in
-the same `payload` cgroup below its own; each Container therefore starts
-nspawn in a cgroup of its own (removed at teardown), so parallel runs do not
-collide. Names are unique per process and call.
+Parallel runs: names are unique per process and call; on a host whose PID 1
+is not systemd, nspawn would put every container in the same `payload`
+cgroup below its own, so each Container starts nspawn in a cgroup of its own
+(removed at teardown); on a systemd host, in a scope unit of its own.
 
 stop() always tears everything down (poweroff, then SIGKILL, remove the
 temporary directory and cgroups); it runs from __exit__, from the pytest
-fixture's finaliser and at interpreter exit, and is idempotent.
+fixture's finaliser and at interpreter exit.
 """
 
 import atexit
@@ -175,9 +199,13 @@ class Container:
                   '--console=pipe', '--link-journal=no', '--timezone=off',
                   '--resolv-conf=off', '--boot', '--machine', self.name,
                   '--directory', f'{t}/root']
+        outer = ['unshare', '--mount', '--propagation', 'private']
         if _host_has_systemd():
-            # A scope of its own from the host's systemd keeps containers apart.
-            nspawn.remove('--keep-unit')
+            # A scope unit of its own keeps containers apart; systemd-run
+            # reaches PID 1 on its private socket, no D-Bus needed. (Not
+            # exercised on the development machine, whose PID 1 is not systemd.)
+            outer = ['systemd-run', '--scope', '--quiet', '--collect',
+                     f'--unit=vip-elector-test-{self.name}'] + outer
         else:
             self._cgroups = _own_cgroup_dirs(f'vip-elector-ct-{self.name}')
             for d in self._cgroups:
@@ -197,7 +225,7 @@ class Container:
                 except OSError:
                     pass
         self.nspawn = subprocess.Popen(
-            ['unshare', '--mount', '--propagation', 'private', 'sh', '-c', script],
+            outer + ['sh', '-c', script],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             preexec_fn=enter_own_cgroup, env={'PATH': INNER_ENV['PATH'], 'LANG': 'C.UTF-8'})
 
@@ -209,8 +237,8 @@ class Container:
             return ''
 
     def _wait_for_init(self, deadline):
-        # unshare execs sh, sh execs nspawn: same PID. nspawn's child is the
-        # container's init (systemd), PID 1 in its namespace.
+        # (systemd-run execs) unshare execs sh, sh execs nspawn: same PID.
+        # nspawn's child is the container's init (systemd), PID 1 inside.
         while time.monotonic() < deadline:
             if self.nspawn.poll() is not None:
                 raise ContainerError(f'systemd-nspawn exited with {self.nspawn.returncode}:\n'
@@ -289,7 +317,9 @@ class Container:
     def run(self, argv, *, input=None, check=True, timeout=60, env=None, text=True):
         """Run argv (a list, or a string for /bin/sh -c) inside the container.
 
-        Returns subprocess.CompletedProcess with stdout and stderr captured;
+        The command runs in a session of its own: a `kill 0` inside cannot
+        reach the test process. Returns subprocess.CompletedProcess with
+        stdout and stderr captured;
         raises ContainerError when check is true and the exit status is not 0.
         """
         if isinstance(argv, str):
@@ -297,7 +327,7 @@ class Container:
         try:
             res = subprocess.run(self.nsenter_argv(argv, env), input=input, text=text,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 timeout=timeout)
+                                 timeout=timeout, start_new_session=True)
         except subprocess.TimeoutExpired as e:
             raise ContainerError(f'{shlex.join(argv)}: no answer within {timeout}s '
                                  f'(stdout: {e.stdout!r}, stderr: {e.stderr!r})') from None
@@ -357,7 +387,8 @@ class Container:
     def _untar(self, data):
         res = subprocess.run(self.nsenter_argv(['tar', '-x', '-C', '/', '--same-owner',
                                                 '--same-permissions']),
-                             input=data, capture_output=True, timeout=60)
+                             input=data, capture_output=True, timeout=60,
+                             start_new_session=True)
         if res.returncode != 0:
             raise ContainerError(f'tar -x inside failed: {res.stderr.decode(errors="replace")}')
 

@@ -323,11 +323,12 @@ class Election:
     def _wait_for_health(self, check_id: str, state: Optional[str]) -> None:
         why = "is not registered on the local agent" if state is None else f"is {state}"
         status = f"waiting: check '{check_id}' {why}"
-        if self.context.role != Role.WAITING.value or self.notifier_status != status:
+        changed = self.context.role != Role.WAITING.value or self.notifier_status != status
+        self._set_role(Role.WAITING, status)  # first, so the line carries VIP_ELECTOR_ROLE=waiting
+        if changed:
             log.warning("not competing for %s: check '%s' %s; looking again every %gs",
                         self.settings.trigger_key, check_id, why, self.timing.health_poll,
                         extra={"MESSAGE_ID": MESSAGE_WAITING})
-        self._set_role(Role.WAITING, status)
         self.retry_at = self.clock() + self.timing.health_poll
 
     def _renew_interval(self) -> float:

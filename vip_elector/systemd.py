@@ -24,6 +24,9 @@ MESSAGE_CONFIG_ERROR = "b412abd43a9d4152985b34a87c6792f8"
 MESSAGE_WAITING = "edd16525a7864980935487e3010dfb57"
 
 IDENTIFIER = "vip-elector"
+# python-systemd's journal.send() drops messages without a word when this
+# socket is missing (sd_journal_sendv ignores ENOENT): look before using it.
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
 log = logging.getLogger("vip_elector")
 
 
@@ -161,12 +164,16 @@ def setup_logging(context: ElectionContext, env: Mapping[str, str] = os.environ,
     log.propagate = False
     log.setLevel(level)
     under_journal = _stderr_is_journal(env)
-    handler = _journal_handler() if under_journal else None
+    journald = under_journal and os.path.exists(JOURNAL_SOCKET)
+    handler = _journal_handler() if journald else None
     if handler is None:
         handler = _stderr_handler(plain=under_journal)
     handler.addFilter(context)
     log.addHandler(handler)
-    if under_journal and not isinstance(handler, _Journal):
+    if under_journal and not journald:
+        log.warning("JOURNAL_STREAM is set but journald does not listen on %s: logging plain "
+                    "lines to stderr", JOURNAL_SOCKET)
+    elif under_journal and not isinstance(handler, _Journal):
         log.warning("python3-systemd's journal module is unavailable: logging plain lines to stderr")
     return log
 

@@ -120,7 +120,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         context.secrets.append(settings.token)
 
     from .consul import ConsulClient  # after validation: a config error needs no Consul library
-    consul = ConsulClient(settings)
+    try:
+        consul = ConsulClient(settings)
+    except ConfigError as e:  # a TLS certificate or key that does not load
+        return _config_error(e)
     if args.check:
         from .check import run_check
         return run_check(settings, consul)
@@ -128,8 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .election import Election
     notifier = Notifier()
     election = Election(settings, consul, notifier, context)
-    signal.signal(signal.SIGTERM, election.request_stop)
-    signal.signal(signal.SIGINT, election.request_stop)
+    election.handle_signals(signal.SIGTERM, signal.SIGINT)
     _log_start(settings)
     try:
         return election.run()

@@ -25,10 +25,13 @@ SIGTERM → CAS delete → destroy (two requests, short timeouts).
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
-import queue
 import random
+import select
+import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -81,6 +84,48 @@ class WatchFailed:
 
 STOP = "stop"
 
+# How long the watcher lets the loop act on a change (an acquire, when the key
+# was freed) before it takes the CPU and the GIL for its next query.
+HANDOFF_WAIT = 0.05
+
+
+class Inbox:
+    """The loop's events, from the watcher thread and from signal handlers.
+
+    A socketpair wakes ``select()``; ``signal.set_wakeup_fd`` points at the
+    same socket, so a signal that arrives just before the loop blocks still
+    wakes it (a plain ``Queue.get(timeout)`` would sleep until the timeout).
+    """
+
+    def __init__(self):
+        self._events: collections.deque = collections.deque()
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    @property
+    def wakeup_fd(self) -> int:
+        return self._writer.fileno()
+
+    def put(self, event) -> None:
+        """Safe from any thread and from a signal handler."""
+        self._events.append(event)
+        try:
+            self._writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already plenty of wake-ups pending
+
+    def get(self, timeout: float):
+        """The next event, or None when ``timeout`` passes first."""
+        if not self._events:
+            select.select([self._reader], [], [], timeout)
+            try:
+                while self._reader.recv(4096):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+        return self._events.popleft() if self._events else None
+
 
 class Backoff:
     """Exponential, jittered: 1 s, 2 s, 4 s … 30 s, each ±20 %, within [min, max]."""
@@ -107,11 +152,12 @@ class KeyWatcher:
     are ignored.
     """
 
-    def __init__(self, consul: ConsulClient, events: "queue.SimpleQueue", timing: Timing,
+    def __init__(self, consul: ConsulClient, events: Inbox, timing: Timing,
                  rng: Callable[[], float]):
         self.consul, self.events, self.timing, self.rng = consul, events, timing, rng
         self.generation = 0
         self._kick = threading.Event()
+        self.handled = threading.Event()  # set by the loop once it has acted on our news
 
     def restart(self) -> None:
         self.generation += 1
@@ -134,7 +180,9 @@ class KeyWatcher:
                 continue
             backoff.reset()
             if new_index != index:
+                self.handled.clear()
                 self.events.put(KeyChanged(generation, new_index, state))
+                self.handled.wait(HANDOFF_WAIT)
             # Consul's index only grows; if it went back (a restarted agent), start from 0.
             index = new_index if new_index >= index else 0
 
@@ -148,7 +196,7 @@ class Election:
                  rng: Callable[[], float] = random.random):
         self.settings, self.consul, self.notifier, self.context = settings, consul, notifier, context
         self.timing, self.clock = timing, clock
-        self.events: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.events = Inbox()
         self.watcher = KeyWatcher(consul, self.events, timing, rng)
         self.backoff = Backoff(timing.backoff_min, timing.backoff_max, rng)
 
@@ -171,8 +219,14 @@ class Election:
     # The loop
 
     def request_stop(self, *_args) -> None:
-        """Signal handler: SimpleQueue.put is safe to call from one."""
+        """Ask the loop to stop (from a signal handler or another thread)."""
         self.events.put(STOP)
+
+    def handle_signals(self, *signals: int) -> None:
+        """Stop on these signals; the wakeup fd makes sure the loop notices at once."""
+        signal.set_wakeup_fd(self.events.wakeup_fd, warn_on_full_buffer=False)
+        for sig in signals:
+            signal.signal(sig, self.request_stop)
 
     def run(self) -> int:
         """Connect once, tell systemd we are ready, then follow events until asked to stop."""
@@ -189,11 +243,7 @@ class Election:
             self._advance()
 
     def _wait(self, deadline: float):
-        timeout = max(0.0, deadline - self.clock())
-        try:
-            return self.events.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        return self.events.get(timeout=max(0.0, deadline - self.clock()))
 
     def _next_deadline(self) -> float:
         now = self.clock()
@@ -367,6 +417,12 @@ class Election:
     # §4.2-§4.4: the key
 
     def _on_watch(self, event) -> None:
+        try:
+            self._act_on_watch(event)
+        finally:
+            self.watcher.handled.set()
+
+    def _act_on_watch(self, event) -> None:
         if event.generation != self.watcher.generation:
             return
         if isinstance(event, WatchFailed):

@@ -7,7 +7,8 @@
                 -> more agents (join=: a client agent of that server's cluster),
                 killed at teardown.
   key           a trigger key no other test uses: "service/<test>-<hex>/leader".
-  electors(args, env=None, name=None, wrapper=()) -> a started Elector, reaped at teardown
+  electors(args, env=None, name=None, wrapper=(), journal_stream=False) -> a started Elector,
+                reaped at teardown
                 (its log is printed when the test fails).
   write_config(addr, key, **fields) -> path of a vip-manager YAML file.
 
@@ -86,8 +87,9 @@ def pytest_runtest_makereport(item, call):
 def electors(request):
     started = []
 
-    def make(args, env=None, name=None, wrapper=()):
-        e = Elector(args, env=env, name=name or "elector-%d" % len(started), wrapper=wrapper)
+    def make(args, env=None, name=None, wrapper=(), journal_stream=False):
+        e = Elector(args, env=env, name=name or "elector-%d" % len(started), wrapper=wrapper,
+                    journal_stream=journal_stream)
         started.append(e)
         return e.start()
 

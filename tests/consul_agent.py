@@ -67,10 +67,16 @@ def free_ports(n):
             s.close()
 
 
+class WaitTimeout(AssertionError, TimeoutError):
+    """A deadline passed: a failed assertion for pytest, a TimeoutError for
+    the tools (tests/tools/bench, demo) that catch that."""
+
+
 def wait_for(condition, timeout, interval=0.05, message="condition"):
     """Poll condition() until it returns a true value; return that value.
 
-    Raises AssertionError naming `message` when the deadline passes.
+    Raises WaitTimeout (an AssertionError and a TimeoutError) naming `message`
+    when the deadline passes.
     Exceptions from condition() count as "not yet" (the last is reported).
     """
     deadline = time.monotonic() + timeout
@@ -84,9 +90,18 @@ def wait_for(condition, timeout, interval=0.05, message="condition"):
             last_exc = exc
         if time.monotonic() >= deadline:
             extra = " (last error: %r)" % (last_exc,) if last_exc else ""
-            raise AssertionError("timed out after %.1fs waiting for %s%s"
+            raise WaitTimeout("timed out after %.1fs waiting for %s%s"
                                  % (timeout, message, extra))
         time.sleep(interval)
+
+
+def agent_argv(binary, node, http_port, serf_lan_port, serf_wan_port, server_port, mode=("-dev",)):
+    """`consul agent` on 127.0.0.1 with these ports, no DNS, no gRPC; add -data-dir etc."""
+    return [binary, "agent"] + list(mode) + [
+        "-node", node, "-bind", "127.0.0.1", "-client", "127.0.0.1",
+        "-http-port", str(http_port), "-dns-port", "-1", "-grpc-port", "-1",
+        "-serf-lan-port", str(serf_lan_port), "-serf-wan-port", str(serf_wan_port),
+        "-server-port", str(server_port)]
 
 
 class ConsulError(Exception):
@@ -96,148 +111,16 @@ class ConsulError(Exception):
         self.body = body
 
 
-class ConsulAgent:
-    def __init__(self, workdir, node="vip-test-node", acl=False, binary=None,
-                 master_token=None, tls=False, verify_incoming=False, join=None):
-        self.binary = binary or find_consul()
-        if not self.binary:
-            raise RuntimeError("no consul binary found")
-        self.workdir = str(workdir)
-        os.makedirs(self.workdir, exist_ok=True)
-        self.node = node
-        self.acl = acl
-        self.master_token = (master_token or str(uuid.uuid4())) if acl else None
-        (self.http_port, self.serf_lan_port, self.serf_wan_port, self.server_port,
-         self.https_port) = free_ports(5)
-        self.tls = tls
-        self.verify_incoming = verify_incoming
-        self.join = join          # a server ConsulAgent: be a client agent of its cluster
-        assert not (join and acl), "ACL mode is for a single dev agent"
-        if tls:
-            self._make_certificates()
-        self.proc = None
-        self.log_path = os.path.join(self.workdir, "consul-%s.log" % node)
-        self.starts = 0
+class ConsulAPI:
+    """The HTTP API of one agent, as the tests use it: plain requests, nothing hidden.
 
-    # ------------------------------------------------------------------ process
+    Subclasses give `url` (ConsulAgent: its TCP port) or override `request`
+    (tests/vipnet.py: the agent's unix socket); `master_token`, when set, rides
+    on every request.
+    """
 
-    @property
-    def http_addr(self):
-        return "127.0.0.1:%d" % self.http_port
-
-    @property
-    def url(self):
-        return "http://" + self.http_addr
-
-    @property
-    def https_url(self):
-        """HTTPS endpoint (tls=True): certificate for 127.0.0.1/localhost from `ca_file`."""
-        return "https://127.0.0.1:%d" % self.https_port
-
-    def _make_certificates(self):
-        """A CA, a server and a client certificate, made by `consul tls` (dc1)."""
-        d = os.path.join(self.workdir, "tls")
-        os.makedirs(d, exist_ok=True)
-        for args in (["ca", "create"], ["cert", "create", "-server", "-dc", "dc1"],
-                     ["cert", "create", "-client", "-dc", "dc1"]):
-            subprocess.run([self.binary, "tls"] + args, cwd=d, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.ca_file = os.path.join(d, "consul-agent-ca.pem")
-        self.server_cert = os.path.join(d, "dc1-server-consul-0.pem")
-        self.server_key = os.path.join(d, "dc1-server-consul-0-key.pem")
-        self.client_cert = os.path.join(d, "dc1-client-consul-0.pem")
-        self.client_key = os.path.join(d, "dc1-client-consul-0-key.pem")
-
-    @property
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def command(self):
-        if self.join:
-            mode = ["-retry-join", "127.0.0.1:%d" % self.join.serf_lan_port, "-retry-interval", "1s"]
-        else:
-            mode = ["-dev"]
-        cmd = [self.binary, "agent"] + mode + ["-node", self.node,
-               "-bind", "127.0.0.1", "-client", "127.0.0.1",
-               "-http-port", str(self.http_port), "-dns-port", "-1", "-grpc-port", "-1",
-               "-serf-lan-port", str(self.serf_lan_port),
-               "-serf-wan-port", str(self.serf_wan_port),
-               "-server-port", str(self.server_port),
-               "-data-dir", os.path.join(self.workdir, "data-%s" % self.node),
-               "-log-level", "info"]
-        if self.acl:
-            cmd += ["-hcl", 'acl { enabled = true default_policy = "deny" '
-                            'enable_token_persistence = false '
-                            'tokens { master = "%s" agent = "%s" } }'
-                    % (self.master_token, self.master_token)]
-        if self.tls:
-            cmd += ["-hcl", 'ports { https = %d } cert_file = "%s" key_file = "%s" ca_file = "%s" '
-                            'verify_incoming_https = %s'
-                    % (self.https_port, self.server_cert, self.server_key, self.ca_file,
-                       "true" if self.verify_incoming else "false")]
-        return cmd
-
-    def start(self, timeout=30):
-        """Start (or restart, same ports) and wait until the node can hold sessions."""
-        assert not self.running, "agent already running"
-        self.starts += 1
-        log = open(self.log_path, "ab")
-        log.write(b"\n===== start %d =====\n" % self.starts)
-        log.flush()
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        log.close()
-        try:
-            wait_for(self._ready, timeout, interval=0.05,
-                     message="consul agent %s to elect itself and register serfHealth" % self.node)
-        except AssertionError:
-            self.kill()
-            raise AssertionError("consul agent did not come up; log %s:\n%s"
-                                 % (self.log_path, self.log_tail()))
-        return self
-
-    def _ready(self):
-        if self.proc.poll() is not None:
-            raise AssertionError("consul exited with %s:\n%s" % (self.proc.returncode, self.log_tail()))
-        leader = self.get_json("/v1/status/leader")
-        if not leader:
-            return False
-        checks = self.get_json("/v1/health/node/" + self.node)
-        return any(c["CheckID"] == "serfHealth" and c["Status"] == "passing" for c in checks)
-
-    def stop(self, timeout=15):
-        """Graceful stop (SIGINT: the agent leaves the cluster, like `systemctl stop consul`)."""
-        if self.running:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def kill(self):
-        if self.running:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def restart(self, timeout=30):
-        self.stop()
-        return self.start(timeout)
-
-    def log_tail(self, n=40):
-        try:
-            with open(self.log_path, "rb") as f:
-                return b"".join(f.readlines()[-n:]).decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.kill()
+    master_token = None
+    url = None
 
     # --------------------------------------------------------------------- HTTP
 
@@ -245,16 +128,17 @@ class ConsulAgent:
         """(status, headers, raw body). HTTP errors are returned, not raised."""
         if token is ...:
             token = self.master_token
-        url = self.url + path
         if params:
-            url += ("&" if "?" in url else "?") + urllib.parse.urlencode(params)
+            path += ("&" if "?" in path else "?") + urllib.parse.urlencode(params)
         data = None
         if body is not None:
             data = body if isinstance(body, bytes) else (
                 body.encode() if isinstance(body, str) else json.dumps(body).encode())
-        req = urllib.request.Request(url, data=data, method=method)
-        if token:
-            req.add_header("X-Consul-Token", token)
+        return self.send(method, path, data, {"X-Consul-Token": token} if token else {}, timeout)
+
+    def send(self, method, path, data, headers, timeout):
+        """One HTTP exchange: (status, headers, raw body), errors included."""
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, dict(resp.headers), resp.read()
@@ -338,6 +222,145 @@ class ConsulAgent:
     def acquire(self, key, session_id, value=b"", flags=LOCK_FLAG):
         return self.call("PUT", "/v1/kv/" + key, body=value,
                          params={"acquire": session_id, "flags": flags})
+
+
+class ConsulAgent(ConsulAPI):
+    def __init__(self, workdir, node="vip-test-node", acl=False, binary=None,
+                 master_token=None, tls=False, verify_incoming=False, join=None):
+        self.binary = binary or find_consul()
+        if not self.binary:
+            raise RuntimeError("no consul binary found")
+        self.workdir = str(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.node = node
+        self.acl = acl
+        self.master_token = (master_token or str(uuid.uuid4())) if acl else None
+        (self.http_port, self.serf_lan_port, self.serf_wan_port, self.server_port,
+         self.https_port) = free_ports(5)
+        self.tls = tls
+        self.verify_incoming = verify_incoming
+        self.join = join          # a server ConsulAgent: be a client agent of its cluster
+        assert not (join and acl), "ACL mode is for a single dev agent"
+        if tls:
+            self._make_certificates()
+        self.proc = None
+        self.log_path = os.path.join(self.workdir, "consul-%s.log" % node)
+        self.starts = 0
+
+    # ------------------------------------------------------------------ process
+
+    @property
+    def http_addr(self):
+        return "127.0.0.1:%d" % self.http_port
+
+    @property
+    def url(self):
+        return "http://" + self.http_addr
+
+    @property
+    def https_url(self):
+        """HTTPS endpoint (tls=True): certificate for 127.0.0.1/localhost from `ca_file`."""
+        return "https://127.0.0.1:%d" % self.https_port
+
+    def _make_certificates(self):
+        """A CA, a server and a client certificate, made by `consul tls` (dc1)."""
+        d = os.path.join(self.workdir, "tls")
+        os.makedirs(d, exist_ok=True)
+        for args in (["ca", "create"], ["cert", "create", "-server", "-dc", "dc1"],
+                     ["cert", "create", "-client", "-dc", "dc1"]):
+            subprocess.run([self.binary, "tls"] + args, cwd=d, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.ca_file = os.path.join(d, "consul-agent-ca.pem")
+        self.server_cert = os.path.join(d, "dc1-server-consul-0.pem")
+        self.server_key = os.path.join(d, "dc1-server-consul-0-key.pem")
+        self.client_cert = os.path.join(d, "dc1-client-consul-0.pem")
+        self.client_key = os.path.join(d, "dc1-client-consul-0-key.pem")
+
+    @property
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def command(self):
+        if self.join:
+            mode = ["-retry-join", "127.0.0.1:%d" % self.join.serf_lan_port, "-retry-interval", "1s"]
+        else:
+            mode = ["-dev"]
+        cmd = agent_argv(self.binary, self.node, self.http_port, self.serf_lan_port,
+                         self.serf_wan_port, self.server_port, mode) + [
+            "-data-dir", os.path.join(self.workdir, "data-%s" % self.node), "-log-level", "info"]
+        if self.acl:
+            cmd += ["-hcl", 'acl { enabled = true default_policy = "deny" '
+                            'enable_token_persistence = false '
+                            'tokens { master = "%s" agent = "%s" } }'
+                    % (self.master_token, self.master_token)]
+        if self.tls:
+            cmd += ["-hcl", 'ports { https = %d } cert_file = "%s" key_file = "%s" ca_file = "%s" '
+                            'verify_incoming_https = %s'
+                    % (self.https_port, self.server_cert, self.server_key, self.ca_file,
+                       "true" if self.verify_incoming else "false")]
+        return cmd
+
+    def start(self, timeout=30):
+        """Start (or restart, same ports) and wait until the node can hold sessions."""
+        assert not self.running, "agent already running"
+        self.starts += 1
+        log = open(self.log_path, "ab")
+        log.write(b"\n===== start %d =====\n" % self.starts)
+        log.flush()
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+        try:
+            wait_for(self._ready, timeout, interval=0.05,
+                     message="consul agent %s to elect itself and register serfHealth" % self.node)
+        except AssertionError:
+            self.kill()
+            raise AssertionError("consul agent did not come up; log %s:\n%s"
+                                 % (self.log_path, self.log_tail()))
+        return self
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("consul exited with %s:\n%s" % (self.proc.returncode, self.log_tail()))
+        leader = self.get_json("/v1/status/leader")
+        if not leader:
+            return False
+        checks = self.get_json("/v1/health/node/" + self.node)
+        return any(c["CheckID"] == "serfHealth" and c["Status"] == "passing" for c in checks)
+
+    def stop(self, timeout=15):
+        """Graceful stop (SIGINT: the agent leaves the cluster, like `systemctl stop consul`)."""
+        if self.running:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self):
+        if self.running:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self, timeout=30):
+        self.stop()
+        return self.start(timeout)
+
+    def log_tail(self, n=40):
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"".join(f.readlines()[-n:]).decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.kill()
 
     # ------------------------------------------------------------------- checks
 

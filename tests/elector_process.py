@@ -27,7 +27,8 @@ PYTHON = "/usr/bin/python3"
 
 def elector_env(extra=None):
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CONSUL_", "VIP_", "NOTIFY_SOCKET", "WATCHDOG_", "PYTHON"))}
+           if not k.startswith(("CONSUL_", "VIP_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM",
+                                "PYTHON"))}
     paths = [p for p in (os.environ.get("VIP_ELECTOR_TEST_PYTHONPATH"), os.environ.get("PYTHONPATH"), REPO)
              if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -45,11 +46,15 @@ def run_elector(args, env=None, timeout=30, input=None):
 
 
 class Elector:
-    def __init__(self, args, env=None, name="elector", wrapper=()):
+    """journal_stream=True: JOURNAL_STREAM names the daemon's stderr (the pipe's
+    device:inode), as systemd sets it when stderr is connected to the journal."""
+
+    def __init__(self, args, env=None, name="elector", wrapper=(), journal_stream=False):
         self.args = list(args)
         self.wrapper = list(wrapper)   # command run before python, e.g. ["unshare", ...]
         self.env = env
         self.name = name
+        self.journal_stream = journal_stream
         self.proc = None
         self.lines = []           # stderr lines, in order
         self.stdout_lines = []
@@ -58,10 +63,22 @@ class Elector:
         self.started_at = None
 
     def start(self):
-        self.proc = subprocess.Popen(self.wrapper + [PYTHON, "-m", "vip_elector"] + self.args, cwd=REPO,
-                                     env=elector_env(self.env), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     start_new_session=True)
+        env = elector_env(self.env)
+        stderr = subprocess.PIPE
+        if self.journal_stream:
+            read_end, stderr = os.pipe()
+            st = os.fstat(stderr)
+            env["JOURNAL_STREAM"] = "%d:%d" % (st.st_dev, st.st_ino)
+        try:
+            self.proc = subprocess.Popen(self.wrapper + [PYTHON, "-m", "vip_elector"] + self.args,
+                                         cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=stderr,
+                                         start_new_session=True)
+        finally:
+            if self.journal_stream:
+                os.close(stderr)
+        if self.journal_stream:
+            self.proc.stderr = os.fdopen(read_end, "rb")
         self.started_at = time.monotonic()
         for stream, sink in ((self.proc.stderr, self.lines), (self.proc.stdout, self.stdout_lines)):
             t = threading.Thread(target=self._read, args=(stream, sink), daemon=True)

@@ -235,14 +235,19 @@ def test_leader_recovers_when_its_key_or_session_disappears(consul, key, start):
 
 # ----------------------------------------------------------- stop and crash
 
+def leader_and_standby(consul, key, start, lock_delay):
+    """node-a leading, node-b competing (it has a session): (a, b, a's session)."""
+    a = start(consul, key, "node-a", lock_delay=lock_delay)
+    wait_leader(consul, key, "node-a")
+    b = start(consul, key, "node-b", lock_delay=lock_delay)
+    wait_for(lambda: sessions_named(consul, "vip-elector-node-b"), 20, message="standby session")
+    return a, b, consul.kv_get(key)["Session"]
+
+
 def test_sigterm_leader_hands_over_at_once(consul, key, start):
     # A 15 s lock-delay: if the leader destroyed its session before deleting
     # the key, the standby would wait 15 s; the spec says "at once".
-    a = start(consul, key, "node-a", lock_delay="15s")
-    wait_leader(consul, key, "node-a")
-    b = start(consul, key, "node-b", lock_delay="15s")
-    wait_for(lambda: sessions_named(consul, "vip-elector-node-b"), 20, message="standby session")
-    a_session = consul.kv_get(key)["Session"]
+    a, b, a_session = leader_and_standby(consul, key, start, lock_delay="15s")
     with KeySampler(consul, key, interval=0.01) as sampler:
         t0 = time.monotonic()
         a.terminate()
@@ -277,11 +282,7 @@ def test_follower_stops_promptly_and_destroys_its_session(consul, key, start, si
 
 
 def test_sigkill_leader_fails_over_after_session_invalidation(consul, key, start):
-    a = start(consul, key, "node-a", lock_delay="1s")
-    wait_leader(consul, key, "node-a")
-    b = start(consul, key, "node-b", lock_delay="1s")
-    wait_for(lambda: sessions_named(consul, "vip-elector-node-b"), 20, message="standby session")
-    a_session = consul.kv_get(key)["Session"]
+    a, b, a_session = leader_and_standby(consul, key, start, lock_delay="1s")
     t0 = time.monotonic()
     a.kill()
     a.wait(5)

@@ -126,16 +126,9 @@ def debs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ct(request):
     # Imported here, not at the top: collecting this module (e.g. in the
-    # package build, which deselects it) needs neither helper.
-    from container import Container, container_unavailable
-    reason = container_unavailable()
-    if reason:
-        pytest.skip(reason)
-    c = Container()
-    request.addfinalizer(c.stop)
-    c.boot()
-    yield c
-    c.stop()
+    # package build, which deselects it) does not need the helper.
+    from container import container_fixture
+    yield from container_fixture(request)
 
 
 STEPS = set()

@@ -1,9 +1,10 @@
 """vip-elector.service under a real systemd 252, in a booted bookworm container.
 
 One container for the module (tests/container.py), the unit and the code of
-this checkout installed by hand the way the package lays them out, and a
-Consul dev agent on the host that the container reaches on 127.0.0.1 (shared
-network). The tests run in file order and follow one node's life:
+this checkout installed by hand the way the package lays them out, and the
+`consul` dev agent of conftest.py on the host, which the container reaches on
+127.0.0.1 (shared network). The tests run in file order and follow one
+node's life:
 
   unconfigured: the unit is skipped, not failed, and `systemctl status` says why
   configured:   `systemctl start` returns after READY=1, status tells the role,
@@ -23,7 +24,7 @@ import subprocess
 
 import pytest
 
-from local_consul import LocalConsul, wait_for
+from consul_agent import wait_for
 
 pytestmark = [pytest.mark.container, pytest.mark.consul]
 
@@ -49,13 +50,6 @@ sys.exit(main())
 # make it wait 30 s); the daemon pings at half of whatever it is given.
 FAST_WATCHDOG = '[Service]\nWatchdogSec=4s\nRestartSec=1s\n'
 DROPIN = '/etc/systemd/system/vip-elector.service.d/test-watchdog.conf'
-
-
-@pytest.fixture(scope='module')
-def consul(tmp_path_factory):
-    agent = LocalConsul(str(tmp_path_factory.mktemp('consul')))
-    yield agent
-    agent.stop()
 
 
 @pytest.fixture(scope='module')
@@ -93,7 +87,7 @@ def installed(ct, consul, key):
 
 def configure(ct, consul, key, dcs_type='consul'):
     ct.put('/etc/vip-manager.yml',
-           f'dcs-type: {dcs_type}\ndcs-endpoints: ["http://{consul.addr}"]\ntrigger-key: {key}\n'
+           f'dcs-type: {dcs_type}\ndcs-endpoints: ["{consul.url}"]\ntrigger-key: {key}\n'
            'ip: 10.0.0.10\nnetmask: 24\ninterface: eth0\n', mode=0o644)
 
 
@@ -113,8 +107,11 @@ def this_run(ct):
 
 
 def held_by(consul, key, name):
-    found = consul.key(key)
-    return found if found and found[0] == name and found[1] else None
+    """(value, session) while `name` holds the key with a session, else None."""
+    entry = consul.kv_get(key)
+    if entry and entry['Value'].decode() == name and entry.get('Session'):
+        return name, entry['Session']
+    return None
 
 
 def test_shipped_unit_exposure_at_most_2(tmp_path):
@@ -142,7 +139,7 @@ def test_unconfigured_node_is_skipped_and_says_why(installed, consul, key):
     assert p['NRestarts'] == '0', p
     status = ct.systemctl('status', UNIT, check=False).stdout
     assert 'not starting: /etc/vip-manager.yml is missing or empty' in status, status
-    assert consul.key(key) is None
+    assert consul.kv_get(key) is None
 
 
 @pytest.mark.parametrize('opts, reason', [
@@ -180,15 +177,15 @@ def test_start_returns_after_ready_and_status_tells_the_role(installed, consul, 
     assert p['ActiveState'] == 'active', p
     assert p['StatusText'], p
     assert p['WatchdogUSec'] == '30s', 'the shipped watchdog'
-    wait_for(lambda: held_by(consul, key, NAME), 20, f'{NAME} to hold {key}')
+    wait_for(lambda: held_by(consul, key, NAME), 20, message=f'{NAME} to hold {key}')
     wait_for(lambda: props(ct, 'StatusText')['StatusText'] == f'leader: holding {key} as {NAME}',
-             10, 'the leader status')
+             10, message='the leader status')
     assert ct.run(['ps', '-o', 'user=', '-p', p['MainPID']]).stdout.strip() == 'vip-elector'
 
 
 def test_journal_has_identifier_fields_message_id_and_catalog(installed, consul, key):
     ct = installed
-    value, session = wait_for(lambda: held_by(consul, key, NAME), 20, f'{NAME} to hold {key}')
+    value, session = wait_for(lambda: held_by(consul, key, NAME), 20, message=f'{NAME} to hold {key}')
     entries = journal_entries(ct, this_run(ct))
     own = [e for e in entries if e.get('SYSLOG_IDENTIFIER') == 'vip-elector'
            and e.get('_COMM') != 'sh' and 'VIP_ELECTOR_ROLE' in e]
@@ -223,24 +220,24 @@ def test_hung_daemon_is_killed_by_the_watchdog_restarted_and_leads_again(install
     ct.put(DROPIN, FAST_WATCHDOG)
     ct.systemctl('daemon-reload')
     ct.systemctl('restart', UNIT)
-    _, old_session = wait_for(lambda: held_by(consul, key, NAME), 20, f'{NAME} to hold {key}')
+    _, old_session = wait_for(lambda: held_by(consul, key, NAME), 20, message=f'{NAME} to hold {key}')
     p = props(ct, 'MainPID', 'NRestarts', 'WatchdogUSec')
     assert p['WatchdogUSec'] == '4s' and p['MainPID'] != '0', p
     restarts = int(p['NRestarts'])
     ct.run(['kill', '-STOP', p['MainPID']])
     wait_for(lambda: int(props(ct, 'NRestarts')['NRestarts']) == restarts + 1, 30,
-             'the watchdog to kill the stopped daemon and systemd to restart it')
+             message='the watchdog to kill the stopped daemon and systemd to restart it')
     assert any('Watchdog timeout' in e.get('MESSAGE', '') for e in journal_entries(ct))
-    wait_for(lambda: props(ct, 'ActiveState')['ActiveState'] == 'active', 20, 'active again')
+    wait_for(lambda: props(ct, 'ActiveState')['ActiveState'] == 'active', 20, message='active again')
     new_pid = props(ct, 'MainPID')['MainPID']
     assert new_pid not in ('0', p['MainPID'])
     # The killed leader's session dies with its TTL (Consul: up to 2 x 10 s),
     # Consul deletes the key, the restarted daemon takes it with a new session.
     _, new_session = wait_for(lambda: (lambda h: h if h and h[1] != old_session else None)(
-        held_by(consul, key, NAME)), 45, f'{NAME} to hold {key} again with a new session')
+        held_by(consul, key, NAME)), 45, message=f'{NAME} to hold {key} again with a new session')
     assert new_session != old_session
     wait_for(lambda: props(ct, 'StatusText')['StatusText'] == f'leader: holding {key} as {NAME}',
-             10, 'the leader status after the restart')
+             10, message='the leader status after the restart')
     # The restarted daemon keeps pinging: no second watchdog kill while it leads.
     ct.run(['rm', DROPIN])
     ct.systemctl('daemon-reload')
@@ -260,13 +257,13 @@ def test_waiting_and_lost_are_explained_in_the_journal(installed, consul, key):
         ct.systemctl('start', UNIT)
         status = lambda: props(ct, 'StatusText')['StatusText']  # noqa: E731
         wait_for(lambda: status().startswith(f"waiting: check '{check}' is not registered"), 10,
-                 'the waiting status')
+                 message='the waiting status')
         run = this_run(ct)
         consul.register_ttl_check(check)
-        wait_for(lambda: held_by(consul, key, NAME), 15, f'{NAME} to lead once {check} passes')
+        wait_for(lambda: held_by(consul, key, NAME), 15, message=f'{NAME} to lead once {check} passes')
         consul.fail_check(check)
         wait_for(lambda: status() == f"waiting: check '{check}' is critical", 15,
-                 'the waiting status once the check fails')
+                 message='the waiting status once the check fails')
         assert not held_by(consul, key, NAME)
         entries = journal_entries(ct, run)
         by_id = {mid: [e for e in entries if e.get('MESSAGE_ID') == mid]
@@ -291,9 +288,9 @@ def test_stop_hands_over_and_ends_clean(installed, consul, key):
     ct = installed
     if props(ct, 'ActiveState')['ActiveState'] != 'active':
         ct.systemctl('start', UNIT)
-    wait_for(lambda: held_by(consul, key, NAME), 45, f'{NAME} to hold {key}')
+    wait_for(lambda: held_by(consul, key, NAME), 45, message=f'{NAME} to hold {key}')
     ct.systemctl('stop', UNIT)
-    assert consul.key(key) is None, 'a planned stop deletes the key at once'
+    assert consul.kv_get(key) is None, 'a planned stop deletes the key at once'
     p = props(ct, 'ActiveState', 'Result', 'ExecMainStatus', 'ExecMainCode')
     assert (p['ActiveState'], p['Result'], p['ExecMainStatus']) == ('inactive', 'success', '0'), p
     released = [e for e in journal_entries(ct) if e.get('MESSAGE_ID') == MSG_RELEASED]
@@ -316,7 +313,7 @@ def test_configuration_error_fails_once_without_restart(installed, consul, key):
     assert errors[0]['PRIORITY'] == '3', errors[0]
     assert 'etcd' in errors[0]['MESSAGE'] and '/etc/vip-manager.yml' in errors[0]['MESSAGE']
     assert not [e for e in logged if 'Traceback' in e.get('MESSAGE', '')], 'one line, no traceback'
-    assert consul.key(key) is None
+    assert consul.kv_get(key) is None
     explained = ct.journal('-x', '-u', UNIT, f'MESSAGE_ID={MSG_CONFIG}')
     assert 'Subject: configuration error, not starting' in explained
 

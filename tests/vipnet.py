@@ -35,6 +35,12 @@ timestamps, to split a handover into its steps).
 Nothing here imports vip_elector or a Consul library: the daemon is observed
 from outside, over plain HTTP.
 
+Shared with the pytest harness: the Consul HTTP helpers (`ConsulHTTP` is
+tests/consul_agent.py's `ConsulAPI` over the unix socket), the agent's
+command line, `wait_for`/`free_ports`, the daemon's environment
+(tests/elector_process.py) and `NotifySocket` (tests/helpers.py). Processes
+stay `Proc`s here: they start inside the namespace and log with timestamps.
+
 Cleanup: every process the lab starts gets PR_SET_PDEATHSIG=SIGKILL (it dies
 with the process that started it, even if that one is SIGKILLed), and the
 namespace is anonymous: it disappears with the last process in it. `close()`
@@ -56,20 +62,19 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from datetime import datetime
 
-CACHE = os.environ.get("VIP_ELECTOR_CACHE", "/var/cache/vip-elector-test")
-CONSUL = os.path.join(CACHE, "consul/usr/bin/consul")
+from consul_agent import CACHE, ConsulAPI, ConsulError, agent_argv, find_consul, free_ports, wait_for
+from elector_process import PYTHON, REPO, elector_env
+from helpers import NotifySocket  # noqa: F401  (vipnet.NotifySocket for the tools)
+
+CONSUL = find_consul() or os.path.join(CACHE, "consul/usr/bin/consul")
 VIP_MANAGER = os.path.join(CACHE, "vip-manager/usr/bin/vip-manager")
-PYTHON = "/usr/bin/python3"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # How to run the daemon: this tree's code by default; VIP_ELECTOR_COMMAND
 # (split on blanks) runs another build, e.g. "/usr/bin/vip-elector".
 ELECTOR_COMMAND = (os.environ.get("VIP_ELECTOR_COMMAND") or PYTHON + " -m vip_elector").split()
 
-LOCK_FLAG = 3304740253564472344
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
 
@@ -105,32 +110,6 @@ def missing_prerequisite():
     except (OSError, subprocess.SubprocessError) as e:
         return "cannot create a network namespace: %s" % e
     return None
-
-
-def free_ports(n):
-    """n distinct free TCP ports on 127.0.0.1 of this network namespace."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def wait_for(condition, timeout, interval=0.01, message="condition"):
-    """Poll condition() until it returns a true value; return that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("timed out after %.1fs waiting for %s" % (timeout, message))
-        time.sleep(interval)
 
 
 # --- processes -------------------------------------------------------------------
@@ -212,7 +191,7 @@ class Proc:
         return None
 
     def wait_line(self, pattern, timeout, since=0.0):
-        return wait_for(lambda: self.find_line(pattern, since), timeout,
+        return wait_for(lambda: self.find_line(pattern, since), timeout, interval=0.01,
                         message="%s to log /%s/" % (self.name, pattern))
 
     def tail(self, n=30):
@@ -406,84 +385,40 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = s
 
 
-class ConsulError(Exception):
-    def __init__(self, status, body, method, path):
-        super().__init__("%s %s -> %s %s" % (method, path, status, body.strip()[:200]))
-        self.status = status
-        self.body = body
-
-
-class ConsulHTTP:
-    """Minimal Consul HTTP client over a unix socket (one connection per call)."""
+class ConsulHTTP(ConsulAPI):
+    """The lab agent's HTTP API (tests/consul_agent.py) over its unix socket."""
 
     def __init__(self, socket_path, node="lab", checks=()):
         self.socket_path = socket_path
         self.node = node
         self.checks = set(checks)
 
-    def request(self, method, path, body=None, params=None, timeout=10):
-        """(status, headers, body bytes)."""
-        url = "/v1/" + path.lstrip("/")
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body).encode()
-        elif isinstance(body, str):
-            body = body.encode()
+    def send(self, method, path, data, headers, timeout):
         conn = _UnixHTTPConnection(self.socket_path, timeout)
         try:
-            conn.request(method, url, body=body)
+            conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
             return resp.status, dict(resp.getheaders()), resp.read()
         finally:
             conn.close()
 
-    def call(self, method, path, body=None, params=None, timeout=10):
-        status, _, data = self.request(method, path, body, params, timeout)
-        if status >= 400:
-            raise ConsulError(status, data.decode("utf-8", "replace"), method, path)
-        return json.loads(data) if data.strip() else None
-
     def ready(self):
         try:
-            leader = self.call("GET", "status/leader", timeout=1)
+            leader = self.call("GET", "/v1/status/leader", timeout=1)
             if not leader:
                 return False
             # serfHealth and the configured checks, as the servers see them
             # (the agent syncs its checks to the catalog a moment after start).
-            passing = {c.get("CheckID") for c in self.call("GET", "health/node/" + self.node, timeout=1)
+            passing = {c.get("CheckID") for c in self.call("GET", "/v1/health/node/" + self.node, timeout=1)
                        if c.get("Status") == "passing"}
             return passing >= {"serfHealth"} | self.checks
         except (OSError, ConsulError, http.client.HTTPException, ValueError):
             return False
 
-    def kv_get(self, key):
-        status, _, data = self.request("GET", "kv/" + key)
-        if status == 404:
-            return None
-        if status >= 400:
-            raise ConsulError(status, data.decode(), "GET", key)
-        entry = json.loads(data)[0]
-        entry["Value"] = base64.b64decode(entry["Value"]) if entry.get("Value") else b""
-        return entry
-
-    def kv_put(self, key, value, **params):
-        return self.call("PUT", "kv/" + key, body=value, params=params or None)
-
-    def kv_delete(self, key):
-        return self.call("DELETE", "kv/" + key)
-
     def check_update(self, check_id, status):
-        self.call("PUT", "agent/check/%s/%s" % ({"passing": "pass", "critical": "fail",
-                                                  "warning": "warn"}[status], check_id))
-
-    def check_status(self, check_id):
-        checks = self.call("GET", "agent/checks")
-        c = checks.get(check_id)
-        return c and c["Status"]
-
-    def sessions(self):
-        return self.call("GET", "session/list")
+        """Set a TTL check's status at the agent (no wait for the catalog: the bench times this)."""
+        self.call("PUT", "/v1/agent/check/%s/%s" % ({"passing": "pass", "critical": "fail",
+                                                     "warning": "warn"}[status], check_id))
 
 
 class KeyWatcher:
@@ -502,14 +437,14 @@ class KeyWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="key-watcher")
         self._thread.start()
-        wait_for(lambda: self.history, 30, message="first answer about the key")
+        wait_for(lambda: self.history, 30, interval=0.01, message="first answer about the key")
 
     def _run(self):
         index = 0
         while not self._stop.is_set():
             try:
                 status, headers, data = self.consul.request(
-                    "GET", "kv/" + self.key, params={"index": index, "wait": "5s"}, timeout=15)
+                    "GET", "/v1/kv/" + self.key, params={"index": index, "wait": "5s"}, timeout=15)
             except (OSError, http.client.HTTPException):
                 index = 0
                 self._stop.wait(0.005)
@@ -723,68 +658,6 @@ class PacketTrace:
         self.sock.close()
 
 
-# --- sd_notify, as systemd would receive it ---------------------------------------
-
-class NotifySocket:
-    """An AF_UNIX datagram socket to hand to a daemon as NOTIFY_SOCKET.
-
-    messages: (time.time() at receipt, text) for each datagram. A path in the
-    file system, so it is reachable from any network namespace.
-    """
-
-    def __init__(self, path):
-        self.path = path
-        if os.path.exists(path):
-            os.unlink(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.messages = []
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="notify")
-        self._thread.start()
-
-    def _run(self):
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except OSError:
-                return
-            t = time.time()
-            with self._cond:
-                for text in data.decode("utf-8", "replace").split("\n"):
-                    if text:
-                        self.messages.append((t, text))
-                self._cond.notify_all()
-
-    def find(self, prefix, since=0.0):
-        with self._cond:
-            for t, text in self.messages:
-                if t >= since and text.startswith(prefix):
-                    return t, text
-        return None
-
-    def wait(self, prefix, timeout, since=0.0):
-        with self._cond:
-            found = self._cond.wait_for(lambda: self.find(prefix, since), timeout)
-        if not found:
-            raise TimeoutError("no %s on %s within %.1fs" % (prefix, self.path, timeout))
-        return found
-
-    def last_status(self):
-        with self._cond:
-            for t, text in reversed(self.messages):
-                if text.startswith("STATUS="):
-                    return text[len("STATUS="):]
-        return None
-
-    def close(self):
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-
-
 def proc_cpu_seconds(pid):
     """CPU time of a process's live threads, in seconds, to the nanosecond
     (/proc/PID/task/*/schedstat; utime+stime from /proc/PID/stat count in
@@ -948,10 +821,8 @@ class Lab:
             json.dump(config, f)
 
     def start_consul(self, timeout=30):
-        argv = [CONSUL, "agent", "-dev", "-node", "lab", "-bind", "127.0.0.1",
-                "-client", "127.0.0.1", "-http-port", str(self.ports["http"]),
-                "-serf-lan-port", str(self.ports["serf_lan"]), "-serf-wan-port", str(self.ports["serf_wan"]),
-                "-server-port", str(self.ports["server"]), "-dns-port", "-1", "-grpc-port", "-1", "-config-file", os.path.join(self.dir, "consul.json")]
+        argv = agent_argv(CONSUL, "lab", self.ports["http"], self.ports["serf_lan"], self.ports["serf_wan"],
+                          self.ports["server"]) + ["-config-file", os.path.join(self.dir, "consul.json")]
         self.agent = Proc("consul", argv, self.log("consul"), netns=self.netns, cwd=self.dir)
         try:
             wait_for(self.consul.ready, timeout, interval=0.02, message="Consul to be ready")
@@ -1010,20 +881,12 @@ class Lab:
                 "--hostname", self.name(node), "--check-id", self.check_id(node),
                 "--addr", addr] + list(extra)
 
-    def elector_env(self, extra=None):
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("CONSUL_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC",
-                                                           "WATCHDOG_PID", "PYTHONPATH")}
-        env["PYTHONPATH"] = REPO
-        env.update(extra or {})
-        return env
-
     def start_elector(self, node, addr=None, extra=(), env=None, on_line=None):
         if node in self.electors:
             self._retired.append(self.electors.pop(node))
         proc = Proc("elector-" + node, self.elector_argv(node, addr, extra),
                     self.log("elector-" + node), netns=self.netns, cwd=REPO,
-                    env=self.elector_env(env), on_line=on_line)
+                    env=elector_env(env), on_line=on_line)
         self.electors[node] = proc
         return proc
 

@@ -7,18 +7,22 @@ export VIP_ELECTOR_CACHE := $(CACHE)
 PYTEST  := $(PYTHON) -m pytest -ra -p no:cacheprovider
 OTHER_LIBS := $(CACHE)/python3-consul/usr/lib/python3/dist-packages $(CACHE)/py-consul
 
-.PHONY: all deps test unit compat demo demo-vip bench deb lint clean
+.PHONY: all deps rootfs test unit compat demo demo-vip bench deb clean
 
 all: test
 
+# Consul, vip-manager, the other Consul libraries and apt packages (cached).
 deps:
 	tests/tools/fetch-deps
+
+# The booted-systemd test container's bookworm tree (cached, ~1 min to build).
+rootfs: deps
 	tests/tools/rootfs >/dev/null
 
 # Everything: unit tests, the real-Consul suite (with each of the three Consul
 # libraries), the booted-systemd container and .deb tests, the vip-manager
 # end-to-end test.
-test: deps
+test: deps rootfs
 	$(PYTEST) tests
 	$(MAKE) --no-print-directory compat
 

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .config import ConfigError, Settings
-from .consul import (CheckNotPassing, ConsulClient, ConsulError, ConsulUnreachable, InvalidSession,
-                     KeyState, PermissionDenied)
+from .consul import (CheckNotPassing, ConsulClient, ConsulError, InvalidSession, KeyState,
+                     PermissionDenied)
 from .systemd import (MESSAGE_ACQUIRED, MESSAGE_LOST, MESSAGE_RELEASED, MESSAGE_WAITING,
                       ElectionContext, Notifier)
 
@@ -203,7 +203,6 @@ class Election:
         self.connected = False                   # Consul answered at least once
         self.session: Optional[str] = None
         self.key: Optional[KeyState] = None      # last seen by the watcher
-        self.key_known = False
         self.key_index = 0                       # Consul index of self.key: older news is stale
         self.leader = False
         self.retry_at = 0.0                      # next connect / health look
@@ -286,7 +285,7 @@ class Election:
     def _connect(self) -> None:
         index, key = self.consul.read_key()
         self._preflight(key, fatal=True)
-        self.key, self.key_known, self.key_index = key, True, index
+        self.key, self.key_index = key, index
         self.connected = True
         node = self.consul.node_name()
         log.info("connected to Consul at %s%s", self.settings.address, f" (node {node})" if node else "")
@@ -430,7 +429,7 @@ class Election:
             return
         if event.index < self.key_index:
             return  # older than what we read ourselves (e.g. from before our acquire)
-        self.key, self.key_known, self.key_index = event.state, True, event.index
+        self.key, self.key_index = event.state, event.index
         if self.session is not None:
             self._on_key(event.state)
 
@@ -561,4 +560,4 @@ class Election:
         self.notifier.status(status)
 
 
-__all__ = ["Election", "Role", "Timing", "Backoff", "KeyWatcher", "ConsulUnreachable"]
+__all__ = ["Election", "Role", "Timing", "Backoff", "KeyWatcher", "Inbox"]

@@ -69,6 +69,7 @@ def test_ready_once_status_follows_role_stopping_on_sigterm(consul, key, write_c
     assert consul.kv_value(key) == "node-a"
     b = electors(args_for(config, "node-b"), env={"NOTIFY_SOCKET": sock_b.path}, name="node-b")
     sock_b.wait("STATUS=follower: leader is node-a", 20)
+    sock_b.wait("READY=1", 20)  # sent just after the first attempt's STATUS (SPEC §6)
     assert sock_b.lines("READY=") == ["READY=1"]
     assert sock_b.lines("STOPPING") == []
 
@@ -115,7 +116,7 @@ def test_ready_and_status_while_waiting_for_the_health_check(consul, key, check_
     d = electors(args_for(write_config(consul.http_addr, key), "node-a", "--check-id", check_id),
                  env={"NOTIFY_SOCKET": sock.path}, name="crit")
     sock.wait("STATUS=waiting: check '%s' is critical" % check_id, 20)
-    sock.wait("READY=1", 1)
+    sock.wait("READY=1", 10)
     consul.deregister_check(check_id)
     sock.wait("STATUS=waiting: check '%s' is not registered" % check_id, 20)
     assert consul.kv_get(key) is None

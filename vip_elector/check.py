@@ -15,7 +15,8 @@ from .config import Settings, format_duration
 from .consul import CheckNotPassing, ConsulClient, ConsulError, PermissionDenied
 
 
-def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout) -> int:
+def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout) -> bool:
+    """Print the report; True if every line is ok."""
     failures = 0
 
     def report(ok: bool, text: str) -> bool:
@@ -40,7 +41,7 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
 
     ok, key = attempt(f"Consul at {settings.address}", lambda: consul.read_key()[1])
     if not ok:
-        return 1
+        return False
     node = consul.node_name()
     report(True, f"Consul at {settings.address} answers" + (f" (agent node {node})" if node else ""))
     if key is None:
@@ -81,4 +82,4 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
         report(False, f"a session cannot be created: {e}")
 
     print("all checks passed" if not failures else f"{failures} problem(s) found", file=out)
-    return 0 if not failures else 1
+    return not failures

@@ -126,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _config_error(e)
     if args.check:
         from .check import run_check
-        return run_check(settings, consul)
+        return EXIT_OK if run_check(settings, consul) else EXIT_FAILURE
 
     from .election import Election
     notifier = Notifier()

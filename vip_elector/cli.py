@@ -55,6 +55,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--token-file", metavar="PATH", help="read the Consul ACL token from this file")
     p.add_argument("--hostname", metavar="NAME", help="the value written to the key (default: trigger-value, "
                                                       "else the short hostname)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="keep the session's ID here so a restart or reload resumes it "
+                        "(default: $RUNTIME_DIRECTORY, else none)")
+    p.add_argument("--hook", metavar="PATH",
+                   help="run PATH leader|standby KEY VALUE whenever this node's state changes")
+    p.add_argument("--hook-timeout", metavar="DURATION", default="10s",
+                   help="kill a hook still running after this long (default 10s)")
     p.add_argument("--check", action="store_true",
                    help="check configuration and Consul access, print a report, take no leadership")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -72,6 +79,8 @@ def options_from(args: argparse.Namespace) -> Options:
         ttl=_duration("--ttl")(args.ttl),
         lock_delay=_duration("--lock-delay")(args.lock_delay),
         addr=args.addr, token=args.token, token_file=args.token_file, hostname=args.hostname,
+        state_dir=args.state_dir, hook=args.hook,
+        hook_timeout=_duration("--hook-timeout")(args.hook_timeout),
     )
 
 

@@ -53,6 +53,11 @@ class Settings:
     ttl: float = 10.0
     lock_delay: float = 1.0
     tls: TLSSettings = TLSSettings()
+    #: Where the session's ID is kept for resuming (SPEC §8.1); None: nothing is kept.
+    state_dir: Optional[str] = None
+    #: Leadership hook (SPEC §10): run as ``HOOK STATE KEY VALUE``.
+    hook: Optional[str] = None
+    hook_timeout: float = 10.0
     #: Warnings to log once logging is up (e.g. the hostname mismatch).
     warnings: tuple[str, ...] = ()
 
@@ -327,6 +332,9 @@ class Options:
     token: Optional[str] = field(default=None, repr=False)
     token_file: Optional[str] = None
     hostname: Optional[str] = None
+    state_dir: Optional[str] = None
+    hook: Optional[str] = None
+    hook_timeout: float = 10.0
 
 
 def _choose_address(opts: Options, vm: VipManagerConfig, env: Mapping[str, str]) -> tuple[str, str, int]:
@@ -390,6 +398,16 @@ def _choose_value(opts: Options, vm: VipManagerConfig, fqdn: str) -> tuple[str, 
     return short, warnings
 
 
+def _choose_state_dir(opts: Options, env: Mapping[str, str]) -> Optional[str]:
+    """``--state-dir`` > systemd's ``RUNTIME_DIRECTORY`` (its first entry) > none (SPEC §8.1)."""
+    if opts.state_dir is not None:
+        if not opts.state_dir.strip():
+            raise ConfigError("--state-dir must not be empty: give a directory, e.g. /run/vip-elector.")
+        return opts.state_dir.strip()
+    runtime = (env.get("RUNTIME_DIRECTORY") or "").split(":")[0].strip()
+    return runtime or None
+
+
 def build_settings(opts: Options, env: Mapping[str, str], kernel_hostname: Optional[str] = None) -> Settings:
     """Combine options, vip-manager's file and the environment (SPEC §3)."""
     if not (MIN_TTL <= opts.ttl <= MAX_TTL):
@@ -433,5 +451,7 @@ def build_settings(opts: Options, env: Mapping[str, str], kernel_hostname: Optio
         token=token, token_source=token_source,
         check_id=opts.check_id.strip() if opts.check_id else None,
         ttl=opts.ttl, lock_delay=opts.lock_delay, tls=tls,
+        state_dir=_choose_state_dir(opts, env),
+        hook=opts.hook, hook_timeout=opts.hook_timeout,
         warnings=tuple(warnings),
     )

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -114,10 +115,40 @@ def test_examples_are_one_valid_configuration_in_both_forms():
     assert "--check-id=%s" % check_ids[0] in read("examples", "consul-service-check.hcl")
 
 
-def test_package_version_is_the_program_version():
+def changelog_version():
     first = read("debian", "changelog").splitlines()[0]
-    version = re.match(r"vip-elector \(([^)]+)\) ", first).group(1)
-    assert version == vip_elector.__version__
+    return re.match(r"vip-elector \(([^)]+)\) ", first).group(1)
+
+
+def test_package_version_is_the_program_version():
+    """Inside a package build (debian/rules sets VIP_ELECTOR_VERSION), the code
+    under test is the built one: it must call itself by the changelog's version."""
+    built = os.environ.get("VIP_ELECTOR_VERSION")
+    if not built:
+        pytest.skip("not a package build: test_build_records_the_package_version covers the mechanism")
+    assert built == changelog_version()
+    assert vip_elector.__version__ == built
+    assert cli._version().startswith("vip-elector %s (" % built)
+
+
+@pytest.mark.parametrize("version", ["0.1.1", "0.1.0~bpo12+1", "0.1.0+local1", "0.1.0+deb12u1", "1:2.0~rc1-3"])
+def test_build_records_the_package_version(tmp_path, version):
+    """What debian/rules does: setup.py's build_py writes the given version into
+    the built code, and --version prints it; the source tree is left alone."""
+    env = dict(os.environ, VIP_ELECTOR_VERSION=version)
+    res = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(tmp_path)],
+                         cwd=SOURCE, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert not os.path.exists(os.path.join(SOURCE, "vip_elector", "_version.py"))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "vip_elector", "--version"], cwd=str(tmp_path),
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("vip-elector %s (" % version), res.stdout
+    meta = subprocess.run([sys.executable, "setup.py", "--version"], cwd=SOURCE,
+                          env=dict(os.environ, VIP_ELECTOR_VERSION=version),
+                          capture_output=True, text=True)
+    assert meta.returncode == 0 and meta.stdout.split()[-1] == re.match(r"(\d+:)?([\d.]+)", version).group(2)
 
 
 @pytest.mark.parametrize("script", ["vip-elector.postinst", "vip-elector.postrm"])

@@ -12,7 +12,9 @@ that names the file or flag and says what to change.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 import socket
 from dataclasses import dataclass, field
@@ -210,7 +212,7 @@ def _unquote(value: str) -> str:
     return value
 
 
-def _parse_env_file(text: str) -> dict[str, str]:
+def parse_env_file(text: str) -> dict[str, str]:
     values: dict[str, str] = {}
     for line in text.splitlines():
         m = _ENV_LINE.match(line.strip())
@@ -220,7 +222,7 @@ def _parse_env_file(text: str) -> dict[str, str]:
 
 
 def _from_env_file(path: str, text: str) -> VipManagerConfig:
-    env = _parse_env_file(text)
+    env = parse_env_file(text)
 
     sources: dict[str, str] = {}
 
@@ -315,6 +317,17 @@ def _from_yaml(path: str, text: str) -> VipManagerConfig:
     )
 
 
+def unreadable_fix(path: str) -> str:
+    """'is not readable by user U: ...fix' — the user this runs as (the service's, under systemd)."""
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        group = grp.getgrgid(os.getegid()).gr_name
+    except KeyError:
+        user, group = str(os.geteuid()), str(os.getegid())
+    return (f"is not readable by user {user}: make it so, e.g. chgrp {group} {path}; "
+            f"chmod 0640 {path}.")
+
+
 def load_vip_manager_config(path: str) -> VipManagerConfig:
     """Read vip-manager's YAML file or its environment file."""
     try:
@@ -325,8 +338,7 @@ def load_vip_manager_config(path: str) -> VipManagerConfig:
     except IsADirectoryError:
         raise ConfigError(f"--vip-manager-config: {path} is a directory, not a file.") from None
     except PermissionError:
-        raise ConfigError(f"--vip-manager-config: {path} is not readable by this user "
-                          "(check its mode and owner).") from None
+        raise ConfigError(f"--vip-manager-config: {path} {unreadable_fix(path)}") from None
     except OSError as e:
         raise ConfigError(f"--vip-manager-config: cannot read {path}: {e.strerror}.") from None
     if len(raw) > 1024 * 1024:
@@ -382,7 +394,7 @@ def read_token_file(path: str, source: str) -> str:
     except FileNotFoundError:
         raise ConfigError(f"{source}: token file {path} does not exist.") from None
     except PermissionError:
-        raise ConfigError(f"{source}: token file {path} is not readable by this user.") from None
+        raise ConfigError(f"{source}: token file {path} {unreadable_fix(path)}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{source}: cannot read token file {path}: {getattr(e, 'strerror', e)}.") from None
     if not token:

@@ -392,6 +392,38 @@ class ConsulClient:
     def close(self) -> None:
         self.transport.close()
 
+    # --- Added by the ops branch (issue 10: --check's explanations). -----
+    # The lead's own session_info, if it lands first, should win the merge;
+    # check.py needs only: session_info → dict with "Name" and "Node", or None.
+
+    @_translated
+    def session_info(self, session_id: str) -> Optional[dict]:
+        """The session as Consul has it (Name, Node, Checks, ...), or None when it does not
+        exist or the token may not read it (Consul hides it then)."""
+        _, data = self._lib.session.info(session_id)
+        if isinstance(data, list):  # the libraries differ: one entry, or the raw list
+            data = data[0] if data else None
+        return data if isinstance(data, dict) else None
+
+    @_translated
+    def visible_checks(self) -> dict[str, str]:
+        """Every check on the local agent this token may see: {check ID: status}.
+
+        Consul silently leaves out what the token may not read (node:read,
+        service:read), so a missing ID is not proof that the check is absent.
+        """
+        checks = self._lib.agent.checks()
+        if not isinstance(checks, dict):
+            raise ConsulError("the address does not answer like a Consul agent")
+        return {cid: str((c or {}).get("Status")) for cid, c in checks.items()}
+
+    @_translated
+    def catalog_checks(self, node: str) -> dict[str, str]:
+        """The node's checks in the catalog (what sessions are judged by): {check ID: status}.
+        Empty when the token lacks node:read on it (serfHealth is always there otherwise)."""
+        _, checks = self._lib.health.node(node)
+        return {c.get("CheckID"): str(c.get("Status")) for c in (checks or []) if isinstance(c, dict)}
+
 
 def _whole(seconds: float):
     return int(seconds) if float(seconds).is_integer() else seconds

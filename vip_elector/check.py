@@ -31,8 +31,9 @@ def token_words(settings: Settings) -> str:
     return f"the token from {settings.token_source}"
 
 
-def print_config_error(message: str, out: TextIO = sys.stdout) -> None:
+def print_config_error(message: str, out: Optional[TextIO] = None) -> None:
     """A configuration error as a --check report: one FAIL line and the summary."""
+    out = out or sys.stdout
     print(f"FAIL  configuration: {message}", file=out)
     print("1 problem(s) found", file=out)
 

@@ -89,8 +89,9 @@ def split_condition_argv(argv: Sequence[str]) -> Optional[tuple[Optional[str], l
     return None
 
 
-def condition_main(instance: Optional[str], opts: Sequence[str], out: TextIO = sys.stdout) -> int:
+def condition_main(instance: Optional[str], opts: Sequence[str], out: Optional[TextIO] = None) -> int:
     """ExecCondition=: exit 0 to start, 1 (skip, with the reason on stdout) otherwise."""
+    out = out or sys.stdout
     verdict = condition_verdict(opts, instance)
     if verdict is None:
         return 0
@@ -103,8 +104,9 @@ def _module_path_env() -> dict[str, str]:
     return {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
 
 
-def check_service_main(instance: Optional[str], out: TextIO = sys.stdout) -> int:
+def check_service_main(instance: Optional[str], out: Optional[TextIO] = None) -> int:
     """Check what the unit runs: its defaults file, its condition, its user, its options."""
+    out = out or sys.stdout
     defaults, unit = defaults_file(instance), unit_name(instance)
 
     def fail(text: str) -> int:

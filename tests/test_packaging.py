@@ -198,7 +198,7 @@ def test_build_records_the_package_version(tmp_path, version):
     assert meta.returncode == 0 and meta.stdout.split()[-1] == re.match(r"(\d+:)?([\d.]+)", version).group(2)
 
 
-@pytest.mark.parametrize("script", ["vip-elector.postinst", "vip-elector.postrm"])
+@pytest.mark.parametrize("script", ["vip-elector.postinst", "vip-elector.prerm", "vip-elector.postrm"])
 def test_maintainer_scripts_are_valid_sh_with_debhelper_token(script):
     path = source("debian", script)
     assert subprocess.run(["sh", "-n", path]).returncode == 0

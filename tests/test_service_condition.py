@@ -64,3 +64,8 @@ def test_check_service_needs_root(capsys, monkeypatch):
     assert cli.main(["--check-service"]) == 1
     out = capsys.readouterr().out
     assert out.startswith("FAIL") and "as root" in out and "/etc/default/vip-elector" in out
+
+
+def test_check_service_never_shows_a_token():
+    assert service._masked(["--token=s3cret", "--check-id", "x", "--token", "s3cret"]) == \
+        ["--token=***", "--check-id", "x", "--token", "***"]

@@ -104,6 +104,20 @@ def _module_path_env() -> dict[str, str]:
     return {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
 
 
+def _masked(opts: Sequence[str]) -> list[str]:
+    """The options as shown: a --token's value is never printed."""
+    shown, hide_next = [], False
+    for arg in opts:
+        if hide_next:
+            shown.append("***")
+        elif arg.startswith("--token="):
+            shown.append("--token=***")
+        else:
+            shown.append(arg)
+        hide_next = arg == "--token"
+    return shown
+
+
 def check_service_main(instance: Optional[str], out: Optional[TextIO] = None) -> int:
     """Check what the unit runs: its defaults file, its condition, its user, its options."""
     out = out or sys.stdout
@@ -133,7 +147,7 @@ def check_service_main(instance: Optional[str], out: Optional[TextIO] = None) ->
     except KeyError:
         return fail(f"the user {SERVICE_USER} does not exist: reinstall the package (its postinst "
                     "creates it)")
-    print(f"ok    {unit}.service runs: vip-elector {' '.join(opts)} (user {SERVICE_USER}, "
+    print(f"ok    {unit}.service runs: vip-elector {' '.join(_masked(opts))} (user {SERVICE_USER}, "
           f"environment from {defaults})", file=out)
     for value in opts + [v for k, v in env.items() if k.startswith("CONSUL_")]:
         path = value.split("=", 1)[-1]

@@ -121,6 +121,7 @@ def test_anonymous_is_called_anonymous(acl_agent, key, write_config):
     code, out = check(write_config(acl_agent.http_addr, key))
     assert code == 1
     assert "no token (anonymous)" in out, out
+    assert "CONSUL_HTTP_TOKEN in /etc/default/vip-elector" in out, out
 
 
 @pytest.mark.consul

@@ -31,6 +31,14 @@ def token_words(settings: Settings) -> str:
     return f"the token from {settings.token_source}"
 
 
+def token_advice(settings: Settings) -> str:
+    """What to do about a refused request: which token to set, or which rights to give it."""
+    if not settings.token:
+        return ("set a token with the rights in " + POLICY_EXAMPLE + ": CONSUL_HTTP_TOKEN in "
+                "/etc/default/vip-elector, or --token-file")
+    return f"give that token the rights in {POLICY_EXAMPLE}"
+
+
 def print_config_error(message: str, out: Optional[TextIO] = None) -> None:
     """A configuration error as a --check report: one FAIL line and the summary."""
     out = out or sys.stdout
@@ -164,7 +172,7 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
         try:
             return True, fn()
         except PermissionDenied as e:
-            return report(False, f"{what}: {who} is refused: {e}"), None
+            return report(False, f"{what}: {who} is refused ({e}): {token_advice(settings)}"), None
         except ConsulError as e:
             return report(False, f"{what}: {e}"), None
 

@@ -64,7 +64,7 @@ def _probe_session(settings: Settings, consul: ConsulClient, checks: Optional[li
     probe = _Probe(created=True)
     try:
         info = consul.session_info(session)
-        probe.node = (info or {}).get("Node")
+        probe.node = info.node if info else None
     except ConsulError:
         pass
     try:
@@ -82,7 +82,7 @@ def describe_holder(consul: ConsulClient, key: KeyState) -> str:
         info = None
     if not info:
         return f"session {key.session} (the token may not read it: session:read on its node)"
-    name, node = info.get("Name") or "(no name)", info.get("Node") or "?"
+    name, node = info.name or "(no name)", info.node or "?"
     return f"session '{name}' ({key.session}) on node {node}"
 
 

@@ -24,13 +24,6 @@ from .consul import CheckNotPassing, ConsulClient, ConsulError, KeyState, Permis
 POLICY_EXAMPLE = "/usr/share/doc/vip-elector/examples/consul-acl-policy.hcl"
 
 
-def token_words(settings: Settings) -> str:
-    """Which token the requests carry, as an operator would say it."""
-    if not settings.token:
-        return "no token (anonymous)"
-    return f"the token from {settings.token_source}"
-
-
 def token_advice(settings: Settings) -> str:
     """What to do about a refused request: which token to set, or which rights to give it."""
     if not settings.token:
@@ -107,7 +100,7 @@ def key_lines(settings: Settings, consul: ConsulClient, key: Optional[KeyState])
 def check_lines(settings: Settings, consul: ConsulClient, check_id: str, node: Optional[str],
                 probe: _Probe) -> list[tuple[bool, str]]:
     """What the agent, the catalog and the session probe say about --check-id, in words."""
-    who = token_words(settings)
+    who = settings.token_words
     try:
         agent = consul.visible_checks()
     except PermissionDenied as e:
@@ -160,7 +153,7 @@ def check_lines(settings: Settings, consul: ConsulClient, check_id: str, node: O
 def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout) -> bool:
     """Print the report; True if every line is ok."""
     failures = 0
-    who = token_words(settings)
+    who = settings.token_words
 
     def report(ok: bool, text: str) -> bool:
         nonlocal failures

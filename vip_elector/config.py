@@ -66,6 +66,11 @@ class Settings:
         return f"{prefix}{self.host}:{self.port}"
 
     @property
+    def token_words(self) -> str:
+        """Which token the requests carry, as an operator says it (never the token itself)."""
+        return f"the token from {self.token_source}" if self.token else "no token (anonymous)"
+
+    @property
     def session_name(self) -> str:
         return f"vip-elector-{self.value}"
 

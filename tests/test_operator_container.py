@@ -202,6 +202,15 @@ def test_two_instances_lead_on_two_keys_apart(ct, consul, keys):
         # The journal tells the instances apart.
         assert keys[name] in ct.journal("-u", "vip-elector@%s" % name, "-o", "cat")
         assert keys[name] not in ct.journal("-u", "vip-elector", "-o", "cat")
+        if _daemon_knows_its_instance():
+            assert keys[name] in ct.journal("-t", "vip-elector-%s" % name, "-o", "cat")
+
+
+def _daemon_knows_its_instance():
+    """The daemon's own journal lines carry SYSLOG_IDENTIFIER=vip-elector-NAME
+    (the unit gives it VIP_ELECTOR_INSTANCE; systemd.py is the lead's)."""
+    with open(os.path.join(REPO, "vip_elector", "systemd.py")) as f:
+        return "VIP_ELECTOR_INSTANCE" in f.read()
 
 
 def test_stopping_one_instance_never_touches_another_key(ct, consul, keys):

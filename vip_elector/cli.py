@@ -66,10 +66,16 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="kill a hook still running after this long (default 10s)")
     p.add_argument("--check", action="store_true",
                    help="check configuration and Consul access, print a report, take no leadership")
+    p.add_argument("--check-service", nargs="?", const="", metavar="INSTANCE",
+                   help="as root: run --check exactly as the service would (its user, "
+                        "/etc/default/vip-elector[-INSTANCE], its VIP_ELECTOR_OPTS)")
+    p.add_argument("--service-condition", nargs="?", const="", metavar="INSTANCE",
+                   help="the unit's ExecCondition: exit 1 with the reason while VIP_ELECTOR_OPTS "
+                        "or the vip-manager configuration is not set up")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
     args = p.parse_args(argv)
-    if not args.version and not args.vip_manager_config:
+    if not args.version and args.check_service is None and not args.vip_manager_config:
         raise UsageError("the --vip-manager-config PATH option is required")
     return args
 
@@ -95,6 +101,13 @@ def _config_error(error: ConfigError, notifier: Optional[Notifier] = None) -> in
     else:
         print(f"vip-elector: configuration error: {error}", file=sys.stderr)
     return EXIT_CONFIG
+
+
+def _check_config_error(error: ConfigError) -> int:
+    """--check reports a configuration error like any other problem: a FAIL line, exit 1."""
+    from .check import print_config_error
+    print_config_error(str(error))
+    return EXIT_FAILURE
 
 
 def _version() -> str:
@@ -124,6 +137,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     context = ElectionContext()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from . import service
+    condition = service.split_condition_argv(argv)
+    if condition is not None:  # before parsing: the options are the daemon's, checked by it
+        return service.condition_main(*condition)
     try:
         args = parse_args(argv)
     except UsageError as e:
@@ -134,6 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.version:
         print(_version())
         return EXIT_OK
+    if args.check_service is not None:
+        return service.check_service_main(args.check_service or None)
     daemon = not args.check
     if daemon:
         # From here on no SIGTERM, SIGINT or SIGHUP is lost or fatal: they wait,
@@ -144,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         settings = _settings(args)
     except ConfigError as e:
-        return _config_error(e, notifier)
+        return _check_config_error(e) if args.check else _config_error(e, notifier)
     context.key, context.value = settings.trigger_key, settings.value
     if settings.token:
         context.secrets.append(settings.token)
@@ -153,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         consul = ConsulClient(settings)
     except ConfigError as e:  # a TLS certificate or key that does not load
-        return _config_error(e, notifier)
+        return _check_config_error(e) if args.check else _config_error(e, notifier)
     if args.check:
         from .check import run_check
         return EXIT_OK if run_check(settings, consul) else EXIT_FAILURE

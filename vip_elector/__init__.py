@@ -1,3 +1,3 @@
 """vip-elector: Consul leader election for vip-manager."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -41,8 +41,7 @@ version and two bumped ones. Set VIP_ELECTOR_DEB to test an already built
 """
 
 import os
-import re
-import subprocess
+import time
 
 import pytest
 
@@ -193,7 +192,9 @@ def test_reload_leaves_key_untouched(ct, consul, debs, step, request):
     pid, cursor = main_pid(ct), journal_cursor(ct)
     version = deb_field(debs["v1"], "Version")
     with key_untouched(consul, key):
+        started = time.monotonic()
         ct.systemctl("reload", "vip-elector")
+        print("systemctl reload returned after %.0f ms" % ((time.monotonic() - started) * 1000))
         assert main_pid(ct) == pid, "a reload keeps the process"
         assert_runs_version(ct, version, pid, cursor)
         wait_leading(ct, consul, key, NAME)
@@ -208,6 +209,7 @@ def test_kill_9_restarts_and_resumes(ct, consul, step, request):
     key = request.module.KEY
     before = unit(ct, "MainPID", "NRestarts")
     with key_untouched(consul, key):
+        started = time.monotonic()
         ct.run(["kill", "-9", before["MainPID"]])
         wait_for(lambda: int(unit(ct, "NRestarts")["NRestarts"]) == int(before["NRestarts"]) + 1,
                  15, message="systemd to restart the killed daemon")
@@ -215,6 +217,8 @@ def test_kill_9_restarts_and_resumes(ct, consul, step, request):
                  message="active again")
         assert main_pid(ct) != before["MainPID"]
         wait_leading(ct, consul, key, NAME)
+        print("kill -9: leading again (same session) after %.0f ms"
+              % ((time.monotonic() - started) * 1000))
     assert not internal_errors(ct)
 
 
@@ -223,7 +227,9 @@ def test_upgrade_reloads_and_runs_the_new_code(ct, consul, debs, step, request):
     key = request.module.KEY
     pid, cursor = main_pid(ct), journal_cursor(ct)
     with key_untouched(consul, key):
+        started = time.monotonic()
         res = apt_install(ct, debs["v2"])
+        print("apt-get install (upgrade) took %.0f ms" % ((time.monotonic() - started) * 1000))
         assert res.returncode == 0, "upgrade failed:\n%s\n%s" % (res.stdout, res.stderr)
         assert main_pid(ct) == pid, "the upgrade restarted the daemon instead of reloading it"
         assert_runs_version(ct, deb_field(debs["v2"], "Version"), pid, cursor)
@@ -278,9 +284,30 @@ def test_reinstall_restores_deleted_conffile_with_mode(ct, consul, debs, step, r
     assert stat(ct, CONFFILE) == "root:vip-elector 640"
 
 
+def test_restart_is_a_planned_stop(ct, consul, step, request):
+    """SPEC §8.5: `systemctl restart` still hands over: the key is deleted,
+    then taken again with a new session (on a single node, after a gap)."""
+    step("test_reinstall_restores_deleted_conffile_with_mode")
+    from vipnet import KeyWatcher
+    key = request.module.KEY
+    watcher = KeyWatcher(consul, key)
+    try:
+        before = watcher.current()
+        assert before[2], before
+        ct.systemctl("restart", "vip-elector")
+        gone = watcher.wait(lambda s: s[1] is None, 15, since=before[0], message="the key deleted")
+        back = watcher.wait(lambda s: s[1] == NAME and s[2], 30, since=gone[0],
+                            message="the key taken again")
+        assert back[2] != before[2], "a restart keeps no session"
+        print("systemctl restart: key absent for %.0f ms" % ((back[0] - gone[0]) * 1000))
+    finally:
+        watcher.close()
+    wait_leading(ct, consul, key, NAME)
+
+
 def test_stop_still_hands_over(ct, consul, step, request):
     """After reloads, a crash and upgrades, a planned stop still deletes the key."""
-    step("test_reinstall_restores_deleted_conffile_with_mode")
+    step("test_restart_is_a_planned_stop")
     key = request.module.KEY
     ct.systemctl("stop", "vip-elector")
     assert consul.kv_get(key) is None, "the key outlived a planned stop"

@@ -12,7 +12,8 @@ import sys
 from typing import Callable, TextIO
 
 from .config import Settings, format_duration
-from .consul import CheckNotPassing, ConsulClient, ConsulError, PermissionDenied
+from .consul import CheckNotPassing, ConsulClient, ConsulError, PermissionDenied, consul_lib
+from .library import untested_warning
 
 
 def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout) -> bool:
@@ -38,6 +39,9 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
                  f"{format_duration(settings.lock_delay)}, token from {settings.token_source}")
     for warning in settings.warnings:
         print(f"warn  {warning}", file=out)
+    untested = untested_warning(consul_lib)
+    if untested:
+        print(f"warn  {untested}", file=out)
 
     ok, key = attempt(f"Consul at {settings.address}", lambda: consul.read_key()[1])
     if not ok:

@@ -156,6 +156,22 @@ def build_deb(version=None, note=None):
     return _built[key]
 
 
+def series_or_skip(count):
+    """{'v1': this tree, 'v2': a higher version, ...} for upgrade tests, each
+    bumped build with a changed defaults file ('upgrade test N'); skips the
+    test when the package cannot be built here."""
+    reason = build_unavailable()
+    if reason:
+        import pytest
+        pytest.skip(reason)
+    v1 = build_deb()
+    version = deb_field(v1, "Version")
+    out = {"v1": v1}
+    for n in range(1, count):
+        out["v%d" % (n + 1)] = build_deb("%s+test%d" % (version, n), "upgrade test %d" % n)
+    return out
+
+
 def deb_field(deb, field):
     return subprocess.run(["dpkg-deb", "-f", deb, field], capture_output=True, text=True,
                           check=True).stdout.strip()

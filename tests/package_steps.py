@@ -132,6 +132,31 @@ def key_untouched(consul, key, settle=3.0):
         watcher.close()
 
 
+def runs_version(ct, version, pid, cursor):
+    """The daemon with this PID logged a start line naming `version` after
+    the journal cursor, and the installed program says it is that version."""
+    wait_for(lambda: [line for p, line in started_lines(ct, cursor)
+                      if p == pid and line.startswith("vip-elector %s starting" % version)], 30,
+             message="a start line of version %s from PID %s" % (version, pid))
+    out = ct.run(["vip-elector", "--version"]).stdout
+    assert out.startswith("vip-elector %s " % version), out
+
+
+def reloaded_in_place(ct, consul, key, name, version, action, what):
+    """Run `action()` (a reload, an upgrade) on the leader: the process stays
+    (same PID), re-executes itself into `version` and leads again, and the
+    key is untouched throughout. Returns what action returned."""
+    pid, cursor = main_pid(ct), journal_cursor(ct)
+    with key_untouched(consul, key):
+        result = action()
+        assert main_pid(ct) == pid, "%s did not keep the process (restarted?)" % what
+        runs_version(ct, version, pid, cursor)
+        wait_leading(ct, consul, key, name)
+    assert unit(ct, "ActiveState")["ActiveState"] == "active"
+    assert not internal_errors(ct)
+    return result
+
+
 PASSED = set()      # (module, test name) of the steps that passed
 
 

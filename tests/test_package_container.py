@@ -45,11 +45,11 @@ import time
 
 import pytest
 
-from debbuild import (build_deb, build_release, build_unavailable, deb_field, deb_files,
-                      release_unavailable)
+from debbuild import build_release, deb_field, deb_files, release_unavailable, series_or_skip
 from package_steps import (CONFFILE, apt_install, apt_purge, assert_quiet, internal_errors,  # noqa: F401
-                           journal_cursor, journal_entries, key_untouched, main_pid, started_lines,
-                           stat, step, unit, wait_leading, write_vip_manager_config)
+                           journal_cursor, journal_entries, key_untouched, main_pid,
+                           reloaded_in_place, runs_version, stat, step, unit, wait_leading,
+                           write_vip_manager_config)
 
 pytestmark = [pytest.mark.container, pytest.mark.consul]
 
@@ -64,14 +64,7 @@ UNIT_PATHS = ("/usr/lib/systemd/system/vip-elector.service", "/lib/systemd/syste
 @pytest.fixture(scope="module")
 def debs():
     """{'v1': deb, 'v2': deb, 'v3': deb}, each newer than the one before."""
-    reason = build_unavailable()
-    if reason:
-        pytest.skip(reason)
-    v1 = build_deb()
-    version = deb_field(v1, "Version")
-    return {"v1": v1,
-            "v2": build_deb(version + "+test1", "upgrade test 1"),
-            "v3": build_deb(version + "+test2", "upgrade test 2")}
+    return series_or_skip(3)
 
 
 # ---------------------------------------------------------------- container
@@ -95,16 +88,6 @@ def wait_for(condition, timeout, message):
 
 def installed_paths(ct):
     return ct.run(["dpkg", "-L", "vip-elector"]).stdout.split()
-
-
-def assert_runs_version(ct, version, pid, cursor):
-    """The daemon with this PID logged a start line naming `version` after
-    the journal cursor, and the installed program says it is that version."""
-    wait_for(lambda: [line for p, line in started_lines(ct, cursor)
-                      if p == pid and line.startswith("vip-elector %s starting" % version)], 30,
-             message="a start line of version %s from PID %s" % (version, pid))
-    out = ct.run(["vip-elector", "--version"]).stdout
-    assert out.startswith("vip-elector %s " % version), out
 
 
 # -------------------------------------------------------------------- steps
@@ -189,17 +172,13 @@ def test_reload_leaves_key_untouched(ct, consul, debs, step, request):
     """`systemctl reload` re-executes the daemon in place (SPEC §8.3)."""
     step("test_stop_deletes_key")
     key = request.module.KEY
-    pid, cursor = main_pid(ct), journal_cursor(ct)
     version = deb_field(debs["v1"], "Version")
-    with key_untouched(consul, key):
+
+    def reload():
         started = time.monotonic()
         ct.systemctl("reload", "vip-elector")
         print("systemctl reload returned after %.0f ms" % ((time.monotonic() - started) * 1000))
-        assert main_pid(ct) == pid, "a reload keeps the process"
-        assert_runs_version(ct, version, pid, cursor)
-        wait_leading(ct, consul, key, NAME)
-    assert unit(ct, "ActiveState")["ActiveState"] == "active"
-    assert not internal_errors(ct)
+    reloaded_in_place(ct, consul, key, NAME, version, reload, "systemctl reload")
 
 
 def test_kill_9_restarts_and_resumes(ct, consul, step, request):
@@ -225,15 +204,15 @@ def test_kill_9_restarts_and_resumes(ct, consul, step, request):
 def test_upgrade_reloads_and_runs_the_new_code(ct, consul, debs, step, request):
     step("test_kill_9_restarts_and_resumes")
     key = request.module.KEY
-    pid, cursor = main_pid(ct), journal_cursor(ct)
-    with key_untouched(consul, key):
+
+    def upgrade():
         started = time.monotonic()
         res = apt_install(ct, debs["v2"])
         print("apt-get install (upgrade) took %.0f ms" % ((time.monotonic() - started) * 1000))
-        assert res.returncode == 0, "upgrade failed:\n%s\n%s" % (res.stdout, res.stderr)
-        assert main_pid(ct) == pid, "the upgrade restarted the daemon instead of reloading it"
-        assert_runs_version(ct, deb_field(debs["v2"], "Version"), pid, cursor)
-        wait_leading(ct, consul, key, NAME)
+        return res
+    res = reloaded_in_place(ct, consul, key, NAME, deb_field(debs["v2"], "Version"), upgrade,
+                            "the upgrade")
+    assert res.returncode == 0, "upgrade failed:\n%s\n%s" % (res.stdout, res.stderr)
     text = ct.read(CONFFILE)
     assert "# upgrade test 1" in text, "dpkg kept an untouched conffile"
     assert stat(ct, CONFFILE) == "root:vip-elector 640"
@@ -248,13 +227,10 @@ def test_upgrade_keeps_modified_conffile(ct, consul, debs, step, request):
         'VIP_ELECTOR_OPTS="--vip-manager-config=/etc/vip-manager.yml --ttl=15s"')
     assert "--ttl=15s" in mine
     ct.put(CONFFILE, mine, mode=0o640, group="vip-elector")
-    pid, cursor = main_pid(ct), journal_cursor(ct)
-    with key_untouched(consul, key):
-        res = apt_install(ct, debs["v3"], "-o", "Dpkg::Options::=--force-confold")
-        assert res.returncode == 0, "upgrade failed:\n%s\n%s" % (res.stdout, res.stderr)
-        assert main_pid(ct) == pid, "the upgrade restarted the daemon instead of reloading it"
-        assert_runs_version(ct, deb_field(debs["v3"], "Version"), pid, cursor)
-        wait_leading(ct, consul, key, NAME)
+    res = reloaded_in_place(ct, consul, key, NAME, deb_field(debs["v3"], "Version"),
+                            lambda: apt_install(ct, debs["v3"], "-o",
+                                                "Dpkg::Options::=--force-confold"), "the upgrade")
+    assert res.returncode == 0, "upgrade failed:\n%s\n%s" % (res.stdout, res.stderr)
     assert ct.read(CONFFILE) == mine
     assert stat(ct, CONFFILE) == "root:vip-elector 640"
     ct.run(["test", "-f", CONFFILE + ".dpkg-dist"])      # the package's version, beside it
@@ -274,12 +250,10 @@ def test_reinstall_restores_deleted_conffile_with_mode(ct, consul, debs, step, r
     step("test_upgrade_keeps_modified_conffile")
     key = request.module.KEY
     ct.run(["rm", CONFFILE])
-    pid = main_pid(ct)
-    with key_untouched(consul, key):
-        res = apt_install(ct, debs["v3"], "--reinstall", "-o", "Dpkg::Options::=--force-confmiss")
-        assert res.returncode == 0, "reinstall failed:\n%s\n%s" % (res.stdout, res.stderr)
-        assert main_pid(ct) == pid, "the reinstall restarted the daemon"
-        wait_leading(ct, consul, key, NAME)
+    res = reloaded_in_place(ct, consul, key, NAME, deb_field(debs["v3"], "Version"),
+                            lambda: apt_install(ct, debs["v3"], "--reinstall", "-o",
+                                                "Dpkg::Options::=--force-confmiss"), "the reinstall")
+    assert res.returncode == 0, "reinstall failed:\n%s\n%s" % (res.stdout, res.stderr)
     assert "# upgrade test 2" in ct.read(CONFFILE)
     assert stat(ct, CONFFILE) == "root:vip-elector 640"
 
@@ -362,7 +336,7 @@ def test_upgrade_from_0_1_0_moves_the_unit_to_usr(ct, consul, key, debs, step):
                      "ActiveState": "active"}, state
     new_pid = main_pid(ct)
     assert new_pid != pid, "0.1.0 was not restarted"
-    assert_runs_version(ct, deb_field(debs["v1"], "Version"), new_pid, cursor)
+    runs_version(ct, deb_field(debs["v1"], "Version"), new_pid, cursor)
     wait_leading(ct, consul, key, NAME)
     assert_quiet(apt_purge(ct), "apt-get purge")
     assert consul.kv_get(key) is None

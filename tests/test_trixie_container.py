@@ -26,11 +26,9 @@ import re
 
 import pytest
 
-from consul_agent import wait_for
-from debbuild import build_deb, build_unavailable, deb_field
+from debbuild import deb_field, series_or_skip
 from package_steps import (apt_install, apt_purge, assert_quiet, internal_errors,  # noqa: F401
-                           journal_cursor, key_untouched, main_pid, started_lines, step, unit,
-                           wait_leading, write_vip_manager_config)
+                           reloaded_in_place, step, unit, wait_leading, write_vip_manager_config)
 
 pytestmark = [pytest.mark.container, pytest.mark.consul]
 
@@ -39,11 +37,7 @@ NAME = "trixie-node"
 
 @pytest.fixture(scope="module")
 def debs():
-    reason = build_unavailable()
-    if reason:
-        pytest.skip(reason)
-    v1 = build_deb()
-    return {"v1": v1, "v2": build_deb(deb_field(v1, "Version") + "+test1", "upgrade test 1")}
+    return series_or_skip(2)
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +49,6 @@ def ct(request):
 @pytest.fixture(scope="module")
 def key():
     return "service/trixie-ct-%d/leader" % os.getpid()
-
-
-def runs_version(ct, version, pid, cursor):
-    return [line for p, line in started_lines(ct, cursor)
-            if p == pid and line.startswith("vip-elector %s starting" % version)]
 
 
 def test_trixie_lintian_is_clean(ct, debs):
@@ -87,27 +76,15 @@ def test_install_configure_lead(ct, consul, key, debs, step):
 
 def test_reload_leaves_key_untouched(ct, consul, key, debs, step):
     step("test_install_configure_lead")
-    pid, cursor = main_pid(ct), journal_cursor(ct)
-    version = deb_field(debs["v1"], "Version")
-    with key_untouched(consul, key):
-        ct.systemctl("reload", "vip-elector")
-        assert main_pid(ct) == pid, "a reload keeps the process"
-        wait_for(lambda: runs_version(ct, version, pid, cursor), 30,
-                 message="the re-executed daemon's start line")
-        wait_leading(ct, consul, key, NAME)
-    assert not internal_errors(ct)
+    reloaded_in_place(ct, consul, key, NAME, deb_field(debs["v1"], "Version"),
+                      lambda: ct.systemctl("reload", "vip-elector"), "systemctl reload")
 
 
 def test_upgrade_reloads_and_runs_the_new_code(ct, consul, key, debs, step):
     step("test_reload_leaves_key_untouched")
-    pid, cursor = main_pid(ct), journal_cursor(ct)
-    version = deb_field(debs["v2"], "Version")
-    with key_untouched(consul, key):
-        assert_quiet(apt_install(ct, debs["v2"]), "the upgrade")
-        assert main_pid(ct) == pid, "the upgrade restarted the daemon instead of reloading it"
-        wait_for(lambda: runs_version(ct, version, pid, cursor), 30,
-                 message="a start line of version %s" % version)
-        wait_leading(ct, consul, key, NAME)
+    res = reloaded_in_place(ct, consul, key, NAME, deb_field(debs["v2"], "Version"),
+                            lambda: apt_install(ct, debs["v2"]), "the upgrade")
+    assert_quiet(res, "the upgrade")
 
 
 def test_stop_hands_over(ct, consul, key, step):

@@ -2,6 +2,7 @@
 
 One container for the module, driven through the package's life in order:
 
+  0. bookworm's lintian finds no error and no warning in the package.
   1. `apt-get install ./vip-elector_*.deb` on a node with no vip-manager
      configuration: no error, the system user exists, the conffile is
      0640 root:vip-elector, the unit (under /usr/lib, nothing under the
@@ -41,6 +42,8 @@ version and two bumped ones. Set VIP_ELECTOR_DEB to test an already built
 """
 
 import os
+import shutil
+import subprocess
 import time
 
 import pytest
@@ -91,6 +94,17 @@ def installed_paths(ct):
 
 
 # -------------------------------------------------------------------- steps
+
+def test_bookworm_lintian_is_clean(debs):
+    """The host's (bookworm's) lintian; trixie's runs in tests/test_trixie_container.py."""
+    if not shutil.which("lintian"):
+        pytest.skip("lintian is not installed (tests/tools/fetch-deps installs it)")
+    res = subprocess.run(["lintian", "--fail-on", "error,warning", "--no-tag-display-limit",
+                          debs["v1"]], capture_output=True, text=True, timeout=600,
+                         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+    tags = [line for line in res.stdout.splitlines() if line[:2] in ("E:", "W:")]
+    assert res.returncode == 0 and not tags, "lintian:\n%s\n%s" % (res.stdout, res.stderr)
+
 
 def test_install_unconfigured(ct, debs, step):
     res = apt_install(ct, debs["v1"])

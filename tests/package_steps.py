@@ -7,6 +7,7 @@ node lead, and watch the key through an operation that must not touch it.
 import contextlib
 import json
 import os
+import re
 
 import pytest
 
@@ -90,12 +91,16 @@ def wait_leading(ct, consul, key, name, timeout=30):
     return held()
 
 
+START_LINE = re.compile(r"^vip-elector (\S+) (starting|reloaded): key ")
+
+
 def started_lines(ct, since_cursor=None):
-    """The daemon's start lines ('vip-elector VERSION starting: ...') with
-    their _PID, oldest first."""
+    """The daemon's start lines ('vip-elector VERSION starting: key ...', or
+    'reloaded' after a re-execution) as (_PID, version, how), oldest first."""
     args = ("--after-cursor", since_cursor) if since_cursor else ()
-    return [(e.get("_PID"), e["MESSAGE"]) for e in journal_entries(ct, *args)
-            if isinstance(e.get("MESSAGE"), str) and " starting: key " in e["MESSAGE"]]
+    return [(e.get("_PID"),) + START_LINE.match(e["MESSAGE"]).groups()
+            for e in journal_entries(ct, *args)
+            if isinstance(e.get("MESSAGE"), str) and START_LINE.match(e["MESSAGE"])]
 
 
 def journal_cursor(ct):
@@ -132,12 +137,12 @@ def key_untouched(consul, key, settle=3.0):
         watcher.close()
 
 
-def runs_version(ct, version, pid, cursor):
-    """The daemon with this PID logged a start line naming `version` after
-    the journal cursor, and the installed program says it is that version."""
-    wait_for(lambda: [line for p, line in started_lines(ct, cursor)
-                      if p == pid and line.startswith("vip-elector %s starting" % version)], 30,
-             message="a start line of version %s from PID %s" % (version, pid))
+def runs_version(ct, version, pid, cursor, how="starting"):
+    """The daemon with this PID logged a start line naming `version` (`how`:
+    starting, or reloaded after a re-execution) after the journal cursor, and
+    the installed program says it is that version."""
+    wait_for(lambda: (pid, version, how) in started_lines(ct, cursor), 30,
+             message="'vip-elector %s %s' from PID %s" % (version, how, pid))
     out = ct.run(["vip-elector", "--version"]).stdout
     assert out.startswith("vip-elector %s " % version), out
 
@@ -150,7 +155,7 @@ def reloaded_in_place(ct, consul, key, name, version, action, what):
     with key_untouched(consul, key):
         result = action()
         assert main_pid(ct) == pid, "%s did not keep the process (restarted?)" % what
-        runs_version(ct, version, pid, cursor)
+        runs_version(ct, version, pid, cursor, how="reloaded")
         wait_leading(ct, consul, key, name)
     assert unit(ct, "ActiveState")["ActiveState"] == "active"
     assert not internal_errors(ct)

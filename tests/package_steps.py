@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import time
 
 import pytest
 
@@ -153,10 +154,13 @@ def reloaded_in_place(ct, consul, key, name, version, action, what):
     key is untouched throughout. Returns what action returned."""
     pid, cursor = main_pid(ct), journal_cursor(ct)
     with key_untouched(consul, key):
+        started = time.monotonic()
         result = action()
+        took = time.monotonic() - started
         assert main_pid(ct) == pid, "%s did not keep the process (restarted?)" % what
         runs_version(ct, version, pid, cursor, how="reloaded")
         wait_leading(ct, consul, key, name)
+    print("%s: %.0f ms, same process, key untouched" % (what, took * 1000))
     assert unit(ct, "ActiveState")["ActiveState"] == "active"
     assert not internal_errors(ct)
     return result

@@ -187,12 +187,8 @@ def test_reload_leaves_key_untouched(ct, consul, debs, step, request):
     step("test_stop_deletes_key")
     key = request.module.KEY
     version = deb_field(debs["v1"], "Version")
-
-    def reload():
-        started = time.monotonic()
-        ct.systemctl("reload", "vip-elector")
-        print("systemctl reload returned after %.0f ms" % ((time.monotonic() - started) * 1000))
-    reloaded_in_place(ct, consul, key, NAME, version, reload, "systemctl reload")
+    reloaded_in_place(ct, consul, key, NAME, version,
+                      lambda: ct.systemctl("reload", "vip-elector"), "systemctl reload")
 
 
 def test_kill_9_restarts_and_resumes(ct, consul, step, request):
@@ -218,14 +214,8 @@ def test_kill_9_restarts_and_resumes(ct, consul, step, request):
 def test_upgrade_reloads_and_runs_the_new_code(ct, consul, debs, step, request):
     step("test_kill_9_restarts_and_resumes")
     key = request.module.KEY
-
-    def upgrade():
-        started = time.monotonic()
-        res = apt_install(ct, debs["v2"])
-        print("apt-get install (upgrade) took %.0f ms" % ((time.monotonic() - started) * 1000))
-        return res
-    res = reloaded_in_place(ct, consul, key, NAME, deb_field(debs["v2"], "Version"), upgrade,
-                            "the upgrade")
+    res = reloaded_in_place(ct, consul, key, NAME, deb_field(debs["v2"], "Version"),
+                            lambda: apt_install(ct, debs["v2"]), "the upgrade")
     assert res.returncode == 0, "upgrade failed:\n%s\n%s" % (res.stdout, res.stderr)
     text = ct.read(CONFFILE)
     assert "# upgrade test 1" in text, "dpkg kept an untouched conffile"

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from consul_agent import free_ports
+from consul_agent import LOCK_FLAG, free_ports
 from fault_proxy import Cut, FaultProxy
 from tiny_http import TinyServer
 from vip_elector import consul as adapter
-from vip_elector.config import LOCK_FLAG, Settings
+from vip_elector.config import Settings
 from vip_elector.consul import (CheckNotPassing, ConsulClient, ConsulError, ConsulUnreachable,
                                 InvalidSession, InvalidSessionTTL, PermissionDenied)
 

@@ -42,7 +42,9 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
     ok, key = attempt(f"Consul at {settings.address}", lambda: consul.read_key()[1])
     if not ok:
         return False
-    node = consul.node_name()
+    ok, node = attempt(f"Consul at {settings.address}", consul.node_name)
+    if not ok:  # it answered once, then stopped: the report ends here, no traceback (SPEC §9.1)
+        return False
     report(True, f"Consul at {settings.address} answers" + (f" (agent node {node})" if node else ""))
     if key is None:
         report(True, f"trigger-key {settings.trigger_key} is free")

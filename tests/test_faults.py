@@ -247,6 +247,7 @@ def test_sigterm_while_a_renewal_hangs_exits_within_5s(consul, key, nodes, stall
         a.proxy.fail_all()
     a.proxy.wait_request("PUT", RENEW, since=t0, timeout=TTL)
     code, took = a.stop(timeout=15)
+    print("measured: SIGTERM to exit %.2fs (%s stalled)" % (took, stall))
     assert code == 0
     assert took <= 5.0, "SIGTERM took %.2fs (SPEC §4.5: 5 s whatever is in flight):\n%s" % (
         took, a.log_excerpt())
@@ -271,6 +272,7 @@ def test_frozen_leader_wakes_after_its_session_expired_and_never_claims(consul, 
     t_wake = time.time()
     a.thaw()
     dropped = a.wait(not_claim, 3.0, since=t_wake)
+    print("measured: woken leader dropped its claim %.2fs after SIGCONT" % (dropped[0] - t_wake))
     assert_no_claim_while(a, consul, key, b, 4.0)
     claims = [(t, s) for t, s in a.statuses(since=t_wake) if is_claim(s)]
     assert not claims, "woken leader claimed: %s (dropped at %s)" % (claims, dropped)
@@ -289,6 +291,7 @@ def test_cut_off_leader_stops_claiming_in_time_and_resumes_its_session(consul, k
     last_ok = last_confirmed_renewal(a)
     t_drop, text = a.wait(not_claim, CLAIM_WINDOW + SLACK + 10, since=last_ok)
     late = t_drop - (last_ok + CLAIM_WINDOW)
+    print("measured: claim dropped %.2fs after the last confirmed renewal" % (t_drop - last_ok))
     assert late <= SLACK, "still claimed %.1fs after last renewal + %gs: %s" % (late, CLAIM_WINDOW, text)
     assert text.startswith("STATUS=cut off"), text
     a.elector.wait_for_line("LOCK LOST", 2)
@@ -296,7 +299,8 @@ def test_cut_off_leader_stops_claiming_in_time_and_resumes_its_session(consul, k
     assert not b.claiming()
     a.proxy.heal()
     t_heal = time.time()
-    a.wait(is_claim, 15, since=t_heal)
+    t_back, _ = a.wait(is_claim, 15, since=t_heal)
+    print("measured: claiming again %.2fs after the heal" % (t_back - t_heal))
     assert holder(consul, key) == (a.name, session, index), "resumed without writing the key"
     assert [s["ID"] for s in sessions_named(consul, "vip-elector-" + a.name)] == [session]
     assert not b.claiming()
@@ -336,6 +340,7 @@ def test_bad_answers_from_consul(consul, key, nodes, fault):
     rule = a.proxy.inject(ANSWERS[fault](), times=None)
     last_ok = last_confirmed_renewal(a)
     t_drop, text = a.wait(not_claim, CLAIM_WINDOW + SLACK + 10, since=last_ok)
+    print("measured: claim dropped %.2fs after the last confirmed renewal (%s)" % (t_drop - last_ok, fault))
     assert t_drop - (last_ok + CLAIM_WINDOW) <= SLACK, text
     assert text.startswith(("STATUS=cut off", "STATUS=waiting for Consul")), text
     assert holder(consul, key) == (a.name, session, index)
@@ -361,6 +366,7 @@ def test_lying_index_does_not_spin_the_watch(consul, key, nodes, mode):
         assert b.elector.alive, b.log_excerpt()
         time.sleep(0.2)
     reads = b.proxy.requests("GET", KV + key, since=t0)
+    print("measured: %d reads of the key in %gs (index %s)" % (len(reads), window, mode))
     assert len(reads) <= 3 * window + 4, "%s read the key %d times in %gs: the watch spins" % (
         b.name, len(reads), window)
     assert b.claiming() and holder(consul, key)[0] == b.name

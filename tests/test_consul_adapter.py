@@ -25,6 +25,10 @@ from vip_elector.consul import (CheckNotPassing, ConsulClient, ConsulError, Cons
 KEY = "service/adapter/leader"
 SESSION = "3d4c5b1e-8c5e-4c3c-9e7e-1b2b3c4d5e6f"
 TOKEN = "tok-3c1d-SECRET"
+# Fast, but it depends on the Consul library beneath the adapter: `make compat`
+# runs it again with python-consul 0.7.1 and py-consul 1.5.
+pytestmark = pytest.mark.compat
+
 SPECIAL = (ConsulUnreachable, PermissionDenied, InvalidSession, CheckNotPassing, InvalidSessionTTL)
 
 

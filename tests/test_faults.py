@@ -317,7 +317,8 @@ ANSWERS = {
 }
 
 
-@pytest.mark.parametrize("fault", list(ANSWERS))
+@pytest.mark.parametrize("fault", [pytest.param(f, marks=pytest.mark.compat) if f == "not-json" else f
+                                   for f in ANSWERS])   # each library parses bodies its own way
 def test_bad_answers_from_consul(consul, key, nodes, fault):
     """Every request answered badly: at start it waits and says so, never holds the key;
     as leader it stops claiming (`cut off`), leaves the key alone, resumes when healed."""

@@ -377,3 +377,36 @@ def test_outage_longer_than_the_ttl_that_consul_survives_resumes_the_same_sessio
     assert (now["Session"], now["ModifyIndex"]) == (entry["Session"], entry["ModifyIndex"])
     assert len(sessions_named(fresh_consul, "vip-elector-node-a")) == 1
     no_internal_error(a)
+
+
+def test_reload_applies_the_units_defaults_file(consul, key, start, write_config, tmp_path):
+    """As systemd reads EnvironmentFile= only at start, the reload reads it itself."""
+    config = write_config(consul.http_addr, key)
+    defaults = tmp_path / "vip-elector.defaults"
+
+    def opts(ttl):
+        defaults.write_text('# as /etc/default/vip-elector\nVIP_ELECTOR_OPTS="--vip-manager-config=%s '
+                            '--hostname node-a --ttl %s --lock-delay 1s"\n' % (config, ttl))
+    opts("10s")
+    a = start(consul, key, "node-a", config=config, env={"VIP_ELECTOR_DEFAULTS": str(defaults)})
+    old = lead(consul, key, a, "node-a")["Session"]
+    # Broken: no options at all. The running daemon carries on, naming the file.
+    defaults.write_text("# VIP_ELECTOR_OPTS=\n")
+    n = len(a.lines)
+    a.send(signal.SIGHUP)
+    _, line = a.wait_for_line("reload failed", 10, since=n)
+    assert str(defaults) in line and "VIP_ELECTOR_OPTS" in line, line
+    assert consul.kv_get(key)["Session"] == old
+    # A new TTL: the new program runs with it (a new session, as SPEC §8.3 says).
+    opts("15s")
+    n = len(a.lines)
+    a.send(signal.SIGHUP)
+    a.wait_for_line("ttl 15s", 20, since=n)
+    wait_for(lambda: (consul.kv_get(key) or {}).get("Session") not in (None, old), 20,
+             message="the key held by the new session")
+    assert go_ttl(consul.session_info(consul.kv_get(key)["Session"])) == "15s"
+    no_internal_error(a)
+
+
+def go_ttl(session):
+    return session.get("TTL")

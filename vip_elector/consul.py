@@ -499,6 +499,27 @@ class ConsulClient:
     def close(self) -> None:
         self.transport.close()
 
+    # --- Added by the ops branch (issue 10: --check's explanations). -----
+
+    @_translated
+    def visible_checks(self) -> dict[str, str]:
+        """Every check on the local agent this token may see: {check ID: status}.
+
+        Consul silently leaves out what the token may not read (node:read,
+        service:read), so a missing ID is not proof that the check is absent.
+        """
+        checks = self._lib.agent.checks()
+        if not isinstance(checks, dict):
+            raise ConsulError("the address does not answer like a Consul agent")
+        return {cid: str((c or {}).get("Status")) for cid, c in checks.items()}
+
+    @_translated
+    def catalog_checks(self, node: str) -> dict[str, str]:
+        """The node's checks in the catalog (what sessions are judged by): {check ID: status}.
+        Empty when the token lacks node:read on it (serfHealth is always there otherwise)."""
+        _, checks = self._lib.health.node(node)
+        return {c.get("CheckID"): str(c.get("Status")) for c in (checks or []) if isinstance(c, dict)}
+
 
 @dataclass(frozen=True)
 class SessionInfo:

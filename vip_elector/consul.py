@@ -28,6 +28,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -360,7 +361,7 @@ def _translated(method):
             raise
         except consul_base.ConsulException as e:
             raise ConsulError(f"unexpected answer from Consul: {type(e).__name__}: {e}"[:300]) from None
-        except (ValueError, KeyError, TypeError) as e:  # a body that is not Consul's JSON
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not Consul's JSON
             raise ConsulError(f"unexpected answer (is {self.settings.address} a Consul agent?): "
                               f"{type(e).__name__}") from None
     return functools.wraps(method)(call)
@@ -371,7 +372,9 @@ class _Library(consul_lib.Consul):
 
     def __init__(self, transport: _Transport):
         self._vip_transport = transport
-        with _without_consul_environment():
+        with _without_consul_environment(), warnings.catch_warnings():
+            # python-consul2 warns about Consul APIs we never call (legacy ACLs, discovery chain).
+            warnings.simplefilter("ignore", DeprecationWarning)
             super().__init__()
         self.http = transport
         self.token = None  # the transport adds the token header itself
@@ -444,6 +447,8 @@ class ConsulClient:
         try:
             result = self._lib.session.renew(session_id)
         except consul_base.ConsulException:  # python-consul2 raises NotFound on a 404 here
+            if self.transport.last_status != 404:
+                raise  # (py-consul: a body that is not JSON) not proof the session is gone
             result = None
         if self.transport.last_status == 404 or not result or result == (None, None):
             raise InvalidSession(f"session {session_id} no longer exists")

@@ -163,6 +163,9 @@ class Hooks:
                     self._cond.wait(left)
                 if self._proc is not None:
                     _kill_group(self._proc, signal.SIGKILL)
+                # The budget was for this stop (or reload) only: if the
+                # daemon carries on, later calls get their full timeout.
+                self._term_by = self._kill_by = None
         except Exception:
             log.exception("internal error in the hook runner")
 

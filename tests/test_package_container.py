@@ -202,7 +202,7 @@ def test_install_unconfigured(ct, debs, step):
     assert int(passwd[2]) < 1000, "not a system user: %s" % passwd
     ct.run(["getent", "group", "vip-elector"])
     assert stat(ct, CONFFILE) == "root:vip-elector 640"
-    assert "VIP_ELECTOR_OPTS=\"--vip-manager-config=/etc/vip-manager.yml\"" in ct.read(CONFFILE)
+    assert "\n#VIP_ELECTOR_OPTS=" in ct.read(CONFFILE), "the shipped conffile sets no options"
     conffiles = ct.read("/var/lib/dpkg/info/vip-elector.conffiles").split()
     assert conffiles == [CONFFILE]
     # Enabled, tried once by postinst (apt returns after the start job), and
@@ -226,6 +226,11 @@ def test_install_unconfigured(ct, debs, step):
 def test_configured_leader(ct, consul, key, step, request):
     step("test_install_unconfigured")
     write_vip_manager_config(ct, consul, key)
+    # The options from a drop-in, so the conffile stays untouched for the
+    # upgrade below (EnvironmentFile= would win, but it sets nothing).
+    ct.put("/etc/systemd/system/vip-elector.service.d/opts.conf",
+           '[Service]\nEnvironment="VIP_ELECTOR_OPTS=--vip-manager-config=/etc/vip-manager.yml"\n')
+    ct.systemctl("daemon-reload")
     ct.systemctl("restart", "vip-elector")
     wait_for(lambda: consul.kv_value(key) == NAME, 30, message="key %s = %s" % (key, NAME))
     holder = consul.holder(key)
@@ -280,9 +285,7 @@ def test_upgrade_replaces_untouched_conffile_and_restarts(ct, consul, debs, step
 def test_upgrade_keeps_modified_conffile(ct, consul, debs, step, request):
     step("test_upgrade_replaces_untouched_conffile_and_restarts")
     key = request.module.KEY
-    mine = ct.read(CONFFILE).replace(
-        'VIP_ELECTOR_OPTS="--vip-manager-config=/etc/vip-manager.yml"',
-        'VIP_ELECTOR_OPTS="--vip-manager-config=/etc/vip-manager.yml --ttl=15s"')
+    mine = ct.read(CONFFILE) + 'VIP_ELECTOR_OPTS="--vip-manager-config=/etc/vip-manager.yml --ttl=15s"\n'
     assert "--ttl=15s" in mine
     ct.put(CONFFILE, mine, mode=0o640, group="vip-elector")
     before = unit(ct, "ExecMainStartTimestampMonotonic")

@@ -138,14 +138,16 @@ def test_unconfigured_node_is_skipped_and_says_why(installed, consul, key):
     assert p['ActiveState'] == 'inactive', p
     assert p['NRestarts'] == '0', p
     status = ct.systemctl('status', UNIT, check=False).stdout
-    assert 'not starting: /etc/vip-manager.yml is missing or empty' in status, status
+    assert 'not starting: /etc/vip-manager.yml (--vip-manager-config in /etc/default/vip-elector) ' \
+        'does not exist' in status, status
     assert consul.kv_get(key) is None
 
 
 @pytest.mark.parametrize('opts, reason', [
     ('--hostname=x --vip-manager-config /etc/vip-manager-alt.yml',
-     'not starting: /etc/vip-manager-alt.yml is missing or empty'),
-    ('--hostname=x', 'not starting: VIP_ELECTOR_OPTS (/etc/default/vip-elector) has no '
+     'not starting: /etc/vip-manager-alt.yml (--vip-manager-config in /etc/default/vip-elector) '
+     'does not exist'),
+    ('--hostname=x', 'not starting: VIP_ELECTOR_OPTS in /etc/default/vip-elector has no '
                      '--vip-manager-config'),
 ])
 def test_condition_reads_the_path_from_vip_elector_opts(installed, opts, reason):

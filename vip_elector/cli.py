@@ -7,13 +7,13 @@ mistake is one line naming the file or flag, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
-import signal
 import sys
 from typing import Optional, Sequence
 
-from . import __version__
+from . import __version__, signals
 from .config import ConfigError, Options, Settings, build_settings, format_duration, parse_duration
 from .systemd import MESSAGE_CONFIG_ERROR, ElectionContext, Notifier, logging_to_journal, setup_logging
 
@@ -64,10 +64,16 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="kill a hook still running after this long (default 10s)")
     p.add_argument("--check", action="store_true",
                    help="check configuration and Consul access, print a report, take no leadership")
+    p.add_argument("--check-service", nargs="?", const="", metavar="INSTANCE",
+                   help="as root: run --check exactly as the service would (its user, "
+                        "/etc/default/vip-elector[-INSTANCE], its VIP_ELECTOR_OPTS)")
+    p.add_argument("--service-condition", nargs="?", const="", metavar="INSTANCE",
+                   help="the unit's ExecCondition: exit 1 with the reason while VIP_ELECTOR_OPTS "
+                        "or the vip-manager configuration is not set up")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
     args = p.parse_args(argv)
-    if not args.version and not args.vip_manager_config:
+    if not args.version and args.check_service is None and not args.vip_manager_config:
         raise UsageError("the --vip-manager-config PATH option is required")
     return args
 
@@ -84,8 +90,10 @@ def options_from(args: argparse.Namespace) -> Options:
     )
 
 
-def _config_error(error: ConfigError) -> int:
+def _config_error(error: ConfigError, notifier: Optional[Notifier] = None) -> int:
     """One line: to the journal with its MESSAGE_ID under systemd, else plainly to stderr."""
+    if notifier is not None:
+        notifier.final_status(f"stopped: configuration error: {error}")
     if logging_to_journal():
         log.error("configuration error: %s", error, extra={"MESSAGE_ID": MESSAGE_CONFIG_ERROR})
     else:
@@ -93,22 +101,45 @@ def _config_error(error: ConfigError) -> int:
     return EXIT_CONFIG
 
 
+def _check_config_error(error: ConfigError) -> int:
+    """--check reports a configuration error like any other problem: a FAIL line, exit 1."""
+    from .check import print_config_error
+    print_config_error(str(error))
+    return EXIT_FAILURE
+
+
 def _version() -> str:
     from .consul import library_name
     return f"vip-elector {__version__} ({library_name()}, Python {sys.version.split()[0]})"
 
 
-def _log_start(settings: Settings) -> None:
-    log.info("vip-elector %s starting: key %s, value %s, Consul %s, checks %s, ttl %s, lock-delay %s, "
-             "token from %s", __version__, settings.trigger_key, settings.value, settings.address,
-             "+".join(settings.checks), format_duration(settings.ttl),
-             format_duration(settings.lock_delay), settings.token_source)
+def _log_start(settings: Settings, reexec: bool = False) -> None:
+    log.info("vip-elector %s %s: key %s, value %s, Consul %s, checks %s, ttl %s, lock-delay %s, "
+             "token from %s, state in %s, hook %s", __version__,
+             "reloaded" if reexec else "starting", settings.trigger_key, settings.value,
+             settings.address, "+".join(settings.checks), format_duration(settings.ttl),
+             format_duration(settings.lock_delay), settings.token_source,
+             settings.state_dir or "nowhere (no --state-dir)", settings.hook or "none")
     for warning in settings.warnings:
         log.warning("%s", warning)
 
 
+def _settings(args: argparse.Namespace, env=os.environ) -> Settings:
+    """Everything the daemon will run with, validated (at start and on every reload)."""
+    settings = build_settings(options_from(args), env)
+    if settings.hook:
+        from .hooks import validate_hook
+        settings = dataclasses.replace(settings, hook=validate_hook(settings.hook))
+    return settings
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     context = ElectionContext()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from . import service
+    condition = service.split_condition_argv(argv)
+    if condition is not None:  # before parsing: the options are the daemon's, checked by it
+        return service.condition_main(*condition)
     try:
         args = parse_args(argv)
     except UsageError as e:
@@ -119,11 +150,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.version:
         print(_version())
         return EXIT_OK
+    if args.check_service is not None:
+        return service.check_service_main(args.check_service or None)
+    daemon = not args.check
+    if daemon:
+        # From here on no SIGTERM, SIGINT or SIGHUP is lost or fatal: they wait,
+        # blocked, until the election's relay takes them (see signals.py).
+        signals.block()
     setup_logging(context, level=logging.DEBUG if args.verbose else logging.INFO)
+    notifier = Notifier() if daemon else None
     try:
-        settings = build_settings(options_from(args), os.environ)
+        settings = _settings(args)
     except ConfigError as e:
-        return _config_error(e)
+        return _check_config_error(e) if args.check else _config_error(e, notifier)
     context.key, context.value = settings.trigger_key, settings.value
     if settings.token:
         context.secrets.append(settings.token)
@@ -132,22 +171,63 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         consul = ConsulClient(settings)
     except ConfigError as e:  # a TLS certificate or key that does not load
-        return _config_error(e)
+        return _check_config_error(e) if args.check else _config_error(e, notifier)
     if args.check:
         from .check import run_check
         return EXIT_OK if run_check(settings, consul) else EXIT_FAILURE
+    return _run_daemon(args, settings, consul, notifier, context)
 
-    from .election import Election
-    notifier = Notifier()
-    election = Election(settings, consul, notifier, context)
-    election.handle_signals(signal.SIGTERM, signal.SIGINT)
-    _log_start(settings)
+
+def _run_daemon(args: argparse.Namespace, settings: Settings, consul, notifier: Notifier,
+                context: ElectionContext) -> int:
+    from .election import Election, Outcome
+    from .hooks import Hooks
+    from .reexec import REEXEC_VAR, Reloader
+    from .state import ENV_VAR, StateStore
+
+    reexec = os.environ.pop(REEXEC_VAR, None) is not None
+    store = StateStore(settings.state_dir)
+    saved = store.load(os.environ)
+    reloader = Reloader(sys.argv[1:], os.environ)
+    hooks = Hooks(settings.hook, settings.hook_timeout, settings.trigger_key, settings.value)
+    election = Election(settings, consul, notifier, context, hooks=hooks, state=store, saved=saved,
+                        reload_settings=lambda: reloader.prepare(_validate_reload))
+    relay = signals.SignalRelay(election.on_signal).start()
+    _log_start(settings, reexec)
     try:
-        return election.run()
+        outcome = election.run()
     except ConfigError as e:
-        return _config_error(e)
+        hooks.close()
+        return _config_error(e, notifier)
+    except BaseException as e:
+        notifier.final_status(f"crashed: {type(e).__name__}: {e}; see journalctl -u vip-elector")
+        raise
     finally:
         consul.close()
+    if outcome != Outcome.REEXEC:
+        notifier.final_status("stopped")
+        return EXIT_OK
+    # Signals that arrive from now on stay pending for the new program (SPEC §8.3).
+    relay.hand_over()
+    for signum in election.pending_signals():
+        os.kill(os.getpid(), signum)
+    saved_now = election.saved_session()
+    try:
+        reloader.exec({ENV_VAR: saved_now.to_json()} if saved_now is not None else {})
+    except OSError as e:
+        log.error("cannot re-execute %s for the reload (%s): exiting so that systemd restarts "
+                  "the daemon, which resumes its session", sys.executable, e.strerror or e)
+        notifier.final_status(f"reload failed: cannot re-execute ({e.strerror or e})")
+    return EXIT_FAILURE
+
+
+def _validate_reload(argv: list[str], env) -> Settings:
+    """The configuration a reload would start with, or ConfigError naming what is wrong."""
+    try:
+        args = parse_args(argv)
+    except (UsageError, SystemExit) as e:
+        raise ConfigError(f"the options {' '.join(argv)!r}: {e}") from None
+    return _settings(args, env)
 
 
 def run() -> None:

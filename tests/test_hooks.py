@@ -7,7 +7,6 @@ runner's log lines through a handler on the "vip_elector" logger.
 
 import logging
 import os
-import signal
 import stat
 import threading
 import time
@@ -85,12 +84,12 @@ def write_hook(path, body, mode=0o755):
     return str(path)
 
 
-# Appends "start STATE T PID" and "end STATE T" to $RECORD and flags overlaps
+# Appends "start STATE T PID KEY VALUE session=ID" and "end STATE T" to $rec and flags overlaps
 # with an atomic mkdir: two calls inside at once leave "OVERLAP".
 RECORDER = """
 rec={rec}
 mkdir "$rec.lock" 2>/dev/null || echo OVERLAP >> "$rec"
-echo "start $1 $(date +%s.%N) $$" >> "$rec"
+echo "start $1 $(date +%s.%N) $$ $2 $3 session=$VIP_ELECTOR_SESSION" >> "$rec"
 {middle}
 echo "end $1 $(date +%s.%N)" >> "$rec"
 rmdir "$rec.lock"
@@ -112,6 +111,13 @@ def records(rec, kind=None):
 
 def states_called(rec):
     return [line[1] for line in records(rec, "start")]
+
+
+def call_started(h, rec, state, reason="test"):
+    """Announce state; wait until its call has started; return (its record, monotonic time)."""
+    h.announce(state, reason)
+    wait_for(lambda: state in states_called(rec), 10, "the %s call" % state)
+    return [r for r in records(rec, "start") if r[1] == state][-1], time.monotonic()
 
 
 def proc_gone(pid):
@@ -194,13 +200,10 @@ def test_rapid_changes_never_overlap_and_end_with_the_final_state(tmp_path, runn
 def test_hung_hook_is_terminated_and_the_next_change_gets_its_call(tmp_path, runners, hook_log):
     path, rec = recorder(tmp_path, middle='[ "$1" = leader ] && sleep 600')
     h = runners(path, timeout=0.5)
-    h.announce(LEADER, "acquired")
-    wait_for(lambda: records(rec, "start"), 10, "the leader call")
+    (_, _, _, pid, *_), _ = call_started(h, rec, LEADER)
     t0 = time.monotonic()
-    h.announce(STANDBY, "lost")
-    wait_for(lambda: STANDBY in states_called(rec), 10, "the standby call")
+    call_started(h, rec, STANDBY)
     assert time.monotonic() - t0 < 5
-    pid = records(rec, "start")[0][3]
     wait_for(lambda: hook_log.find("hook hook leader: killed by SIGTERM"), 10, "the kill line")
     assert hook_log.find("hook hook leader: still running after", logging.WARNING)
     wait_for(lambda: proc_gone(pid), 5, "the hung hook reaped")
@@ -209,25 +212,20 @@ def test_hung_hook_is_terminated_and_the_next_change_gets_its_call(tmp_path, run
 def test_hook_ignoring_sigterm_gets_sigkill(tmp_path, runners, hook_log):
     path, rec = recorder(tmp_path, middle="trap '' TERM; while :; do sleep 0.1; done")
     h = runners(path, timeout=0.3)
-    h.announce(STANDBY, "starting")
-    wait_for(lambda: records(rec, "start"), 10, "the call")
-    t0 = time.monotonic()
+    (_, _, _, pid, *_), t0 = call_started(h, rec, STANDBY)
     wait_for(lambda: hook_log.find("killed by SIGKILL"), 15, "SIGKILL")
     assert 1.5 < time.monotonic() - t0 + 0.3 < 10  # SIGTERM at 0.3 s, SIGKILL 2 s later
     assert hook_log.find("sending SIGTERM") and hook_log.find("sending SIGKILL")
-    wait_for(lambda: proc_gone(records(rec, "start")[0][3]), 5, "the hook reaped")
+    wait_for(lambda: proc_gone(pid), 5, "the hook reaped")
 
 
 def test_finish_with_a_hung_hook_returns_by_the_deadline(tmp_path, runners, hook_log):
     path, rec = recorder(tmp_path, middle="trap '' TERM; while :; do sleep 0.1; done")
     h = runners(path, timeout=60)
-    h.announce(STANDBY, "planned stop")
-    wait_for(lambda: records(rec, "start"), 10, "the call")
-    t0 = time.monotonic()
+    (_, _, _, pid, *_), t0 = call_started(h, rec, STANDBY)
     h.finish(t0 + 1.5)
     took = time.monotonic() - t0
     assert took < 1.5 + 0.5, took
-    pid = records(rec, "start")[0][3]
     wait_for(lambda: proc_gone(pid), 5, "the hook killed and reaped")
     assert hook_log.find("sending SIGTERM")
 
@@ -259,12 +257,10 @@ def test_finish_and_close_without_hook_or_calls(tmp_path, runners):
 def test_close_kills_a_running_hook(tmp_path, runners, hook_log):
     path, rec = recorder(tmp_path, middle="trap '' TERM; sleep 600")
     h = runners(path, timeout=60)
-    h.announce(LEADER, "acquired")
-    wait_for(lambda: records(rec, "start"), 10, "the call")
-    t0 = time.monotonic()
+    (_, _, _, pid, *_), t0 = call_started(h, rec, LEADER)
     h.close()
     assert time.monotonic() - t0 < 3
-    wait_for(lambda: proc_gone(records(rec, "start")[0][3]), 5, "the hook killed and reaped")
+    wait_for(lambda: proc_gone(pid), 5, "the hook killed and reaped")
     h.announce(STANDBY, "after close")  # ignored, no error
     assert states_called(rec) == [LEADER]
 

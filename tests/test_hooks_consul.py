@@ -6,7 +6,6 @@ the order against the key matters, the key as Consul had it at the moment of
 the call (read by the hook itself with python3's urllib: no curl needed).
 """
 
-import os
 import re
 import signal
 import socket
@@ -18,17 +17,9 @@ import pytest
 from consul_agent import wait_for
 from elector_process import PYTHON, run_elector
 from test_election_consul import elector_args, wait_leader
+from test_hooks import proc_gone, recorder, records, states_called
 
 pytestmark = pytest.mark.consul
-
-RECORDING_HOOK = """
-rec={rec}
-mkdir "$rec.lock" 2>/dev/null || echo OVERLAP >> "$rec"
-echo "start $1 $(date +%s.%N) $$ $2 $3 session=$VIP_ELECTOR_SESSION" >> "$rec"
-{middle}
-echo "end $1 $(date +%s.%N)" >> "$rec"
-rmdir "$rec.lock"
-"""
 
 # Prints the key's value and session as Consul has them now (or "absent").
 READ_KEY = """{python} -c '
@@ -42,27 +33,15 @@ except urllib.error.HTTPError:
 
 
 def write_hook(tmp_path, name, middle=""):
-    rec = tmp_path / (name + ".rec")
-    path = tmp_path / name
-    path.write_text("#!/bin/sh\n" + RECORDING_HOOK.format(rec=rec, middle=middle))
-    path.chmod(0o755)
-    return str(path), rec
+    return recorder(tmp_path, middle, name)
 
 
 def calls(rec):
-    if not rec.exists():
-        return []
-    return [line.split() for line in rec.read_text().splitlines() if line.startswith("start ")]
+    return records(rec, "start")
 
 
 def ends(rec):
-    if not rec.exists():
-        return []
-    return [line.split() for line in rec.read_text().splitlines() if line.startswith("end ")]
-
-
-def states(rec):
-    return [c[1] for c in calls(rec)]
+    return records(rec, "end")
 
 
 @pytest.fixture
@@ -88,8 +67,8 @@ def test_called_at_start_as_leader_and_as_follower(consul, key, tmp_path, start_
     wait_for(lambda: ends(rec_a), 20, message="node-a's first call")
     b = start_with_hook(consul, key, "node-b", hook_b)
     wait_for(lambda: ends(rec_b), 20, message="node-b's first call")
-    assert states(rec_a) == ["leader"]
-    assert states(rec_b) == ["standby"]
+    assert states_called(rec_a) == ["leader"]
+    assert states_called(rec_b) == ["standby"]
     first = calls(rec_a)[0]
     assert first[4:6] == [key, "node-a"]
     session = consul.kv_get(key)["Session"]
@@ -101,19 +80,19 @@ def test_called_at_start_as_leader_and_as_follower(consul, key, tmp_path, start_
 
 def test_planned_stop_calls_standby_before_the_key_is_released(consul, key, tmp_path,
                                                                start_with_hook):
-    rec = tmp_path / "hook.rec"
+    rec = tmp_path / "hook.rec"  # where the hook below writes (recorder() names it so)
     hook, rec = write_hook(tmp_path, "hook", middle=(
         '[ "$1" = standby ] && ' + READ_KEY.format(python=PYTHON, addr=consul.http_addr,
                                                   key=key, rec=rec)))
     a = start_with_hook(consul, key, "node-a", hook)
     wait_leader(consul, key, "node-a")
-    wait_for(lambda: states(rec) == ["leader"] and ends(rec), 20, message="the leader call")
+    wait_for(lambda: states_called(rec) == ["leader"] and ends(rec), 20, message="the leader call")
     session = consul.kv_get(key)["Session"]
     t0 = time.monotonic()
     a.terminate()
     assert a.wait(10) == 0
     assert time.monotonic() - t0 < 5.5
-    assert states(rec) == ["leader", "standby"]
+    assert states_called(rec) == ["leader", "standby"]
     assert len(ends(rec)) == 2, "the standby call must finish before the key is released"
     seen = [line for line in rec.read_text().splitlines() if line.startswith("key ")]
     assert seen == ["key node-a %s" % session], seen
@@ -126,11 +105,11 @@ def test_failed_check_calls_standby(consul, key, check_id, tmp_path, start_with_
     hook, rec = write_hook(tmp_path, "hook")
     a = start_with_hook(consul, key, "node-a", hook, check_id=check_id)
     wait_leader(consul, key, "node-a")
-    wait_for(lambda: states(rec) == ["leader"], 20, message="the leader call")
+    wait_for(lambda: states_called(rec) == ["leader"], 20, message="the leader call")
     consul.fail_check(check_id)
-    wait_for(lambda: states(rec) == ["leader", "standby"], 20, message="the standby call")
+    wait_for(lambda: states_called(rec) == ["leader", "standby"], 20, message="the standby call")
     consul.pass_check(check_id)
-    wait_for(lambda: states(rec) == ["leader", "standby", "leader"], 30, message="leader again")
+    wait_for(lambda: states_called(rec) == ["leader", "standby", "leader"], 30, message="leader again")
     no_internal_errors(a)
 
 
@@ -148,10 +127,10 @@ def test_flapping_check_never_overlaps_and_ends_with_the_final_state(consul, key
         time.sleep(0.15)
     consul.fail_check(check_id)
     wait_for(lambda: leader_gone(consul, key), 20, message="the key to be released")
-    wait_for(lambda: states(rec)[-1:] == ["standby"] and len(ends(rec)) == len(calls(rec)), 30,
+    wait_for(lambda: states_called(rec)[-1:] == ["standby"] and len(ends(rec)) == len(calls(rec)), 30,
              message="the final standby call")
     assert "OVERLAP" not in rec.read_text()
-    got = states(rec)
+    got = states_called(rec)
     assert all(x != y for x, y in zip(got, got[1:])), got
     no_internal_errors(a)
 
@@ -167,14 +146,14 @@ def test_hung_hook_is_killed_and_the_next_change_gets_its_call(consul, key, chec
     hook, rec = write_hook(tmp_path, "hook", middle='[ "$1" = leader ] && sleep 600')
     a = start_with_hook(consul, key, "node-a", hook, check_id=check_id, timeout="1s")
     wait_leader(consul, key, "node-a")
-    wait_for(lambda: states(rec) == ["leader"], 20, message="the leader call")
+    wait_for(lambda: states_called(rec) == ["leader"], 20, message="the leader call")
     consul.fail_check(check_id)
     t0 = time.monotonic()
-    wait_for(lambda: "standby" in states(rec), 20, message="the standby call")
+    wait_for(lambda: "standby" in states_called(rec), 20, message="the standby call")
     assert time.monotonic() - t0 < 1 + 5
     a.wait_for_line(re.compile(r"hook hook leader: killed by SIGTERM"), 10)
-    pid = int(calls(rec)[0][3])
-    wait_for(lambda: not os.path.exists("/proc/%d" % pid), 10, message="the hung hook reaped")
+    pid = calls(rec)[0][3]
+    wait_for(lambda: proc_gone(pid), 10, message="the hung hook reaped")
     no_internal_errors(a)
 
 
@@ -188,9 +167,9 @@ def test_stop_with_a_hung_hook_exits_within_5_s(consul, key, tmp_path, start_wit
     a.terminate()
     assert a.wait(10) == 0
     assert time.monotonic() - t0 < 5.5
-    wait_for(lambda: "standby" in states(rec), 1, message="the standby call")
-    pid = int(calls(rec)[-1][3])
-    wait_for(lambda: not os.path.exists("/proc/%d" % pid), 5, message="the hung hook killed")
+    wait_for(lambda: "standby" in states_called(rec), 1, message="the standby call")
+    pid = calls(rec)[-1][3]
+    wait_for(lambda: proc_gone(pid), 5, message="the hung hook killed")
     assert leader_gone(consul, key), "the key must still be released"
     no_internal_errors(a)
 
@@ -290,10 +269,10 @@ def test_cut_off_leader_calls_standby_before_consul_could_move_the_key(consul, k
         a = electors(elector_args(config, "node-a", lock_delay="1s",
                                   extra=["--hook", hook]), name="node-a")
         wait_leader(consul, key, "node-a")
-        wait_for(lambda: states(rec) == ["leader"] and ends(rec), 20, message="the leader call")
+        wait_for(lambda: states_called(rec) == ["leader"] and ends(rec), 20, message="the leader call")
         t_cut = time.time()
         proxy.cut_off()
-        wait_for(lambda: "standby" in states(rec), 15, message="the standby call")
+        wait_for(lambda: "standby" in states_called(rec), 15, message="the standby call")
         t_standby = float(calls(rec)[-1][2])
         # Consul could give the key away after serfHealth detection plus
         # lock-delay; the daemon stops claiming at its last confirmed renewal

@@ -204,3 +204,44 @@ def test_fence_refuses_an_unsafe_settings_file(lab, tmp_path):
     finally:
         fence.config.chmod(0o644)
         fence.close()
+
+
+def test_with_the_daemon_the_vip_is_never_on_two_nodes_and_comes_back_only_with_the_key(tmp_path,
+                                                                                        hook_log):
+    """node-a runs vip-elector with the example hook; node-b runs plain vip-elector and vip-manager."""
+    reason = vipnet.missing_prerequisite()
+    if reason:
+        pytest.skip(reason)
+    with vipnet.Lab(nodes="ab", vip_manager=False, interval_ms=100) as lab:
+        lab.start_vip_manager("b")
+        fence = Fence(lab, tmp_path, "%s --config %s" % (vipnet.VIP_MANAGER, lab.vip_manager_config("a")))
+        try:
+            t0 = time.time()
+            a = lab.start_elector("a", extra=["--hook", fence.wrapper])
+            assert lab.wait_leader(timeout=30)[0] == "a"
+            a.wait_line(r"hook vip-elector-fence leader: exited 0", 30)
+            lab.wait_vip_on("a", timeout=15)
+            lab.start_elector("b")
+            lab.wait_competing("b")
+            # a's check fails: a says standby, the hook fences, b takes over.
+            lab.fail_check("a")
+            a.wait_line(r"hook vip-elector-fence standby: exited 0", 30)
+            assert lab.wait_leader(timeout=30, among="b")[0] == "b"
+            lab.wait_vip_on("b", timeout=15)
+            # a is healthy again but b holds the key: a stays standby, no VIP.
+            t_healthy = time.time()
+            lab.pass_check("a")
+            time.sleep(HOLD_OFF)
+            assert not lab.vip_monitor.ever_on(IFACE, t_healthy, time.time())
+            assert lab.leader() == "b"
+            # b stops: a wins the key, and only then gets the VIP back.
+            t_stop = time.time()
+            lab.electors["b"].stop(timeout=6)
+            assert lab.wait_leader(timeout=30, among="a", since=t_stop)[0] == "a"
+            lab.wait_vip_on("a", timeout=15)
+            t_key = lab.watcher.wait(lambda s: s[1] == lab.name("a") and s[2], 5, since=t_stop)[0]
+            assert lab.vip_monitor.first_add(IFACE, t_stop) >= t_key - 0.05
+            assert lab.vip_monitor.overlaps(t0) == [], lab.vip_monitor.overlaps(t0)
+            assert "internal error" not in "\n".join(text for _, text in a.lines)
+        finally:
+            fence.close()

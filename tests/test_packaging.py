@@ -203,3 +203,104 @@ def test_maintainer_scripts_are_valid_sh_with_debhelper_token(script):
     path = source("debian", script)
     assert subprocess.run(["sh", "-n", path]).returncode == 0
     assert "\n#DEBHELPER#\n" in read("debian", script)
+
+
+# ------------------------------------------------- unit and maintainer scripts
+
+def unit_settings():
+    """{Name: [values]} of the shipped unit's [Service] section."""
+    settings = {}
+    section = None
+    for line in read("systemd", "vip-elector.service").replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            settings.setdefault(name, []).append(value)
+    return settings
+
+
+def seconds(value):
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s)?", value)
+    assert m, value
+    return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+
+
+def test_debian_unit_is_the_shipped_unit():
+    assert os.path.realpath(source("debian", "vip-elector.service")) == \
+        os.path.realpath(source("systemd", "vip-elector.service")) or \
+        read("debian", "vip-elector.service") == read("systemd", "vip-elector.service")
+
+
+def test_unit_reloads_keeps_its_state_and_restarts_fast():
+    """SPEC §8.4: reload by SIGHUP, a runtime directory kept across restarts,
+    a crashed daemon restarted within 2 s (well inside the session's TTL)."""
+    unit = unit_settings()
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert unit["RuntimeDirectory"] == ["vip-elector"]
+    assert unit["RuntimeDirectoryMode"] == ["0700"]
+    assert unit["RuntimeDirectoryPreserve"] == ["yes"]
+    assert unit["Restart"] == ["on-failure"]
+    assert seconds(unit["RestartSec"][-1]) <= 2
+
+
+def test_postinst_reloads_on_upgrade_without_calling_systemctl_directly():
+    """Upgrades reload (SPEC §8.6) through deb-systemd-invoke, as debhelper
+    does; lintian flags any other systemctl call in a maintainer script."""
+    for script in ("vip-elector.postinst", "vip-elector.postrm"):
+        for line in read("debian", script).splitlines():
+            if re.match(r"^(?:.+;)?\s*systemctl\b", line):
+                assert "daemon-reload" in line, "%s calls systemctl: %s" % (script, line)
+    postinst = read("debian", "vip-elector.postinst")
+    assert re.search(r'deb-systemd-invoke "\$action" vip-elector\.service', postinst)
+    assert "action=try-reload-or-restart" in postinst
+    rules = read("debian", "rules")
+    assert re.search(r"dh_installsystemd .*--no-stop-on-upgrade", rules)
+    assert re.search(r"dh_installsystemd .*--no-restart-after-upgrade", rules)
+
+
+# ------------------------------------------------------- the built package
+
+@pytest.fixture(scope="module")
+def built_deb():
+    """The package built from this tree (a few seconds, DEB_BUILD_OPTIONS=nocheck).
+    Not inside dpkg-buildpackage itself, where these tests also run."""
+    if os.environ.get("VIP_ELECTOR_IN_PACKAGE_BUILD"):
+        pytest.skip("inside the package build: the built package is checked by make unit")
+    from debbuild import build_deb, build_unavailable
+    reason = build_unavailable()
+    if reason:
+        pytest.skip(reason)
+    return build_deb()
+
+
+ALIASED = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+def test_built_package_has_nothing_in_aliased_locations(built_deb):
+    """trixie's merged /usr: a file under /lib, /bin or /sbin is an
+    aliased-location error for its lintian and a warning on purge."""
+    from debbuild import deb_files
+    files = deb_files(built_deb)
+    assert "/usr/lib/systemd/system/vip-elector.service" in files, files
+    assert "/usr/bin/vip-elector" in files, files
+    aliased = [f for f in files if f in ALIASED or f.startswith(tuple(a + "/" for a in ALIASED))]
+    assert not aliased, aliased
+
+
+def test_built_package_never_stops_or_restarts_on_upgrade(built_deb):
+    """debhelper's part of the maintainer scripts: no stop before an upgrade
+    (preinst), a stop only on removal (prerm), no restart after (postinst)."""
+    from debbuild import deb_control_file
+    assert "deb-systemd-invoke stop" not in deb_control_file(built_deb, "preinst")
+    prerm = deb_control_file(built_deb, "prerm")
+    stops = [line for line in prerm.splitlines() if "deb-systemd-invoke stop" in line]
+    assert stops, "removal must stop the daemon (a planned stop)"
+    assert re.search(r'\[ "\$1" = remove \][^\n]*\n\s*deb-systemd-invoke stop', prerm), prerm
+    postinst = deb_control_file(built_deb, "postinst")
+    assert not re.search(r"deb-systemd-invoke\s+(\$_dh_action|restart|stop)", postinst), postinst
+    assert "deb-systemd-invoke start 'vip-elector.service'" in postinst
+    # The reload comes before debhelper's start: a stopped daemon is started, not reloaded.
+    assert postinst.index('deb-systemd-invoke "$action"') < \
+        postinst.index("deb-systemd-invoke start 'vip-elector.service'")

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional, TextIO
 
 from .config import Settings, format_duration
-from .consul import CheckNotPassing, ConsulClient, ConsulError, KeyState, PermissionDenied
+from .consul import (CheckNotPassing, ConsulClient, ConsulError, KeyState, PermissionDenied,
+                     untested_library)
 
 POLICY_EXAMPLE = "/usr/share/doc/vip-elector/examples/consul-acl-policy.hcl"
 
@@ -174,6 +175,9 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
                  f"{format_duration(settings.lock_delay)}, {who}")
     for warning in settings.warnings:
         print(f"warn  {warning}", file=out)
+    untested = untested_library()
+    if untested:
+        print(f"warn  {untested}", file=out)
 
     ok, key = attempt(f"Consul at {settings.address}", lambda: consul.read_key()[1])
     if not ok:

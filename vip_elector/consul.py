@@ -578,10 +578,15 @@ def _key_state(data: Any) -> Optional[KeyState]:
 
 
 def library_name() -> str:
-    """Which Consul library is in use, for ``--version`` and bug reports."""
-    path = getattr(consul_lib, "__file__", "") or ""
-    version = getattr(consul_lib, "__version__", "?")
-    return f"consul {version} ({os.path.dirname(path)})"
+    """Which Consul library is in use (distribution, version, path), for ``--version``."""
+    from .library import describe
+    return str(describe(consul_lib))
+
+
+def untested_library() -> Optional[str]:
+    """A warning when the Consul library is not one the tests run, else None."""
+    from .library import untested_warning
+    return untested_warning(consul_lib)
 
 
 __all__ = [

@@ -74,11 +74,13 @@ class Reloader:
             for name in self._from_defaults - set(values):
                 env.pop(name, None)
             env.update(values)
-            # systemd splits an unquoted $VAR in ExecStart= at white space.
-            args = values.get(OPTS_VAR, "").split()
-            if not args:
-                raise ConfigError(f"{self.defaults} sets no {OPTS_VAR}: set it (the options "
-                                  "vip-elector runs with), then reload again.")
+            # The unit runs ExecStart=… $VIP_ELECTOR_OPTS, from this file or from an
+            # Environment= line (a drop-in); systemd splits it at white space.
+            if OPTS_VAR in env or OPTS_VAR in self.env:
+                args = env.get(OPTS_VAR, "").split()
+                if not args:
+                    raise ConfigError(f"{self.defaults} sets no {OPTS_VAR}: set it (the options "
+                                      "vip-elector runs with), then reload again.")
         validate(args, env)
         self.next = Invocation(args, env)
         return self.next

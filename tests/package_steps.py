@@ -72,6 +72,15 @@ def write_vip_manager_config(ct, consul, key, name):
            "ip: 192.0.2.10\nnetmask: 24\ninterface: eth0\n" % (consul.url, key, name))
 
 
+def set_options(ct, options="--vip-manager-config=/etc/vip-manager.yml"):
+    """VIP_ELECTOR_OPTS from a drop-in: the conffile ships none (the unit stays
+    skipped until set) and stays untouched for the upgrade steps."""
+    ct.put("/etc/systemd/system/vip-elector.service.d/opts.conf",
+           '[Service]\nEnvironment="VIP_ELECTOR_OPTS=%s"\n' % options)
+    if ct.run(["test", "-d", "/run/systemd/system"], check=False).returncode == 0:
+        ct.run(["systemctl", "daemon-reload"], check=False)
+
+
 def journal_entries(ct, *args):
     out = ct.journal("-u", UNIT, "-o", "json", *args)
     return [json.loads(line) for line in out.splitlines() if line.strip()]

@@ -43,7 +43,7 @@ BUILD_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME":
 
 def build(workdir, version, run_tests):
     """dpkg-buildpackage on a copy of this tree whose changelog names `version`."""
-    from test_package_container import _bump, _copy_source
+    from debbuild import _bump, _copy_source
     src = os.path.join(workdir, "src")
     _copy_source(src)
     _bump(src, version, "operator test build")

@@ -51,8 +51,8 @@ import pytest
 from debbuild import build_release, deb_field, deb_files, release_unavailable, series_or_skip
 from package_steps import (CONFFILE, apt_install, apt_purge, assert_quiet, internal_errors,  # noqa: F401
                            journal_cursor, journal_entries, key_untouched, main_pid,
-                           reloaded_in_place, runs_version, stat, step, unit, wait_leading,
-                           write_vip_manager_config)
+                           reloaded_in_place, runs_version, set_options, stat, step, unit,
+                           wait_leading, write_vip_manager_config)
 
 pytestmark = [pytest.mark.container, pytest.mark.consul]
 
@@ -149,9 +149,7 @@ def test_configured_leader(ct, consul, key, step, request):
     write_vip_manager_config(ct, consul, key, NAME)
     # The options from a drop-in, so the conffile stays untouched for the
     # upgrade below (EnvironmentFile= would win, but it sets nothing).
-    ct.put("/etc/systemd/system/vip-elector.service.d/opts.conf",
-           '[Service]\nEnvironment="VIP_ELECTOR_OPTS=--vip-manager-config=/etc/vip-manager.yml"\n')
-    ct.systemctl("daemon-reload")
+    set_options(ct)
     ct.systemctl("restart", "vip-elector")
     wait_leading(ct, consul, key, NAME)
     holder = consul.holder(key)
@@ -231,8 +229,8 @@ def test_upgrade_reloads_and_runs_the_new_code(ct, consul, debs, step, request):
 def test_upgrade_keeps_modified_conffile(ct, consul, debs, step, request):
     step("test_upgrade_reloads_and_runs_the_new_code")
     key = request.module.KEY
-    mine = ct.read(CONFFILE) + 'VIP_ELECTOR_OPTS="--vip-manager-config=/etc/vip-manager.yml --ttl=15s"\n'
-    assert "--ttl=15s" in mine
+    opts = 'VIP_ELECTOR_OPTS="--vip-manager-config=/etc/vip-manager.yml"\n'
+    mine = ct.read(CONFFILE) + "# changed by the administrator\n" + opts
     ct.put(CONFFILE, mine, mode=0o640, group="vip-elector")
     res = reloaded_in_place(ct, consul, key, NAME, deb_field(debs["v3"], "Version"),
                             lambda: apt_install(ct, debs["v3"], "-o",
@@ -241,12 +239,23 @@ def test_upgrade_keeps_modified_conffile(ct, consul, debs, step, request):
     assert ct.read(CONFFILE) == mine
     assert stat(ct, CONFFILE) == "root:vip-elector 640"
     ct.run(["test", "-f", CONFFILE + ".dpkg-dist"])      # the package's version, beside it
-    # The options systemd passes come from the defaults file at start: a
-    # reload keeps them, a restart (a planned stop) applies the new ones.
-    ct.systemctl("restart", "vip-elector")
-    cmdline = ct.read("/proc/%s/cmdline" % main_pid(ct)).split("\0")
+    # systemd gives the main process its options only at start; the unit's
+    # ExecReload= hands the current ones over, so a reload applies an edit
+    # of the defaults file (here a new TTL: a new session, same process).
+    pid = main_pid(ct)
+    ct.put(CONFFILE, mine.replace(opts, opts.replace('.yml"', '.yml --ttl=15s"')), mode=0o640,
+           group="vip-elector")
+    ct.systemctl("reload", "vip-elector")
+    assert main_pid(ct) == pid
+    cmdline = ct.read("/proc/%s/cmdline" % pid).split("\0")
     assert "--ttl=15s" in cmdline, cmdline
     wait_leading(ct, consul, key, NAME)
+    assert consul.session_info(consul.kv_get(key)["Session"])["TTL"] == "15s"
+    ct.put(CONFFILE, mine, mode=0o640, group="vip-elector")   # back, for the steps below
+    ct.systemctl("reload", "vip-elector")
+    wait_for(lambda: consul.session_info((consul.kv_get(key) or {}).get("Session") or "x") and
+             consul.session_info(consul.kv_get(key)["Session"])["TTL"] == "10s", 20,
+             message="leading with the TTL of the restored options")
 
 
 def test_reinstall_restores_deleted_conffile_with_mode(ct, consul, debs, step, request):

@@ -237,7 +237,7 @@ def test_unit_reloads_keeps_its_state_and_restarts_fast():
     """SPEC §8.4: reload by SIGHUP, a runtime directory kept across restarts,
     a crashed daemon restarted within 2 s (well inside the session's TTL)."""
     unit = unit_settings()
-    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert unit["ExecReload"] == ["/usr/bin/vip-elector --reload-pid $MAINPID"]
     assert unit["RuntimeDirectory"] == ["vip-elector"]
     assert unit["RuntimeDirectoryMode"] == ["0700"]
     assert unit["RuntimeDirectoryPreserve"] == ["yes"]

@@ -28,7 +28,8 @@ import pytest
 
 from debbuild import deb_field, series_or_skip
 from package_steps import (apt_install, apt_purge, assert_quiet, internal_errors,  # noqa: F401
-                           reloaded_in_place, step, unit, wait_leading, write_vip_manager_config)
+                           reloaded_in_place, set_options, step, unit, wait_leading,
+                           write_vip_manager_config)
 
 pytestmark = [pytest.mark.container, pytest.mark.consul]
 
@@ -63,6 +64,7 @@ def test_trixie_lintian_is_clean(ct, debs):
 def test_install_configure_lead(ct, consul, key, debs, step):
     assert int(ct.run(["systemctl", "--version"]).stdout.split()[1]) >= 257
     write_vip_manager_config(ct, consul, key, NAME)
+    set_options(ct)
     assert_quiet(apt_install(ct, debs["v1"]), "apt-get install")
     wait_leading(ct, consul, key, NAME)
     version = ct.run(["vip-elector", "--version"]).stdout

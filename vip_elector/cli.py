@@ -62,6 +62,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="run PATH leader|standby KEY VALUE whenever this node's state changes")
     p.add_argument("--hook-timeout", metavar="DURATION", default="10s",
                    help="kill a hook still running after this long (default 10s)")
+    p.add_argument("--reload-pid", metavar="PID", type=int,
+                   help="what the unit's ExecReload= runs: hand the unit's current options and "
+                        "environment to the daemon PID and make it reload")
     p.add_argument("--check", action="store_true",
                    help="check configuration and Consul access, print a report, take no leadership")
     p.add_argument("--check-service", nargs="?", const="", metavar="INSTANCE",
@@ -73,7 +76,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
     args = p.parse_args(argv)
-    if not args.version and args.check_service is None and not args.vip_manager_config:
+    if not args.version and args.check_service is None and args.reload_pid is None \
+            and not args.vip_manager_config:
         raise UsageError("the --vip-manager-config PATH option is required")
     return args
 
@@ -150,6 +154,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.version:
         print(_version())
         return EXIT_OK
+    if args.reload_pid is not None:
+        from .reexec import request_reload
+        return request_reload(args.reload_pid)
     if args.check_service is not None:
         return service.check_service_main(args.check_service or None)
     daemon = not args.check

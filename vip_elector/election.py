@@ -729,6 +729,11 @@ class Election:
         if isinstance(event, WatchFailed):
             log.debug("watch on %s failed: %s", self.settings.trigger_key, event.error)
             return
+        if self.trouble is not None:
+            # The watcher got an answer: Consul is back. Try now, not at the end of the backoff.
+            self.retry_at = self.clock()
+            if self.session is not None:
+                self.decide_at = self.clock()
         if event.index < self.key_index:
             # Older than what we read ourselves — or Consul's index went back: read afresh.
             self.decide_at = self.clock()

@@ -540,6 +540,12 @@ class ClusterLab(Lab):
     def sessions_by_name(self):
         return sorted(s["Name"] for s in self.consul.sessions() if s["Name"].startswith("vip-elector-"))
 
+    def orphan_sessions(self):
+        """vip-elector sessions beyond one per running elector (stale or duplicate)."""
+        running = {"vip-elector-" + self.name(n) for n, p in self.electors.items() if p.alive()}
+        names = self.sessions_by_name()
+        return len(names) - len(running & set(names))
+
     def steady(self):
         """(leader, "") when the lab is settled, else (None, why not): exactly one
         elector claims, the key names it, one session per running elector, the

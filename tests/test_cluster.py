@@ -83,7 +83,7 @@ def run(faults, kind, **options):
     r = faults.run(kind, **options)
     RESULTS.append(r)
     print(FaultResult.HEADER + "\n" + r.row() + "".join("\n    " + n for n in r.notes))
-    assert not r.errors, "%s: invariants of SPEC §9.6 broken:\n  %s\nlab directory: %s" % (
+    assert not r.errors, "%s: invariants of SPEC §9.6 broken:\n  %s\nlab directory (kept when VIP_ELECTOR_KEEP_LAB=1): %s" % (
         kind, "\n  ".join(r.errors), faults.lab.dir)
     return r
 

@@ -11,6 +11,7 @@
                 reaped at teardown
                 (its log is printed when the test fails).
   write_config(addr, key, **fields) -> path of a vip-manager YAML file.
+  notify_socket(abstract=False) -> a NotifySocket (tests/helpers.py), closed at teardown.
 
 A dev agent starts in ~0.2 s, so per-test agents are cheap; the module agent
 only saves the processes.
@@ -24,6 +25,7 @@ import yaml
 
 from consul_agent import ConsulAgent, find_consul
 from elector_process import Elector
+from helpers import NotifySocket
 
 NODE = "vip-test-node"
 
@@ -123,3 +125,19 @@ def write_config(tmp_path):
         return str(path)
 
     return write
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    """notify_socket(abstract=False) -> a NotifySocket, closed at teardown."""
+    made = []
+
+    def make(abstract=False):
+        path = ("@vip-elector-test-%s" % uuid.uuid4().hex if abstract
+                else str(tmp_path / ("notify-%d.sock" % len(made))))
+        made.append(NotifySocket(path))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()

@@ -12,18 +12,8 @@ import contextlib
 import threading
 from typing import Optional
 
-from vip_elector.config import LOCK_FLAG
-from vip_elector.consul import CheckNotPassing, ConsulUnreachable, InvalidSession, KeyState
-
-
-class FakeTransport:
-    def __init__(self):
-        self.timeouts: list[float] = []
-
-    @contextlib.contextmanager
-    def timeout(self, seconds: float):
-        self.timeouts.append(seconds)
-        yield
+from vip_elector.consul import (LOCK_FLAG, CheckNotPassing, ConsulUnreachable, InvalidSession, KeyState,
+                                SessionInfo)
 
 
 class FakeConsul:
@@ -38,8 +28,13 @@ class FakeConsul:
         self.renew_fails = False
         self.refuse_acquires = 0
         self.calls: list[str] = []
-        self.transport = FakeTransport()
+        self.time_limits: list[float] = []
+        self.aborts = 0
+        self.key_name = "service/pg/leader"
+        self.session_names: dict[str, str] = {}
         self._next_session = 0
+        self.checks_of: dict[str, tuple] = {}
+        self.ttl, self.lock_delay = 0.6, 0.2
 
     # helpers for tests
     def _call(self, name: str) -> None:
@@ -76,6 +71,21 @@ class FakeConsul:
         self._call("check_states")
         return {c: self.checks.get(c) for c in check_ids}
 
+    def time_limit(self, seconds: float):
+        self.time_limits.append(seconds)
+        return contextlib.nullcontext()
+
+    def abort(self, thread_id: int) -> None:
+        self.aborts += 1
+
+    def session_info(self, sid: str) -> Optional[SessionInfo]:
+        self._call("session_info")
+        if sid not in self.sessions:
+            return None
+        return SessionInfo(id=sid, name=self.session_names.get(sid, f"vip-elector-{self.value}"),
+                           node="node1", checks=frozenset(self.checks_of.get(sid, ("serfHealth",))),
+                           ttl=self.ttl, lock_delay=self.lock_delay, behavior="delete")
+
     def create_session(self, checks) -> str:
         self._call("create_session")
         for c in checks:
@@ -87,6 +97,7 @@ class FakeConsul:
             self._next_session += 1
             sid = f"session-{self._next_session}"
             self.sessions.add(sid)
+            self.checks_of[sid] = tuple(checks)
         return sid
 
     def renew_session(self, sid: str) -> None:
@@ -100,7 +111,7 @@ class FakeConsul:
         self._call("destroy_session")
         self.invalidate(sid)
 
-    def read_key(self, index: Optional[int] = None, wait: Optional[float] = None):
+    def read_key(self, index: Optional[int] = None, wait: Optional[float] = None, key=None):
         self._call("read_key")
         with self.cond:
             if index:
@@ -123,7 +134,7 @@ class FakeConsul:
             self.key = KeyState(self.value, LOCK_FLAG, sid, self.index)
             return True
 
-    def delete_if_unchanged(self, modify_index: int) -> bool:
+    def delete_if_unchanged(self, modify_index: int, key=None) -> bool:
         self._call("delete_if_unchanged")
         with self.cond:
             if self.key is None or self.key.modify_index != modify_index:

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from vip_elector.config import LOCK_FLAG, ConfigError, Settings
-from vip_elector.consul import KeyState
-from vip_elector.election import Backoff, Election, Timing
+from vip_elector.config import ConfigError, Settings
+from vip_elector.consul import LOCK_FLAG, KeyState
+from vip_elector.election import Backoff, Election, Outcome, Role, Timing
 from vip_elector.systemd import ElectionContext, Notifier
 
 from fake_consul import FakeConsul
@@ -90,12 +90,12 @@ class Running:
 def test_leads_when_the_key_is_free_and_says_so():
     consul = FakeConsul()
     with Running(consul) as r:
-        wait_for(lambda: r.election.leader, what="leadership")
+        wait_for(lambda: r.election.role == Role.LEADER, what="leadership")
         assert consul.key.session in consul.sessions and consul.key.flags == LOCK_FLAG
         assert consul.key.value == "node-a"
         wait_for(lambda: "leader: holding service/pg/leader as node-a" in r.recorder.statuses())
         assert r.recorder.messages.index("READY=1") < len(r.recorder.messages)
-    assert r.result == [0]
+    assert r.result == [Outcome.STOPPED]
 
 
 def test_ready_is_sent_even_when_consul_is_unreachable_and_retries_back_off():
@@ -110,7 +110,7 @@ def test_ready_is_sent_even_when_consul_is_unreachable_and_retries_back_off():
         assert any(s.startswith("waiting for Consul at 127.0.0.1:8500: connection refused")
                    for s in r.recorder.statuses())
         consul.reachable = True
-        wait_for(lambda: r.election.leader, what="leadership after Consul came back")
+        wait_for(lambda: r.election.role == Role.LEADER, what="leadership after Consul came back")
 
 
 def test_critical_check_means_no_session_until_it_passes():
@@ -123,7 +123,7 @@ def test_critical_check_means_no_session_until_it_passes():
         polls = consul.count("check_states")
         assert polls >= 2, "the check must be looked at again, regularly"
         consul.checks["vip-http"] = "passing"
-        wait_for(lambda: r.election.leader, what="leadership once the check passes")
+        wait_for(lambda: r.election.role == Role.LEADER, what="leadership once the check passes")
 
 
 def test_unregistered_check_is_reported_as_such():
@@ -150,9 +150,9 @@ def test_follower_takes_over_when_the_leader_releases():
     consul.set_key(KeyState("node-b", LOCK_FLAG, "other", 0))
     with Running(consul) as r:
         wait_for(lambda: "follower: leader is node-b" in r.recorder.statuses())
-        assert not r.election.leader
+        assert r.election.role != Role.LEADER
         consul.set_key(None)  # node-b's planned stop: CAS delete
-        wait_for(lambda: r.election.leader, what="takeover")
+        wait_for(lambda: r.election.role == Role.LEADER, what="takeover")
 
 
 def test_acquire_refused_by_lock_delay_is_retried_promptly():
@@ -160,7 +160,7 @@ def test_acquire_refused_by_lock_delay_is_retried_promptly():
     consul.refuse_acquires = 5  # the key looks free, Consul says false: lock-delay
     with Running(consul) as r:
         started = time.monotonic()
-        wait_for(lambda: r.election.leader, what="leadership after lock-delay")
+        wait_for(lambda: r.election.role == Role.LEADER, what="leadership after lock-delay")
         elapsed = time.monotonic() - started
         assert consul.count("acquire") >= 6
         assert elapsed < 2.0, f"retries must be prompt, took {elapsed:.2f}s"
@@ -169,10 +169,10 @@ def test_acquire_refused_by_lock_delay_is_retried_promptly():
 def test_session_invalidated_by_a_failing_check_loses_leadership(caplog):
     consul = FakeConsul()
     with caplog.at_level(logging.INFO, logger="vip_elector"), Running(consul) as r:
-        wait_for(lambda: r.election.leader)
+        wait_for(lambda: r.election.role == Role.LEADER)
         consul.checks["serfHealth"] = "critical"
         consul.invalidate(r.election.session)
-        wait_for(lambda: not r.election.leader, what="loss of leadership")
+        wait_for(lambda: r.election.role != Role.LEADER, what="loss of leadership")
         wait_for(lambda: any("waiting: check 'serfHealth' is critical" == s for s in r.recorder.statuses()))
     lost = [rec for rec in caplog.records if "LOCK LOST" in rec.getMessage()]
     assert lost and lost[0].MESSAGE_ID == "4da94490216148db9573bb18f3304344"
@@ -182,10 +182,10 @@ def test_session_invalidated_by_a_failing_check_loses_leadership(caplog):
 def test_renewals_failing_for_a_whole_ttl_lose_leadership():
     consul = FakeConsul()
     with Running(consul) as r:
-        wait_for(lambda: r.election.leader)
+        wait_for(lambda: r.election.role == Role.LEADER)
         consul.renew_fails = True
         t0 = time.monotonic()
-        wait_for(lambda: not r.election.leader, timeout=5, what="loss after a TTL of failed renewals")
+        wait_for(lambda: r.election.role != Role.LEADER, timeout=5, what="loss after a TTL of failed renewals")
         assert time.monotonic() - t0 >= 0.3  # not before the TTL (0.6 s) minus the renew interval
         consul.renew_fails = False
 
@@ -193,7 +193,7 @@ def test_renewals_failing_for_a_whole_ttl_lose_leadership():
 def test_renewal_happens_before_half_the_ttl():
     consul = FakeConsul()
     with Running(consul) as r:
-        wait_for(lambda: r.election.leader)
+        wait_for(lambda: r.election.role == Role.LEADER)
         n0 = consul.count("renew_session")
         time.sleep(1.2)
         renewals = consul.count("renew_session") - n0
@@ -204,10 +204,10 @@ def test_renewal_happens_before_half_the_ttl():
 def test_planned_stop_deletes_our_key_by_cas_then_destroys_the_session():
     consul = FakeConsul()
     with Running(consul) as r:
-        wait_for(lambda: r.election.leader)
+        wait_for(lambda: r.election.role == Role.LEADER)
         wait_for(lambda: r.election.key is not None and r.election.key.session == r.election.session)
         consul.calls.clear()
-        assert r.stop() == 0
+        assert r.stop() == Outcome.STOPPED
     assert consul.key is None and not consul.sessions
     assert consul.calls.index("delete_if_unchanged") < consul.calls.index("destroy_session")
     assert "STOPPING=1" in r.recorder.messages
@@ -216,10 +216,10 @@ def test_planned_stop_deletes_our_key_by_cas_then_destroys_the_session():
 def test_planned_stop_with_consul_gone_still_exits_promptly():
     consul = FakeConsul()
     with Running(consul) as r:
-        wait_for(lambda: r.election.leader)
+        wait_for(lambda: r.election.role == Role.LEADER)
         consul.reachable = False
         t0 = time.monotonic()
-        assert r.stop() == 0
+        assert r.stop() == Outcome.STOPPED
         assert time.monotonic() - t0 < 2
 
 
@@ -227,9 +227,9 @@ def test_watch_news_older_than_our_own_acquire_is_ignored():
     """The watcher's first answer (key absent) may arrive after we acquired: not a loss."""
     consul = FakeConsul()
     with Running(consul) as r:
-        wait_for(lambda: r.election.leader)
+        wait_for(lambda: r.election.role == Role.LEADER)
         time.sleep(0.1)
-        assert r.election.leader
+        assert r.election.role == Role.LEADER
         assert consul.count("acquire") == 1
 
 
@@ -237,7 +237,7 @@ def test_watchdog_is_pinged_from_the_loop_at_half_the_interval():
     consul = FakeConsul()
     env = {"NOTIFY_SOCKET": "/fake", "WATCHDOG_USEC": "200000"}
     with Running(consul, env=env) as r:
-        wait_for(lambda: r.election.leader)
+        wait_for(lambda: r.election.role == Role.LEADER)
         time.sleep(0.55)
         pings = r.recorder.messages.count("WATCHDOG=1")
         assert 3 <= pings <= 8, pings
@@ -246,7 +246,7 @@ def test_watchdog_is_pinged_from_the_loop_at_half_the_interval():
 def test_no_systemd_means_no_notifications():
     consul = FakeConsul()
     with Running(consul, env={}) as r:
-        wait_for(lambda: r.election.leader)
+        wait_for(lambda: r.election.role == Role.LEADER)
     assert r.recorder.messages == []
 
 
@@ -262,15 +262,24 @@ def test_watchdog_for_another_pid_is_not_ours():
     assert n.watchdog_interval is None
 
 
-def test_notify_socket_that_fails_is_given_up_once(caplog):
-    def broken(message):
-        raise FileNotFoundError(2, "No such file or directory")
-    n = Notifier(env={"NOTIFY_SOCKET": "/nowhere"}, send=broken)
-    with caplog.at_level(logging.WARNING, logger="vip_elector"):
+def test_notify_socket_that_fails_is_logged_once_and_used_again(caplog):
+    """A transient error must not end notifications: the watchdog would then kill us."""
+    sent, failing = [], [True]
+
+    def flaky(message):
+        if failing[0]:
+            raise FileNotFoundError(2, "No such file or directory")
+        sent.append(message)
+    n = Notifier(env={"NOTIFY_SOCKET": "/nowhere"}, send=flaky)
+    with caplog.at_level(logging.INFO, logger="vip_elector"):
         n.ready()
         n.status("leader")
         n.stopping()
-    assert len(caplog.records) == 1 and not n.active
+        assert [r.levelno for r in caplog.records] == [logging.WARNING]
+        failing[0] = False
+        n.status("follower")
+    assert sent == ["STATUS=follower"] and n.active
+    assert "works again" in caplog.records[-1].getMessage()
 
 
 def test_backoff_grows_jittered_between_one_and_thirty_seconds():
@@ -282,3 +291,158 @@ def test_backoff_grows_jittered_between_one_and_thirty_seconds():
     assert delays[3] > delays[1]
     b.reset()
     assert b.next() <= 1.2
+
+
+# --- SPEC §8, §9: honest claims, the guard, resume, reload -----------------------
+
+def test_cut_off_leader_stops_claiming_then_resumes_without_touching_the_key(caplog):
+    consul = FakeConsul()
+    with caplog.at_level(logging.INFO, logger="vip_elector"), Running(consul) as r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        key_before = consul.key
+        consul.renew_fails = True
+        wait_for(lambda: r.election.role == Role.CUT_OFF, what="cut off")
+        assert any(s.startswith("cut off: ") for s in r.recorder.statuses())
+        assert r.election.session == key_before.session, "the session is kept (§8.7)"
+        consul.renew_fails = False
+        wait_for(lambda: r.election.role == Role.LEADER, what="leading again")
+        assert consul.key == key_before and consul.count("acquire") == 1
+        assert consul.count("create_session") == 1, "never a second session while the first lives"
+    messages = [rec.getMessage() for rec in caplog.records]
+    assert any("LOCK LOST" in m and "cannot confirm" in m for m in messages)
+
+
+def test_claim_window_ends_before_another_node_could_hold_the_key():
+    """min(TTL, lock-delay + 3 s): TTL-bound for short TTLs, serfHealth-bound otherwise (§9.3)."""
+    consul = FakeConsul()
+    with Running(consul) as r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        assert r.election.claim_window() == pytest.approx(0.6)
+        assert r.election._claim_until() == pytest.approx(r.election.confirmed_at + 0.6)
+        # A leader confirms at least three times per window.
+        assert r.election._renew_interval() <= 0.6 / 3 + 1e-9
+    big = Election(settings(ttl=10.0, lock_delay=1.0), consul, Notifier(env={}),
+                   ElectionContext(), FAST)
+    assert big.claim_window() == pytest.approx(1.0 + FAST.claim_margin)
+
+
+def test_an_unexpected_exception_is_logged_as_internal_error_and_retried(caplog):
+    consul = FakeConsul()
+    real = consul.check_states
+    calls = [0]
+
+    def buggy(ids):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("a bug")
+        return real(ids)
+    consul.check_states = buggy
+    with caplog.at_level(logging.ERROR, logger="vip_elector"), Running(consul) as r:
+        wait_for(lambda: r.election.role == Role.LEADER, what="leadership despite the bug")
+    errors = [rec for rec in caplog.records if "internal error" in rec.getMessage()]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+def test_watcher_survives_a_bug_and_an_index_of_zero(caplog):
+    consul = FakeConsul()
+    real = consul.read_key
+    state = {"n": 0}
+
+    def odd(index=None, wait=None, key=None):
+        state["n"] += 1
+        if state["n"] == 3:
+            raise ValueError("a bug in the watcher's path")
+        idx, k = real(index, wait, key)
+        return (0, k) if index else (idx, k)   # blocking answers without an index
+    consul.read_key = odd
+    with caplog.at_level(logging.ERROR, logger="vip_elector"), Running(consul) as r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        n0 = state["n"]
+        time.sleep(0.5)
+        assert state["n"] - n0 < 25, "the watch spins on an index of 0"
+        assert r.election.watcher._thread is not None and r.election.watcher._thread.is_alive()
+
+
+def test_follower_whose_session_vanishes_says_so_at_once():
+    consul = FakeConsul()
+    consul.sessions.add("other")
+    consul.set_key(KeyState("node-b", LOCK_FLAG, "other", 0))
+    with Running(consul) as r:
+        wait_for(lambda: r.election.role == Role.FOLLOWER)
+        sid = r.election.session
+        consul.sessions.discard(sid)                # destroyed by an operator
+        wait_for(lambda: any(s.startswith("waiting: session gone") for s in r.recorder.statuses()),
+                 what="the follower noticing")
+        wait_for(lambda: r.election.session not in (None, sid), what="a new session")
+
+
+def test_resume_of_a_saved_session_leads_without_writing_the_key():
+    from vip_elector.state import SavedSession
+    consul = FakeConsul()
+    consul.sessions.add("session-old")
+    consul.checks_of["session-old"] = ("serfHealth",)
+    consul.set_key(KeyState("node-a", LOCK_FLAG, "session-old", 0))
+    before = consul.key
+    saved = SavedSession("session-old", "node1", "vip-elector-node-a", "service/pg/leader", "node-a",
+                         ("serfHealth",), 0.6, 0.2)
+    r = Running(consul)
+    r.election.saved = saved
+    with r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        assert r.election.session == "session-old"
+        assert consul.key == before and consul.count("acquire") == 0
+        assert consul.count("create_session") == 0
+
+
+def test_resume_of_a_session_for_another_configuration_releases_it():
+    from vip_elector.state import SavedSession
+    consul = FakeConsul()
+    consul.sessions.add("session-old")
+    consul.checks_of["session-old"] = ("serfHealth", "old-check")
+    consul.set_key(KeyState("node-a", LOCK_FLAG, "session-old", 0))
+    saved = SavedSession("session-old", "node1", "vip-elector-node-a", "service/pg/leader", "node-a",
+                         ("serfHealth", "old-check"), 0.6, 0.2)
+    r = Running(consul)
+    r.election.saved = saved
+    with r:
+        wait_for(lambda: r.election.role == Role.LEADER and r.election.session != "session-old")
+        assert "session-old" not in consul.sessions
+        assert consul.calls.index("delete_if_unchanged") < consul.calls.index("destroy_session")
+
+
+def test_reload_with_a_bad_configuration_keeps_running():
+    consul = FakeConsul()
+    r = Running(consul)
+
+    def bad():
+        raise ConfigError("/etc/vip-manager.yml sets dcs-type to 'etcd'")
+    r.election.reload_settings = bad
+    with r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        r.election.request_reload()
+        wait_for(lambda: "RELOADING=1" in r.recorder.messages)
+        wait_for(lambda: r.recorder.messages.count("READY=1") == 2, what="READY after the failed reload")
+        assert r.election.role == Role.LEADER
+        assert "reload failed: /etc/vip-manager.yml" in r.recorder.statuses()[-1]
+
+
+def test_valid_reload_returns_reexec_without_releasing():
+    consul = FakeConsul()
+    r = Running(consul)
+    r.election.reload_settings = lambda: None
+    with r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        key = consul.key
+        r.election.request_reload()
+        r.thread.join(5)
+    from vip_elector.election import Outcome as O
+    assert r.result == [O.REEXEC]
+    assert consul.key == key and key.session in consul.sessions
+    assert r.election.saved_session().session == key.session
+
+
+def test_every_step_runs_within_the_turn_budget():
+    consul = FakeConsul()
+    with Running(consul) as r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+    assert consul.time_limits and max(consul.time_limits) <= FAST.turn_budget

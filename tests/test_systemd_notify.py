@@ -26,23 +26,7 @@ from helpers import NotifySocket
 
 pytestmark = pytest.mark.consul
 
-ROLES = ("starting", "leader: ", "follower: ", "waiting", "stopping")
-
-
-@pytest.fixture
-def notify_socket(tmp_path):
-    """notify_socket(abstract=False) -> a NotifySocket, closed at teardown."""
-    made = []
-
-    def make(abstract=False):
-        path = ("@vip-elector-test-%s" % uuid.uuid4().hex if abstract
-                else str(tmp_path / ("notify-%d.sock" % len(made))))
-        made.append(NotifySocket(path))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
+ROLES = ("starting", "leader: ", "follower: ", "waiting", "cut off: ", "stopping", "stopped")
 
 
 def args_for(config, name, *extra):

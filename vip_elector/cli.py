@@ -7,17 +7,19 @@ mistake is one line naming the file or flag, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
-import signal
 import sys
 from typing import Optional, Sequence
 
-from . import __version__
+from . import __version__, signals
 from .config import ConfigError, Options, Settings, build_settings, format_duration, parse_duration
 from .systemd import MESSAGE_CONFIG_ERROR, ElectionContext, Notifier, logging_to_journal, setup_logging
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+#: Set by a reloading daemon for the program it re-executes.
+REEXEC_VAR = "VIP_ELECTOR_REEXEC"
 
 log = logging.getLogger("vip_elector")
 
@@ -84,8 +86,10 @@ def options_from(args: argparse.Namespace) -> Options:
     )
 
 
-def _config_error(error: ConfigError) -> int:
+def _config_error(error: ConfigError, notifier: Optional[Notifier] = None) -> int:
     """One line: to the journal with its MESSAGE_ID under systemd, else plainly to stderr."""
+    if notifier is not None:
+        notifier.final_status(f"stopped: configuration error: {error}")
     if logging_to_journal():
         log.error("configuration error: %s", error, extra={"MESSAGE_ID": MESSAGE_CONFIG_ERROR})
     else:
@@ -98,13 +102,24 @@ def _version() -> str:
     return f"vip-elector {__version__} ({library_name()}, Python {sys.version.split()[0]})"
 
 
-def _log_start(settings: Settings) -> None:
-    log.info("vip-elector %s starting: key %s, value %s, Consul %s, checks %s, ttl %s, lock-delay %s, "
-             "token from %s", __version__, settings.trigger_key, settings.value, settings.address,
-             "+".join(settings.checks), format_duration(settings.ttl),
-             format_duration(settings.lock_delay), settings.token_source)
+def _log_start(settings: Settings, reexec: bool = False) -> None:
+    log.info("vip-elector %s %s: key %s, value %s, Consul %s, checks %s, ttl %s, lock-delay %s, "
+             "token from %s, state in %s, hook %s", __version__,
+             "reloaded" if reexec else "starting", settings.trigger_key, settings.value,
+             settings.address, "+".join(settings.checks), format_duration(settings.ttl),
+             format_duration(settings.lock_delay), settings.token_source,
+             settings.state_dir or "nowhere (no --state-dir)", settings.hook or "none")
     for warning in settings.warnings:
         log.warning("%s", warning)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Everything the daemon will run with, validated (at start and on every reload)."""
+    settings = build_settings(options_from(args), os.environ)
+    if settings.hook:
+        from .hooks import validate_hook
+        settings = dataclasses.replace(settings, hook=validate_hook(settings.hook))
+    return settings
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -119,11 +134,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.version:
         print(_version())
         return EXIT_OK
+    daemon = not args.check
+    if daemon:
+        # From here on no SIGTERM, SIGINT or SIGHUP is lost or fatal: they wait,
+        # blocked, until the election's relay takes them (see signals.py).
+        signals.block()
     setup_logging(context, level=logging.DEBUG if args.verbose else logging.INFO)
+    notifier = Notifier() if daemon else None
     try:
-        settings = build_settings(options_from(args), os.environ)
+        settings = _settings(args)
     except ConfigError as e:
-        return _config_error(e)
+        return _config_error(e, notifier)
     context.key, context.value = settings.trigger_key, settings.value
     if settings.token:
         context.secrets.append(settings.token)
@@ -132,22 +153,68 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         consul = ConsulClient(settings)
     except ConfigError as e:  # a TLS certificate or key that does not load
-        return _config_error(e)
+        return _config_error(e, notifier)
     if args.check:
         from .check import run_check
         return EXIT_OK if run_check(settings, consul) else EXIT_FAILURE
+    return _run_daemon(args, settings, consul, notifier, context)
 
-    from .election import Election
-    notifier = Notifier()
-    election = Election(settings, consul, notifier, context)
-    election.handle_signals(signal.SIGTERM, signal.SIGINT)
-    _log_start(settings)
+
+def _run_daemon(args: argparse.Namespace, settings: Settings, consul, notifier: Notifier,
+                context: ElectionContext) -> int:
+    from .election import Election, Outcome
+    from .hooks import Hooks
+    from .state import StateStore
+
+    reexec = os.environ.pop(REEXEC_VAR, None) is not None
+    store = StateStore(settings.state_dir)
+    saved = store.load(os.environ)
+    hooks = Hooks(settings.hook, settings.hook_timeout, settings.trigger_key, settings.value)
+    election = Election(settings, consul, notifier, context, hooks=hooks, state=store, saved=saved,
+                        reload_settings=lambda: _settings(args))
+    relay = signals.SignalRelay(election.on_signal).start()
+    _log_start(settings, reexec)
     try:
-        return election.run()
+        outcome = election.run()
     except ConfigError as e:
-        return _config_error(e)
+        hooks.close()
+        return _config_error(e, notifier)
+    except BaseException as e:
+        notifier.final_status(f"crashed: {type(e).__name__}: {e}; see journalctl -u vip-elector")
+        raise
     finally:
         consul.close()
+    if outcome == Outcome.REEXEC:
+        _reexec(relay, election, notifier)  # returns only if the exec failed
+        return EXIT_FAILURE
+    notifier.final_status("stopped")
+    return EXIT_OK
+
+
+def _reexec(relay: "signals.SignalRelay", election, notifier: Notifier) -> None:
+    """Replace this program by the installed one: same PID, same arguments (SPEC §8.3).
+
+    The session travels in the environment (and the state file); signals
+    that arrive meanwhile stay blocked and pending across the exec, so the
+    new program receives them: none is lost, none kills it.
+    """
+    relay.hand_over()
+    for signum in election.pending_signals():
+        os.kill(os.getpid(), signum)
+    env = dict(os.environ)
+    saved = election.saved_session()
+    if saved is not None:
+        from .state import ENV_VAR
+        env[ENV_VAR] = saved.to_json()
+    env[REEXEC_VAR] = "1"
+    argv = [sys.executable] + list(getattr(sys, "orig_argv", [sys.executable] + sys.argv)[1:])
+    logging.shutdown()
+    try:
+        os.execve(sys.executable, argv, env)
+    except OSError as e:
+        log.error("cannot re-execute %s for the reload (%s): exiting so that systemd restarts "
+                  "the daemon, which resumes its session", sys.executable, e.strerror or e)
+        notifier.final_status(f"reload failed: cannot re-execute ({e.strerror or e})")
 
 
 def run() -> None:

@@ -20,10 +20,6 @@ from typing import Mapping, Optional
 
 import yaml
 
-#: The flags HashiCorp's lock API puts on a lock key; ``consul lock`` and the
-#: Go vip-elector use it too, so all three recognise each other's locks.
-LOCK_FLAG = 0x2DDCCBC058A50C18
-
 DEFAULT_ADDR = "127.0.0.1:8500"
 MIN_TTL, MAX_TTL = 10.0, 24 * 3600.0  # Consul refuses anything else
 MAX_LOCK_DELAY = 60.0  # Consul silently caps lock-delay at 60 s
@@ -73,7 +69,7 @@ class Settings:
 
     @property
     def checks(self) -> list[str]:
-        return ["serfHealth"] + ([self.check_id] if self.check_id else [])
+        return ["serfHealth"] + ([self.check_id] if self.check_id else [])  # serfHealth: consul.SERF_HEALTH
 
 
 # --------------------------------------------------------------------------

@@ -23,8 +23,10 @@ import functools
 import http.client
 import os
 import re
+import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -32,7 +34,18 @@ from typing import Any, Iterator, Optional
 import consul as consul_lib
 import consul.base as consul_base
 
-from .config import LOCK_FLAG, ConfigError, Settings, format_duration
+from .config import ConfigError, Settings, format_duration, parse_duration
+
+# Consul's protocol, as vip-elector uses it ------------------------------------
+
+#: The flags HashiCorp's lock API puts on a lock key; ``consul lock`` and the
+#: Go vip-elector use it too, so all three recognise each other's locks.
+LOCK_FLAG = 0x2DDCCBC058A50C18
+#: Session behaviour: when the session is invalidated Consul deletes the key it
+#: holds, so vip-manager drops the VIP at once.
+SESSION_BEHAVIOR = "delete"
+#: The check every session carries: the node's gossip health.
+SERF_HEALTH = "serfHealth"
 
 CONNECT_TIMEOUT = 3.0
 REQUEST_TIMEOUT = 5.0
@@ -117,6 +130,13 @@ class _Transport:
     election loop talk to Consul at the same time). Plain ``http.client``
     rather than ``requests``: a request costs a fraction of a millisecond
     instead of one or two, and a planned handover is two requests long.
+
+    Two controls the loop needs and no library offers: ``time_limit()`` caps
+    every request of a step by one budget (a step never outlasts it, however
+    slowly Consul answers), and ``abort(thread)`` ends whatever request that
+    thread has in flight at once, from any thread (a stop signal must not wait
+    for a renewal's timeout; an abandoned blocking query must not hold its
+    connection for a minute).
     """
 
     def __init__(self, settings: Settings):
@@ -125,7 +145,8 @@ class _Transport:
         self.base_uri = f"{self.scheme}://{host}:{self.port}"
         self.token = settings.token
         self._ssl = _ssl_context(settings) if self.scheme == "https" else None
-        self._local = threading.local()
+        self._threads: dict[int, _ThreadState] = {}
+        self._lock = threading.Lock()
         self._response_fields = consul_base.Response._fields
 
     # The libraries' HTTPClient API --------------------------------------
@@ -146,42 +167,71 @@ class _Transport:
         return self._call("POST", callback, path, params, data, headers)
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        """Close this thread's connection."""
+        self._state().drop()
 
     # Ours -----------------------------------------------------------------
 
     @property
     def last_status(self) -> Optional[int]:
-        return getattr(self._local, "status", None)
+        return self._state().status
 
     @contextlib.contextmanager
-    def timeout(self, seconds: float) -> Iterator[None]:
-        """Use a shorter (or longer) read timeout for the calls inside."""
-        old = getattr(self._local, "timeout", None)
-        self._local.timeout = seconds
+    def time_limit(self, seconds: float) -> Iterator[None]:
+        """Every request of this thread inside ends within ``seconds`` from now."""
+        state = self._state()
+        old = state.deadline
+        new = time.monotonic() + max(0.0, seconds)
+        state.deadline = new if old is None else min(old, new)
         try:
             yield
         finally:
-            self._local.timeout = old
+            state.deadline = old
+
+    def abort(self, thread_id: int) -> None:
+        """End the request that thread has in flight (safe from any thread or a signal handler)."""
+        state = self._threads.get(thread_id)
+        if state is not None:
+            state.abort()
+
+    def _state(self) -> "_ThreadState":
+        ident = threading.get_ident()
+        state = self._threads.get(ident)
+        if state is None:
+            with self._lock:
+                # Forget the states of threads that have ended.
+                alive = {t.ident for t in threading.enumerate()}
+                for gone in [i for i in self._threads if i not in alive]:
+                    self._threads.pop(gone).drop()
+                state = self._threads[ident] = _ThreadState()
+        return state
 
     @staticmethod
     def _target(path: str, params: Any) -> str:
         target = urllib.parse.quote(path, safe="/:")
         return f"{target}?{urllib.parse.urlencode(params)}" if params else target
 
-    def _connection(self, connect_timeout: float) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
+    def _connection(self, state: "_ThreadState", connect_timeout: float) -> http.client.HTTPConnection:
+        if state.conn is None:
             if self._ssl is not None:
-                conn = http.client.HTTPSConnection(self.host, self.port, context=self._ssl)
+                state.conn = http.client.HTTPSConnection(self.host, self.port, context=self._ssl)
             else:
-                conn = http.client.HTTPConnection(self.host, self.port)
-            self._local.conn = conn
-        conn.timeout = connect_timeout
-        return conn
+                state.conn = http.client.HTTPConnection(self.host, self.port)
+        state.conn.timeout = connect_timeout
+        return state.conn
+
+    def _read_timeout(self, state: "_ThreadState", params: list) -> float:
+        timeout = REQUEST_TIMEOUT
+        wait, index = dict(params).get("wait"), dict(params).get("index")
+        if wait is not None and index is not None:  # a blocking query: wait + Consul's jitter + slack
+            seconds = parse_duration(str(wait))
+            timeout = seconds + seconds / 16 + REQUEST_TIMEOUT
+        if state.deadline is not None:
+            left = state.deadline - time.monotonic()
+            if left <= 0.001:
+                raise ConsulUnreachable("no answer in time (this step's time budget is spent)")
+            timeout = min(timeout, left)
+        return timeout
 
     def _call(self, method, callback, path, params, data, headers):
         params = list(params.items()) if isinstance(params, dict) else list(params or [])
@@ -190,34 +240,39 @@ class _Transport:
         headers = {k: v for k, v in (headers or {}).items() if k.lower() != "x-consul-token"}
         if self.token:
             headers["X-Consul-Token"] = self.token
-        read_timeout = getattr(self._local, "timeout", None) or REQUEST_TIMEOUT
-        wait, index = dict(params).get("wait"), dict(params).get("index")
-        if wait is not None and index is not None:
-            seconds = float(str(wait).rstrip("s"))
-            read_timeout = max(read_timeout, seconds + seconds / 16 + REQUEST_TIMEOUT)
+        state = self._state()
         body = data.encode("utf-8") if isinstance(data, str) else data  # one segment with the headers
         target = self._target(path, params)
         for attempt in (1, 2):
-            conn = self._connection(min(CONNECT_TIMEOUT, read_timeout))
+            read_timeout = self._read_timeout(state, params)
+            conn = self._connection(state, min(CONNECT_TIMEOUT, read_timeout))
             reused = conn.sock is not None
+            state.aborted = False
             try:
                 if conn.sock is None:
                     conn.connect()
+                state.in_flight = conn.sock
+                if state.aborted:  # aborted between the check above and now
+                    raise ConnectionAbortedError("aborted")
                 conn.sock.settimeout(read_timeout)
                 conn.request(method, target, body=body, headers=headers)
                 response = conn.getresponse()
                 content = response.read()
             except (OSError, http.client.HTTPException) as e:
-                self.close()  # a half-read connection is useless
+                state.drop()  # a half-read connection is useless
+                if state.aborted:
+                    raise ConsulUnreachable("request abandoned") from None
                 # A kept-alive connection the agent had closed fails at once: one fresh try.
-                if reused and attempt == 1 and not isinstance(e, TimeoutError):
+                if reused and attempt == 1 and not isinstance(e, (TimeoutError, socket.timeout)):
                     continue
                 raise ConsulUnreachable(_short_reason(e)) from None
+            finally:
+                state.in_flight = None
             if response.will_close:
-                self.close()
+                state.drop()
             break
         status = response.status
-        self._local.status = status
+        state.status = status
         text = content.decode("utf-8", "replace")
         if status >= 400 and status != 404:
             raise _error_for(status, text)
@@ -225,6 +280,34 @@ class _Transport:
             raise ConsulError(f"unexpected redirect ({status}) for {path}")
         fields = {"code": status, "headers": response.headers, "body": text, "content": content}
         return callback(consul_base.Response(**{f: fields[f] for f in self._response_fields}))
+
+
+class _ThreadState:
+    """One thread's connection, its deadline and whether its request was aborted."""
+
+    def __init__(self):
+        self.conn: Optional[http.client.HTTPConnection] = None
+        self.in_flight: Optional[socket.socket] = None
+        self.deadline: Optional[float] = None
+        self.status: Optional[int] = None
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        sock = self.in_flight or (self.conn.sock if self.conn is not None else None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv() at once
+            except OSError:
+                pass
+
+    def drop(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except OSError:
+                pass
+            self.conn = None
 
 
 def _ssl_context(settings: Settings) -> ssl.SSLContext:
@@ -342,8 +425,18 @@ class ConsulClient:
     def create_session(self, checks: list[str]) -> str:
         s = self.settings
         return self._lib.session.create(
-            name=s.session_name, checks=checks, behavior="delete",
+            name=s.session_name, checks=checks, behavior=SESSION_BEHAVIOR,
             ttl=_whole(s.ttl), lock_delay=_whole(s.lock_delay))
+
+    @_translated
+    def session_info(self, session_id: str) -> Optional["SessionInfo"]:
+        """What Consul knows of a session, or None when it has no such session."""
+        _, data = self._lib.session.info(session_id)
+        if self.transport.last_status == 404 or not data:
+            return None
+        if not isinstance(data, dict):
+            raise ConsulError("unexpected answer to a session query (is this a Consul agent?)")
+        return _session_info(data)
 
     @_translated
     def renew_session(self, session_id: str) -> None:
@@ -362,12 +455,16 @@ class ConsulClient:
     # The trigger-key ----------------------------------------------------
 
     @_translated
-    def read_key(self, index: Optional[int] = None, wait: Optional[float] = None) -> tuple[int, Optional[KeyState]]:
-        """Read the key; with ``index`` and ``wait``, a blocking query."""
+    def read_key(self, index: Optional[int] = None, wait: Optional[float] = None,
+                 key: Optional[str] = None) -> tuple[int, Optional[KeyState]]:
+        """Read the key (ours, or ``key``); with ``index`` and ``wait``, a blocking query.
+
+        The index is Consul's ``X-Consul-Index``, 0 when the answer had none.
+        """
         kwargs: dict[str, Any] = {}
         if index:
             kwargs = {"index": index, "wait": format_duration(round(wait or 60, 3))}
-        new_index, data = self._lib.kv.get(self.key, **kwargs)
+        new_index, data = self._lib.kv.get(key or self.key, **kwargs)
         return _index(new_index), _key_state(data)
 
     @_translated
@@ -376,9 +473,9 @@ class ConsulClient:
         return bool(self._lib.kv.put(self.key, self.settings.value, acquire=session_id, flags=LOCK_FLAG))
 
     @_translated
-    def delete_if_unchanged(self, modify_index: int) -> bool:
+    def delete_if_unchanged(self, modify_index: int, key: Optional[str] = None) -> bool:
         """Delete the key only if nobody changed it since ``modify_index`` (our own write)."""
-        return bool(self._lib.kv.delete(self.key, cas=modify_index))
+        return bool(self._lib.kv.delete(key or self.key, cas=modify_index))
 
     @_translated
     def can_write_key(self) -> None:
@@ -389,8 +486,48 @@ class ConsulClient:
         """
         self._lib.kv.put(self.key, "", cas=2 ** 63 - 1)
 
+    # Time --------------------------------------------------------------
+
+    def time_limit(self, seconds: float):
+        """A context in which every request of this thread ends within ``seconds``."""
+        return self.transport.time_limit(seconds)
+
+    def abort(self, thread_id: int) -> None:
+        """End at once the request ``thread_id`` has in flight (from any thread or a signal handler)."""
+        self.transport.abort(thread_id)
+
     def close(self) -> None:
         self.transport.close()
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session as Consul describes it; enough to tell whether it is ours (SPEC §8.2)."""
+
+    id: str
+    name: str
+    node: str
+    checks: frozenset[str]
+    ttl: Optional[float]
+    lock_delay: float
+    behavior: str
+
+
+def _session_info(data: dict) -> SessionInfo:
+    checks = set(data.get("Checks") or [])
+    checks.update(data.get("NodeChecks") or [])
+    checks.update(c.get("ID", "") for c in (data.get("ServiceChecks") or []) if isinstance(c, dict))
+    try:
+        ttl = parse_duration(data["TTL"]) if data.get("TTL") else None
+    except ValueError:
+        ttl = None
+    try:
+        lock_delay = int(data.get("LockDelay") or 0) / 1e9  # nanoseconds
+    except (TypeError, ValueError):
+        lock_delay = -1.0
+    return SessionInfo(id=str(data.get("ID") or ""), name=str(data.get("Name") or ""),
+                       node=str(data.get("Node") or ""), checks=frozenset(checks), ttl=ttl,
+                       lock_delay=lock_delay, behavior=str(data.get("Behavior") or ""))
 
 
 def _whole(seconds: float):
@@ -428,5 +565,6 @@ def library_name() -> str:
 
 __all__ = [
     "ConsulClient", "ConsulError", "ConsulUnreachable", "PermissionDenied", "InvalidSession",
-    "CheckNotPassing", "InvalidSessionTTL", "KeyState", "library_name",
+    "CheckNotPassing", "InvalidSessionTTL", "KeyState", "SessionInfo", "library_name",
+    "LOCK_FLAG", "SESSION_BEHAVIOR", "SERF_HEALTH",
 ]

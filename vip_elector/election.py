@@ -1,4 +1,4 @@
-"""The election loop: one session, one lock, one key (SPEC §4).
+"""The election loop: one session, one lock, one key (SPEC §4, §8, §9).
 
 Contract, in the order SPEC §1 ranks the invariants:
 
@@ -8,19 +8,36 @@ Contract, in the order SPEC §1 ranks the invariants:
    while a check is critical or missing (§4.7), and Consul invalidates it,
    deleting the key (behaviour ``delete``), the moment a check fails.
 3. We never write or delete a key we do not hold, nor one that is not a lock
-   key (§4.6): the only delete is ``?cas=<ModifyIndex of our own write>``.
+   key (§4.6): the only deletes are ``?cas=<ModifyIndex of our own write>``.
 4. On a planned stop the leader deletes the key before destroying the session
    (§4.5), so a standby acquires at once, without lock-delay.
 
-Shape: the main thread runs a loop that waits on one event queue and then
-does whatever is due. A watcher thread keeps a blocking query open on the
-key and posts every change; signal handlers post a stop. Only the main thread
+And the promises of §9 on top of Consul's:
+
+* Honest claims (§9.3): the role is LEADER only while the session holds the
+  key *and* Consul confirmed the session less than ``claim_window`` ago — a
+  window that ends before Consul could give the key to another node
+  (serfHealth detection plus lock-delay, or the TTL). A leader that cannot
+  confirm becomes CUT_OFF: it stops claiming, keeps its session's ID and
+  keeps renewing at its normal cadence; if Consul still has the session, it
+  leads again without the key having been touched (§8.7).
+* One session per daemon (§9.4): a session is abandoned only when Consul
+  says it is gone, never because Consul is unreachable.
+* Nothing but a signal ends the loop (§9.1): every step runs under one guard
+  (``_turn``); a Consul error is handled where it happens, an unexpected
+  exception is logged as an internal error and retried with backoff.
+* Time budgets (§9.2): every step's requests share one budget, well inside
+  ``WatchdogSec``/2; a stop aborts whatever request is in flight.
+
+Shape: the main thread waits on one inbox and then does whatever is due. A
+watcher thread keeps a blocking query open on the key and posts every
+change; the signal relay posts stops and reloads. Only the main thread
 decides anything, and it is the one that renews the session and pings the
-systemd watchdog, so a stuck loop stops the pings. Every Consul call has a
-timeout (see consul.py), so no step can block for long.
+systemd watchdog, so a stuck loop stops the pings. Every role change goes
+through ``_become``, which logs leadership changes and tells the hook.
 
 Timing-critical paths: key released → watcher wakes → acquire (one request);
-SIGTERM → CAS delete → destroy (two requests, short timeouts).
+SIGTERM → hook ``standby`` → CAS delete → destroy (two requests).
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ from __future__ import annotations
 import collections
 import enum
 import logging
+import os
 import random
 import select
 import signal
@@ -38,20 +56,30 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .config import ConfigError, Settings
-from .consul import (CheckNotPassing, ConsulClient, ConsulError, InvalidSession, KeyState,
-                     PermissionDenied)
-from .systemd import (MESSAGE_ACQUIRED, MESSAGE_LOST, MESSAGE_RELEASED, MESSAGE_WAITING,
-                      ElectionContext, Notifier)
+from .consul import (CheckNotPassing, ConsulClient, ConsulError, ConsulUnreachable, InvalidSession,
+                     KeyState, PermissionDenied, SESSION_BEHAVIOR)
+from .hooks import LEADER, STANDBY, Hooks
+from .state import SavedSession, StateStore
+from .systemd import (MESSAGE_ACQUIRED, MESSAGE_CONFIG_ERROR, MESSAGE_LOST, MESSAGE_RELEASED,
+                      MESSAGE_WAITING, ElectionContext, Notifier)
 
 log = logging.getLogger("vip_elector")
 
 
 class Role(str, enum.Enum):
+    """What this node is, and the only place that says so."""
+
     STARTING = "starting"
-    WAITING = "waiting"          # for Consul, or for our health checks
-    FOLLOWER = "follower"
-    LEADER = "leader"
+    WAITING = "waiting"          # no session: Consul unreachable, or a check not passing
+    FOLLOWER = "follower"        # a confirmed session; the key is another's, or free
+    LEADER = "leader"            # the session holds the key and Consul confirmed it recently
+    CUT_OFF = "cut-off"          # a session Consul has not confirmed lately: claims nothing
     STOPPING = "stopping"
+
+
+class Outcome(enum.Enum):
+    STOPPED = 0                  # a planned stop: exit 0
+    REEXEC = 1                   # a reload with a valid configuration: re-execute
 
 
 @dataclass(frozen=True)
@@ -63,8 +91,14 @@ class Timing:
     health_poll: float = 1.0        # waiting for a check to pass (§4.7: at least every 2 s)
     lock_delay_retry: float = 0.05  # an acquire refused by lock-delay is retried this often
     watch_wait: float = 60.0        # blocking-query wait: few requests while nothing happens
-    renew_retry: float = 1.0        # a failed renewal is retried this often until the TTL runs out
-    shutdown_timeout: float = 0.8   # per request on the way out; at most 5 of them: exit within 5 s (§4.5)
+    renew_retry: float = 1.0        # a failed renewal is tried again this often (§8.7)
+    leader_renew: float = 1.0       # a leader confirms its session this often (§9.3)
+    claim_margin: float = 3.0       # claim window = min(TTL, lock-delay + this); see claim_window
+    turn_budget: float = 6.0        # all requests of one step: well inside WatchdogSec/2 (15 s)
+    stop_budget: float = 4.5        # signal to exit, whatever is in flight (§4.5: 5 s)
+    release_reserve: float = 1.7    # of the stop budget, kept for the CAS delete and the destroy
+    shutdown_timeout: float = 0.8   # per request on the way out
+    reload_hook_wait: float = 5.0   # a reload lets a running hook finish for this long
 
 
 # Events the loop receives ---------------------------------------------------
@@ -79,10 +113,15 @@ class KeyChanged:
 @dataclass(frozen=True)
 class WatchFailed:
     generation: int
-    error: ConsulError
+    error: str
 
 
-STOP = "stop"
+@dataclass(frozen=True)
+class Stop:
+    at: float                    # time.monotonic() of the request: the stop budget starts here
+
+
+RELOAD = "reload"
 
 # How long the watcher lets the loop act on a change (an acquire, when the key
 # was freed) before it takes the CPU and the GIL for its next query.
@@ -90,11 +129,10 @@ HANDOFF_WAIT = 0.05
 
 
 class Inbox:
-    """The loop's events, from the watcher thread and from signal handlers.
+    """The loop's events, from the watcher thread and the signal relay.
 
-    A socketpair wakes ``select()``; ``signal.set_wakeup_fd`` points at the
-    same socket, so a signal that arrives just before the loop blocks still
-    wakes it (a plain ``Queue.get(timeout)`` would sleep until the timeout).
+    A socketpair wakes ``select()``, so an event posted just before the loop
+    blocks still wakes it.
     """
 
     def __init__(self):
@@ -103,16 +141,12 @@ class Inbox:
         self._reader.setblocking(False)
         self._writer.setblocking(False)
 
-    @property
-    def wakeup_fd(self) -> int:
-        return self._writer.fileno()
-
     def put(self, event) -> None:
-        """Safe from any thread and from a signal handler."""
+        """Safe from any thread."""
         self._events.append(event)
         try:
             self._writer.send(b"\0")
-        except (BlockingIOError, OSError):
+        except OSError:
             pass  # already plenty of wake-ups pending
 
     def get(self, timeout: float):
@@ -122,9 +156,23 @@ class Inbox:
             try:
                 while self._reader.recv(4096):
                     pass
-            except (BlockingIOError, OSError):
+            except OSError:
                 pass
-        return self._events.popleft() if self._events else None
+        if not self._events:
+            return None
+        # A stop overtakes everything else waiting.
+        for event in self._events:
+            if isinstance(event, Stop):
+                self._events.clear()
+                return event
+        return self._events.popleft()
+
+    def drain(self) -> list:
+        """Everything still waiting, oldest first; the inbox is empty afterwards."""
+        events = []
+        while self._events:
+            events.append(self._events.popleft())
+        return events
 
 
 class Backoff:
@@ -146,10 +194,12 @@ class Backoff:
 class KeyWatcher:
     """A thread that keeps a blocking query open on the key and posts changes.
 
-    It decides nothing. ``restart()`` abandons the query in flight (after a
-    Consul outage it may sit on a dead connection for a whole ``wait``) and
-    starts afresh; the abandoned thread's events carry an old generation and
-    are ignored.
+    It decides nothing and cannot die: every failure, expected or not, is
+    posted (or logged) and retried with backoff. Consul's index rules (§9.5):
+    an index that goes backwards or is not positive restarts the watch, after
+    a pause so a broken answer cannot make it spin. ``restart()`` abandons the
+    query in flight, closing its connection, and starts afresh; the abandoned
+    thread's events carry an old generation and are ignored.
     """
 
     def __init__(self, consul: ConsulClient, events: Inbox, timing: Timing,
@@ -157,181 +207,288 @@ class KeyWatcher:
         self.consul, self.events, self.timing, self.rng = consul, events, timing, rng
         self.generation = 0
         self._kick = threading.Event()
+        self._thread: Optional[threading.Thread] = None
         self.handled = threading.Event()  # set by the loop once it has acted on our news
 
     def restart(self) -> None:
+        self.stop()
+        self._kick = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self.generation, self._kick),
+                                        name=f"watch-{self.generation}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Abandon the query in flight, if any, and close its connection."""
         self.generation += 1
         self._kick.set()
-        self._kick = threading.Event()
-        threading.Thread(target=self._run, args=(self.generation, self._kick),
-                         name=f"watch-{self.generation}", daemon=True).start()
+        if self._thread is not None and self._thread.ident is not None:
+            self.consul.abort(self._thread.ident)
+        self._thread = None
 
     def _run(self, generation: int, kicked: threading.Event) -> None:
         index = 0
         backoff = Backoff(self.timing.backoff_min, self.timing.backoff_max, self.rng)
         while generation == self.generation:
+            started = time.monotonic()
             try:
                 new_index, state = self.consul.read_key(index, self.timing.watch_wait)
             except ConsulError as e:
-                self.events.put(WatchFailed(generation, e))
+                failure = str(e)
+            except Exception as e:  # a bug here must not leave a follower deaf
+                log.exception("internal error in the key watcher; retrying")
+                failure = f"internal error ({type(e).__name__})"
+            else:
+                failure = None
+            if generation != self.generation:
+                return
+            if failure is not None:
+                self.events.put(WatchFailed(generation, failure))
                 index = 0
                 if kicked.wait(backoff.next()):
                     return
                 continue
-            backoff.reset()
-            if new_index != index:
+            if new_index != index or index == 0:
                 self.handled.clear()
                 self.events.put(KeyChanged(generation, new_index, state))
                 self.handled.wait(HANDOFF_WAIT)
-            # Consul's index only grows; if it went back (a restarted agent), start from 0.
-            index = new_index if new_index >= index else 0
+            if new_index <= 0 or new_index < index:
+                # Not Consul's rules: start again from 0, after a pause.
+                log.debug("watch on %s: index went from %d to %d; starting the watch again",
+                          self.consul.key, index, new_index)
+                index = 0
+                if kicked.wait(backoff.next()):
+                    return
+                continue
+            if index and new_index == index and time.monotonic() - started < self.timing.backoff_min / 4:
+                # A blocking query must block; one that returns at once would spin.
+                if kicked.wait(backoff.next()):
+                    return
+                continue
+            backoff.reset()
+            index = new_index
 
 
 class Election:
-    """The state machine of SPEC §4. ``run()`` returns the exit status."""
+    """The state machine of SPEC §4. ``run()`` returns an Outcome."""
 
     def __init__(self, settings: Settings, consul: ConsulClient, notifier: Notifier,
                  context: ElectionContext, timing: Timing = Timing(),
                  clock: Callable[[], float] = time.monotonic,
-                 rng: Callable[[], float] = random.random):
+                 rng: Callable[[], float] = random.random,
+                 hooks: Optional[Hooks] = None,
+                 state: Optional[StateStore] = None,
+                 saved: Optional[SavedSession] = None,
+                 reload_settings: Optional[Callable[[], Settings]] = None):
         self.settings, self.consul, self.notifier, self.context = settings, consul, notifier, context
         self.timing, self.clock = timing, clock
+        self.hooks = hooks or Hooks(None, 0, settings.trigger_key, settings.value)
+        self.state = state or StateStore(None)
+        self.saved = saved                       # a session to resume (§8.2)
+        self.reload_settings = reload_settings
         self.events = Inbox()
         self.watcher = KeyWatcher(consul, self.events, timing, rng)
         self.backoff = Backoff(timing.backoff_min, timing.backoff_max, rng)
+        self.main_thread = threading.get_ident()
 
-        self.connected = False                   # Consul answered at least once
+        # The facts. The role is the truth about what this node claims.
+        self.role = Role.STARTING
+        self.status_text = ""
+        self.connected = False                   # the first read of the key passed pre-flight
         self.session: Optional[str] = None
-        self.key: Optional[KeyState] = None      # last seen by the watcher
+        self.node: Optional[str] = None          # the local agent's node, when the token may read it
+        self.key: Optional[KeyState] = None      # as last read or watched
         self.key_index = 0                       # Consul index of self.key: older news is stale
-        self.leader = False
-        self.retry_at = 0.0                      # next connect / health look
+        self.confirmed_at: Optional[float] = None  # send time of the last request Consul confirmed the session by
+        self.renew_failing: Optional[str] = None   # why the last renewal failed
+        self.trouble: Optional[str] = None       # the last Consul error, logged once
+        self.note = ""                           # appended to the status (a failed reload)
+        # Timers (clock times).
+        self.retry_at = 0.0                      # no session: next attempt
         self.renew_at = 0.0
-        self.renewed_at = 0.0
-        self.acquire_retry_at: Optional[float] = None
+        self.acquire_at: Optional[float] = None  # an acquire refused by lock-delay, again
         self.acquire_refused_since: Optional[float] = None
-        self.decide_at: Optional[float] = None   # re-read the key and act on it (after trouble)
-        self.trouble: Optional[str] = None       # what went wrong last, for logs
-        self.notifier_status: Optional[str] = None
+        self.decide_at: Optional[float] = None   # read the key again and act on it (after trouble)
 
     # ------------------------------------------------------------------
     # The loop
 
-    def request_stop(self, *_args) -> None:
-        """Ask the loop to stop (from a signal handler or another thread)."""
-        self.events.put(STOP)
+    def request_stop(self) -> None:
+        """Ask the loop to stop (from the signal relay or another thread)."""
+        self.events.put(Stop(time.monotonic()))
+        # A request in flight would hold the stop for its whole timeout: end it.
+        self.consul.abort(self.main_thread)
 
-    def handle_signals(self, *signals: int) -> None:
-        """Stop on these signals; the wakeup fd makes sure the loop notices at once."""
-        signal.set_wakeup_fd(self.events.wakeup_fd, warn_on_full_buffer=False)
-        for sig in signals:
-            signal.signal(sig, self.request_stop)
+    def request_reload(self) -> None:
+        self.events.put(RELOAD)
 
-    def run(self) -> int:
-        """Connect once, tell systemd we are ready, then follow events until asked to stop."""
-        self._set_role(Role.STARTING, f"starting: connecting to Consul at {self.settings.address}")
-        self._advance()                          # the first attempt to reach Consul (§6: then READY)
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            self.request_reload()
+        else:
+            self.request_stop()
+
+    def pending_signals(self) -> list[int]:
+        """Stops and reloads asked for but not acted on, as signals (re-raised across an exec)."""
+        return [signal.SIGTERM if isinstance(e, Stop) else signal.SIGHUP
+                for e in self.events.drain() if isinstance(e, Stop) or e == RELOAD]
+
+    def run(self) -> Outcome:
+        """Start (resume, or connect), tell systemd we are ready, then follow events."""
+        self.main_thread = threading.get_ident()
+        self._become(Role.STARTING, f"starting: connecting to Consul at {self.settings.address}")
+        self._turn(self._start)                  # the first attempt to reach Consul (§6: then READY)
         self.notifier.ready()
         while True:
-            event = self._wait(self._next_deadline())
+            event = self.events.get(timeout=max(0.0, self._next_deadline() - self.clock()))
             self.notifier.watchdog()
-            if event == STOP:
-                return self._shutdown()
+            if isinstance(event, Stop):
+                return self._shutdown(event.at)
+            if event == RELOAD:
+                if self._reload():
+                    return Outcome.REEXEC
+                continue
             if isinstance(event, (KeyChanged, WatchFailed)):
-                self._on_watch(event)
-            self._advance()
-
-    def _wait(self, deadline: float):
-        return self.events.get(timeout=max(0.0, deadline - self.clock()))
+                try:
+                    self._turn(self._on_watch, event)
+                finally:
+                    self.watcher.handled.set()
+            self._turn(self._advance)
 
     def _next_deadline(self) -> float:
         now = self.clock()
         due = [self.retry_at if self.session is None else self.renew_at]
-        due += [t for t in (self.acquire_retry_at, self.decide_at) if t is not None]
+        due += [t for t in (self.acquire_at, self.decide_at) if t is not None]
+        if self.role == Role.LEADER and self._claim_until() is not None:
+            due.append(self._claim_until())
         ping = self.notifier.next_ping()
         if ping is not None:
             due.append(ping)
         return max(now, min(due))
 
-    def _advance(self) -> None:
-        """Do whatever is due in the current state."""
-        now = self.clock()
+    def _turn(self, step: Callable, *args) -> None:
+        """One step under the guard and within the time budget (§9.1, §9.2)."""
+        self._check_claim()  # a claim that ran out while we slept (or were frozen) ends first
         try:
-            if not self.connected:
-                if now >= self.retry_at:
-                    self._connect()
-            elif self.session is None:
-                if now >= self.retry_at:
-                    self._create_session_when_healthy()
-            else:
-                if now >= self.renew_at:
-                    self._renew()
-                if self.session and self.decide_at is not None and now >= self.decide_at:
-                    self.decide_at = None
-                    self._decide()
-                if self.session and self.acquire_retry_at is not None and now >= self.acquire_retry_at:
-                    self._try_acquire()
+            with self.consul.time_limit(self._budget()):
+                step(*args)
         except ConfigError:
             raise
         except ConsulError as e:
             self._consul_trouble(e)
-        except Exception:  # a bug must not kill the node's election: log it and retry
-            log.exception("unexpected error in the election loop; retrying")
-            self._consul_trouble(ConsulError("internal error (see the log)"))
+        except Exception as e:  # a bug must not end the node's election: log it, retry
+            log.exception("internal error in the election loop (%s); retrying", step.__name__)
+            self._consul_trouble(ConsulError(f"internal error ({type(e).__name__}, see the log)"))
+        self._check_claim()
+
+    def _budget(self) -> float:
+        """How long this step's requests may take: the turn budget, and a leader's claim window."""
+        budget = self.timing.turn_budget
+        until = self._claim_until()
+        if until is not None and self.role == Role.LEADER:
+            budget = min(budget, max(0.05, until - self.clock()))
+        return budget
+
+    def _advance(self) -> None:
+        """Do whatever is due in the current state."""
+        now = self.clock()
+        if self.session is None:
+            if now >= self.retry_at:
+                self._start()
+            return
+        if now >= self.renew_at:
+            self._renew()
+        if self.session and self.decide_at is not None and now >= self.decide_at:
+            self.decide_at = None
+            self._decide()
+        if self.session and self.acquire_at is not None and now >= self.acquire_at:
+            self.acquire_at = None
+            self._try_acquire()
 
     # ------------------------------------------------------------------
     # §4.6, §4.8: reaching Consul
+
+    def _start(self) -> None:
+        """Reach Consul; resume the session we had, else get one. Again after any failure."""
+        if not self.connected:
+            self._connect()
+        if self.saved is not None and self._resume(self.saved):
+            return
+        self._get_session()
 
     def _connect(self) -> None:
         index, key = self.consul.read_key()
         self._preflight(key, fatal=True)
         self.key, self.key_index = key, index
         self.connected = True
-        node = self.consul.node_name()
-        log.info("connected to Consul at %s%s", self.settings.address, f" (node {node})" if node else "")
-        if self.watcher.generation == 0:
-            self.watcher.restart()
+        try:
+            self.node = self.consul.node_name()
+        except ConsulError as e:  # for messages only; the session is made on the agent's node anyway
+            log.debug("cannot read the agent's node name: %s", e)
+        log.info("connected to Consul at %s%s", self.settings.address,
+                 f" (node {self.node})" if self.node else "")
+        self.watcher.restart()
         self._recovered()
-        self._create_session_when_healthy()
 
     def _preflight(self, key: Optional[KeyState], fatal: bool) -> bool:
         """A key that is not a lock key belongs to someone else: never touch it (§4.6)."""
         if key is None or key.is_lock:
             return True
-        message = (f"trigger-key {self.settings.trigger_key} in Consul is not a lock key "
-                   f"(flags {key.flags}, value {key.value!r}); vip-elector will not overwrite it: "
-                   f"if it is stale, remove it with 'consul kv delete {self.settings.trigger_key}'")
+        k = self.settings.trigger_key
+        if key.session:
+            message = (f"trigger-key {k} in Consul is held by another program ({self._holder(key)}) "
+                       f"without vip-elector's lock flag (flags {key.flags}, value {key.value!r}); "
+                       f"vip-elector never touches it: choose another trigger-key for both "
+                       f"vip-manager and vip-elector")
+        else:
+            message = (f"trigger-key {k} in Consul is not a lock key (flags {key.flags}, value "
+                       f"{key.value!r}); vip-elector will not overwrite it: if it is stale, "
+                       f"remove it with 'consul kv delete {k}'")
         if fatal:
             raise ConfigError(message + ".")
-        self._set_role(Role.WAITING, f"waiting: {self.settings.trigger_key} is not a lock key")
-        log.error("%s.", message)
+        if self.role != Role.WAITING or "not a lock key" not in self.status_text:
+            log.error("%s.", message)
+        self._become(Role.WAITING, f"waiting: {k} is not a lock key ({key.value!r} written "
+                                   f"by another program)", "the key was overwritten by a plain write")
         return False
+
+    def _holder(self, key: KeyState) -> str:
+        """Words for the session holding a key: its name and node, if Consul tells."""
+        try:
+            info = self.consul.session_info(key.session)
+        except ConsulError:
+            info = None
+        if info is None:
+            return f"session {key.session}"
+        return f"session {key.session} named {info.name!r} on node {info.node}"
 
     def _consul_trouble(self, error: ConsulError) -> None:
         """§4.8: log it (once per distinct reason), say it in the status, back off."""
         delay = self.backoff.next()
-        self.retry_at = self.clock() + delay
+        now = self.clock()
+        self.retry_at = now + delay
+        reason = str(error)
         if isinstance(error, PermissionDenied):
-            status = f"waiting: Consul refused the ACL token ({self.settings.token_source}): {error}"
-            text = (f"Consul at {self.settings.address} refused the ACL token from "
-                    f"{self.settings.token_source}: {error}; give a token with key write on "
+            status = f"waiting: Consul refused the ACL token ({self._token_words()}): {error}"
+            text = (f"Consul at {self.settings.address} refused the ACL token "
+                    f"({self._token_words()}): {error}; give a token with key write on "
                     f"{self.settings.trigger_key}, session write and node read (see examples/"
                     f"consul-acl-policy.hcl); retrying in {delay:.0f}s")
         else:
             status = f"waiting for Consul at {self.settings.address}: {error}"
             text = f"cannot use Consul at {self.settings.address}: {error}; retrying in {delay:.0f}s"
-        if self.session is not None:  # keep renewing on its own clock, decide again later
-            self.decide_at = self.retry_at
-            self.acquire_retry_at = None
-            self.renew_at = max(self.renew_at, self.clock() + self.timing.renew_retry)
-        if self.leader:  # still ours until the session goes: say both
-            self._set_role(Role.LEADER, f"leader: holding {self.settings.trigger_key} as "
-                                        f"{self.settings.value}; {status}")
-        else:
-            self._set_role(Role.WAITING, status)
-        if str(error) != self.trouble:
+        if reason != self.trouble:
             log.warning("%s", text)
-        self.trouble = str(error)
+        self.trouble = reason
+        if self.session is None:
+            self._become(Role.WAITING, status, reason)
+            return
+        # With a session: keep renewing on its own clock; read the key again later.
+        self.decide_at = self.retry_at
+        self.acquire_at = None
+        if self.role == Role.LEADER:  # still confirmed: the claim holds until its window ends
+            self._show_status(f"{self._leader_status()}; {status}")
+        elif self.role != Role.CUT_OFF:
+            self._become(Role.FOLLOWER, f"follower: {status}")
 
     def _recovered(self) -> None:
         if self.trouble is not None:
@@ -340,16 +497,21 @@ class Election:
         self.trouble = None
         self.backoff.reset()
 
-    # ------------------------------------------------------------------
-    # §4.1, §4.7: a session bound to our health
+    def _token_words(self) -> str:
+        source = self.settings.token_source
+        return "no token: anonymous" if source == "none" else f"token from {source}"
 
-    def _create_session_when_healthy(self) -> None:
+    # ------------------------------------------------------------------
+    # §4.1, §4.7: a session bound to our health; §8.2: or the one we had
+
+    def _get_session(self) -> None:
         own = [self.settings.check_id] if self.settings.check_id else []
         states = self.consul.check_states(own)
         unhealthy = [(cid, st) for cid, st in states.items() if st is None or st == "critical"]
         if not unhealthy:
+            sent = self.clock()
             try:
-                self.session = self.consul.create_session(self.settings.checks)
+                session = self.consul.create_session(self.settings.checks)
             except CheckNotPassing as e:  # serfHealth, or the catalog has not caught up yet
                 unhealthy = [(e.check_id or self.settings.checks[-1], e.state)]
                 log.debug("session refused: %s", e)
@@ -357,133 +519,269 @@ class Election:
             self._wait_for_health(*unhealthy[-1])
             return
         self._recovered()
-        self.context.session = self.session
-        now = self.clock()
-        self.renewed_at, self.renew_at = now, now + self._renew_interval()
-        log.info("session %s created (checks %s, ttl %gs, lock-delay %gs)", self.session,
+        log.info("session %s created (checks %s, ttl %gs, lock-delay %gs)", session,
                  ", ".join(self.settings.checks), self.settings.ttl, self.settings.lock_delay)
+        self._adopt(session, sent)
         self._decide()
 
-    def _decide(self) -> None:
-        """Act on the key as it is now, not as the (perhaps reconnecting) watcher last saw it."""
-        self.key_index, self.key = self.consul.read_key()
-        self._on_key(self.key)
+    def _adopt(self, session: str, confirmed_at: float) -> None:
+        self.session = session
+        self.context.session = session
+        self.confirmed_at = confirmed_at
+        self.renew_failing = None
+        self.renew_at = confirmed_at + self._renew_interval()
+        self._save_state()
+
+    def _save_state(self) -> None:
+        self.state.save(self.saved_session())
+
+    def saved_session(self) -> Optional[SavedSession]:
+        """What a restart needs to resume our session, or None without one."""
+        if self.session is None:
+            return None
+        s = self.settings
+        return SavedSession(session=self.session, node=self.node or "", name=s.session_name,
+                            key=s.trigger_key, value=s.value, checks=tuple(s.checks),
+                            ttl=s.ttl, lock_delay=s.lock_delay)
+
+    def _resume(self, saved: SavedSession) -> bool:
+        """Take up the session a previous run of this daemon made (SPEC §8.2); True if resumed."""
+        info = self.consul.session_info(saved.session)
+        if info is None:
+            log.info("session %s from the previous run is gone; starting afresh", saved.session)
+            self._forget_saved()
+            return False
+        node = self.node or saved.node
+        ours = (info.node == node and info.name == saved.name and info.id in ("", saved.session)
+                and saved.name.startswith("vip-elector-"))
+        if not ours:
+            log.warning("the saved state names session %s (%r on node %s), which is not this "
+                        "daemon's: leaving it alone and starting afresh", saved.session,
+                        info.name, info.node or "?")
+            self._forget_saved()
+            return False
+        s = self.settings
+        same = (info.name == s.session_name and info.checks == frozenset(s.checks)
+                and info.ttl == s.ttl and abs(info.lock_delay - s.lock_delay) < 1e-6
+                and info.behavior == SESSION_BEHAVIOR and saved.key == s.trigger_key
+                and saved.value == s.value)
+        if not same:
+            log.info("session %s was made for another configuration (key %s, value %s, checks "
+                     "%s, ttl %gs, lock-delay %gs): releasing it and starting afresh",
+                     saved.session, saved.key, saved.value, "+".join(saved.checks), saved.ttl,
+                     saved.lock_delay)
+            self._release_old(saved)
+            self._forget_saved()
+            return False
+        sent = self.clock()
+        try:
+            self.consul.renew_session(saved.session)
+        except InvalidSession:
+            log.info("session %s from the previous run has just ended; starting afresh",
+                     saved.session)
+            self._forget_saved()
+            return False
+        self.node = self.node or info.node
+        self.saved = None
+        self._adopt(saved.session, sent)
+        index, key = self.consul.read_key()
+        holds = key is not None and key.session == saved.session
+        log.info("resumed session %s%s", saved.session,
+                 f": it still holds {s.trigger_key}, leading without touching the key"
+                 if holds else "")
+        self.key, self.key_index = key, index
+        self._on_key(key)
+        return True
+
+    def _forget_saved(self) -> None:
+        self.saved = None
+        self.state.clear()
+
+    def _release_old(self, saved: SavedSession) -> None:
+        """A session of ours made for another configuration: as a planned stop would (§8.2)."""
+        _, key = self.consul.read_key(key=saved.key)
+        if key is not None and key.session == saved.session:
+            if self.consul.delete_if_unchanged(key.modify_index, key=saved.key):
+                log.info("LOCK RELEASED: deleted %s, held by the session of the previous "
+                         "configuration", saved.key, extra={"MESSAGE_ID": MESSAGE_RELEASED})
+        self.consul.destroy_session(saved.session)
 
     def _wait_for_health(self, check_id: str, state: Optional[str]) -> None:
         why = "is not registered on the local agent" if state is None else f"is {state}"
         status = f"waiting: check '{check_id}' {why}"
-        changed = self.context.role != Role.WAITING.value or self.notifier_status != status
-        self._set_role(Role.WAITING, status)  # first, so the line carries VIP_ELECTOR_ROLE=waiting
+        changed = self.role != Role.WAITING or self.status_text != status
+        self._become(Role.WAITING, status, f"check '{check_id}' {why}")
         if changed:
             log.warning("not competing for %s: check '%s' %s; looking again every %gs",
                         self.settings.trigger_key, check_id, why, self.timing.health_poll,
                         extra={"MESSAGE_ID": MESSAGE_WAITING})
         self.retry_at = self.clock() + self.timing.health_poll
 
+    # ------------------------------------------------------------------
+    # §4.3, §8.7, §9.3: keeping the session, and knowing we still have it
+
+    def claim_window(self) -> float:
+        """How long after Consul last confirmed the session we may still claim the key.
+
+        Another node can hold the key only after Consul has invalidated our
+        session and lock-delay has passed. Invalidation needs either the TTL
+        to run out (counted from a renewal Consul received no earlier than we
+        sent it) or serfHealth to turn critical, which gossip takes more than
+        4 s to decide after a node is cut off (memberlist's suspicion timeout
+        alone is 4 s). So the window ends at lock-delay + 3 s, or the TTL if
+        that is shorter: before anyone else can have the key.
+        """
+        return min(self.settings.ttl, self.settings.lock_delay + self.timing.claim_margin)
+
+    def _claim_until(self) -> Optional[float]:
+        if self.confirmed_at is None or self.session is None:
+            return None
+        return self.confirmed_at + self.claim_window()
+
     def _renew_interval(self) -> float:
-        """Renew well before half the TTL has passed (§4.3)."""
+        """A leader confirms often enough that a slow answer does not end its claim;
+        a follower renews before half the TTL has passed (§4.3)."""
         half = self.settings.ttl / 2
-        return max(half / 2, half - 1.0)
+        follower = max(half / 2, half - 1.0)
+        if self._holds_key() or self.role in (Role.LEADER, Role.CUT_OFF):
+            return min(follower, self.timing.leader_renew, self.claim_window() / 3)
+        return follower
+
+    def _confirmed_now(self) -> bool:
+        until = self._claim_until()
+        return until is not None and self.clock() < until - self._renew_interval()
+
+    def _holds_key(self) -> bool:
+        return self.session is not None and self.key is not None and self.key.session == self.session
 
     def _renew(self) -> None:
-        now = self.clock()
+        sent = self.clock()
         try:
             self.consul.renew_session(self.session)
         except InvalidSession:
-            self._session_gone("Consul invalidated our session (a bound check failed, or the "
-                               "agent lost it)")
+            self._session_gone("Consul no longer has it (a bound check failed, it expired, or "
+                               "the agent's node left the cluster)")
             return
         except ConsulError as e:
-            if now - self.renewed_at >= self.settings.ttl:
-                self._session_gone(f"renewals have failed for a whole TTL ({e})")
-                raise
-            log.warning("cannot renew session %s: %s; retrying", self.session, e)
-            self.renew_at = now + self.timing.renew_retry
+            # Not the backoff of §4.8: the session may live, keep at it (§8.7).
+            reason = str(e)
+            if reason != self.renew_failing:
+                log.warning("cannot renew session %s: %s; trying again every %gs", self.session,
+                            reason, min(self.timing.renew_retry, self._renew_interval()))
+            self.renew_failing = reason
+            self.renew_at = self.clock() + min(self.timing.renew_retry, self._renew_interval())
+            if self.role != Role.LEADER:  # a leader keeps its claim until the window ends
+                self._cut_off(reason)
             return
-        self.renewed_at, self.renew_at = now, now + self._renew_interval()
+        was_failing = self.renew_failing is not None or self.role == Role.CUT_OFF
+        self.confirmed_at = sent
+        self.renew_failing = None
+        self.renew_at = sent + self._renew_interval()
         self._recovered()
+        if was_failing:
+            log.info("Consul confirms session %s again", self.session)
+            self._decide()
+
+    def _check_claim(self) -> None:
+        """End a claim Consul has not confirmed within the window (§9.3)."""
+        until = self._claim_until()
+        if self.role == Role.LEADER and until is not None and self.clock() >= until:
+            self._cut_off(self.renew_failing or self.trouble or "no answer in time")
+
+    def _cut_off(self, reason: str) -> None:
+        since = self.clock() - self.confirmed_at if self.confirmed_at is not None else 0.0
+        status = (f"cut off: Consul at {self.settings.address} has not confirmed session "
+                  f"{self.session} for {since:.0f}s ({reason}); not claiming "
+                  f"{self.settings.trigger_key}")
+        lost = f"cannot confirm the session with Consul ({reason}); another node may get the key"
+        self._become(Role.CUT_OFF, status, lost)
+        self.renew_at = min(self.renew_at, self.clock() + self.timing.renew_retry)
 
     def _session_gone(self, why: str) -> None:
         log.warning("session %s is gone: %s", self.session, why)
         self.session = None
+        self.confirmed_at = None
+        self.renew_failing = None
         self.context.session = ""
-        self.acquire_retry_at = self.acquire_refused_since = None
-        if self.leader:
-            self._lost(why)
+        self.acquire_at = self.acquire_refused_since = self.decide_at = None
+        self.state.clear()
+        self._become(Role.WAITING, f"waiting: session gone ({why}); making a new one",
+                     f"session gone: {why}")
         self.retry_at = self.clock()
 
     # ------------------------------------------------------------------
     # §4.2-§4.4: the key
 
-    def _on_watch(self, event) -> None:
-        try:
-            self._act_on_watch(event)
-        finally:
-            self.watcher.handled.set()
+    def _decide(self) -> None:
+        """Act on the key as it is now, not as the (perhaps reconnecting) watcher last saw it."""
+        self.key_index, self.key = self.consul.read_key()
+        self._on_key(self.key)
 
-    def _act_on_watch(self, event) -> None:
+    def _on_watch(self, event) -> None:
         if event.generation != self.watcher.generation:
             return
         if isinstance(event, WatchFailed):
             log.debug("watch on %s failed: %s", self.settings.trigger_key, event.error)
             return
         if event.index < self.key_index:
-            return  # older than what we read ourselves (e.g. from before our acquire)
+            # Older than what we read ourselves — or Consul's index went back: read afresh.
+            self.decide_at = self.clock()
+            return
         self.key, self.key_index = event.state, event.index
         if self.session is not None:
             self._on_key(event.state)
 
     def _on_key(self, key: Optional[KeyState]) -> None:
         if not self._preflight(key, fatal=False):
-            if self.leader:
-                self._lost("the key was overwritten by a plain write")
             return
         if key is None or key.session is None:
-            if self.leader:
-                if not self._session_still_valid():
+            if self.role == Role.LEADER:
+                self._become(Role.FOLLOWER, "follower: the key was deleted; competing again",
+                             "the key was deleted (our session was invalidated, or someone "
+                             "deleted it)")
+                self.renew_at = self.clock()   # find out now whether our session still lives
+                self._renew()
+                if self.session is None:
                     return
-                self._lost("the key was deleted or released by someone else")
             self._try_acquire()
         elif key.session == self.session:
-            if not self.leader:
-                self._became_leader()
+            if self.renew_failing is not None:
+                return  # claimed again once a renewal confirms the session
+            if not self._confirmed_now():
+                self._renew()  # confirm first: we claim only what Consul has just confirmed
+            if self.session is not None and self._confirmed_now():
+                self._become(Role.LEADER, self._leader_status())
+                self.renew_at = min(self.renew_at, self.confirmed_at + self._renew_interval())
         else:
-            if self.leader:
-                self._lost(f"{key.value or 'another session'} holds it now")
             self._follow(key)
 
-    def _session_still_valid(self) -> bool:
-        """The key vanished under us: find out whether Consul invalidated our session."""
-        try:
-            self.consul.renew_session(self.session)
-        except InvalidSession:
-            self._session_gone("Consul invalidated our session: a bound health check failed, "
-                               "or the session expired")
-            return False
-        self.renewed_at = self.clock()
-        return True
-
     def _try_acquire(self) -> None:
-        if self.key is not None and not self.key.is_lock:
-            self.acquire_retry_at = None
-            return
+        if self.renew_failing is not None:
+            return  # it would not be confirmed anyway; a good renewal decides again
+        sent = self.clock()
         try:
             won = self.consul.acquire(self.session)
         except InvalidSession:
-            self._session_gone("Consul says our session is invalid")
+            self._session_gone("Consul says it is invalid")
             return
+        except ConsulUnreachable:
+            # No answer is not "no": Consul may have applied it (REFERENCE §8). Read again.
+            self.decide_at = self.clock()
+            raise
         now = self.clock()
         if won:
-            self.acquire_retry_at = self.acquire_refused_since = None
-            self._became_leader()
+            self.acquire_at = self.acquire_refused_since = None
+            self.confirmed_at = sent  # a won acquire proves the session valid
+            self.key = KeyState(self.settings.value, self.key.flags if self.key else 0,
+                                self.session, 0)
+            self._become(Role.LEADER, self._leader_status())
+            self.renew_at = min(self.renew_at, sent + self._renew_interval())
             # Learn our write's ModifyIndex (for the CAS delete) and make older watch news stale.
-            self.key_index, self.key = self.consul.read_key()
-            self._on_key(self.key)
+            self._decide()
             return
         # Refused while the key looked free: lock-delay after the last holder's session
         # ended (§4.4). Retry promptly until it has passed; later, more gently.
-        if self.key is not None and self.key.session is not None:
-            self.acquire_retry_at = None
+        if self.key is not None and self.key.session not in (None, self.session):
             self._follow(self.key)
             return
         if self.acquire_refused_since is None:
@@ -492,57 +790,115 @@ class Election:
                       "was faster); retrying every %gs", self.settings.trigger_key,
                       self.timing.lock_delay_retry)
         in_delay = now - self.acquire_refused_since < self.settings.lock_delay + 1.0
-        self.acquire_retry_at = now + (self.timing.lock_delay_retry if in_delay else 1.0)
-        self._set_role(Role.FOLLOWER, "follower: key is free, waiting for lock-delay to pass")
-
-    def _became_leader(self) -> None:
-        self.leader = True
-        self._set_role(Role.LEADER, f"leader: holding {self.settings.trigger_key} as {self.settings.value}")
-        log.info("LOCK ACQUIRED: this node (%s) now holds %s", self.settings.value,
-                 self.settings.trigger_key, extra={"MESSAGE_ID": MESSAGE_ACQUIRED})
-
-    def _lost(self, why: str) -> None:
-        self.leader = False
-        self.context.role = Role.FOLLOWER.value
-        log.warning("LOCK LOST: this node (%s) no longer holds %s: %s", self.settings.value,
-                    self.settings.trigger_key, why, extra={"MESSAGE_ID": MESSAGE_LOST})
+        self.acquire_at = now + (self.timing.lock_delay_retry if in_delay else 1.0)
+        self._become(Role.FOLLOWER, "follower: key is free, waiting for lock-delay to pass")
 
     def _follow(self, key: KeyState) -> None:
-        self.acquire_retry_at = self.acquire_refused_since = None
+        self.acquire_at = self.acquire_refused_since = None
         status = f"follower: leader is {key.value}" if key.value else "follower: no leader yet"
-        if self.notifier_status != status:
+        if self.status_text != status:
             log.info("following: %s holds %s", key.value or "a session", self.settings.trigger_key)
-        self._set_role(Role.FOLLOWER, status)
+        if self.role == Role.LEADER:
+            self._become(Role.FOLLOWER, status, f"{key.value or 'another session'} holds it now")
+        else:
+            self._become(Role.FOLLOWER, status)
+        self.renew_at = min(self.renew_at, (self.confirmed_at or self.clock()) + self._renew_interval())
+
+    def _leader_status(self) -> str:
+        return f"leader: holding {self.settings.trigger_key} as {self.settings.value}"
+
+    # ------------------------------------------------------------------
+    # Role changes: logs, journal field, status, hook
+
+    def _become(self, role: Role, status: str, why: str = "") -> None:
+        previous = self.role
+        self.role = role
+        self.context.role = role.value
+        if previous != Role.LEADER and role == Role.LEADER:
+            log.info("LOCK ACQUIRED: this node (%s) now holds %s", self.settings.value,
+                     self.settings.trigger_key, extra={"MESSAGE_ID": MESSAGE_ACQUIRED})
+            self.hooks.announce(LEADER, "this node holds the key", self.session or "")
+        elif previous == Role.LEADER and role not in (Role.LEADER, Role.STOPPING):
+            log.warning("LOCK LOST: this node (%s) no longer holds %s: %s", self.settings.value,
+                        self.settings.trigger_key, why or status, extra={"MESSAGE_ID": MESSAGE_LOST})
+        if role not in (Role.LEADER, Role.STARTING) and previous != role or role == Role.STOPPING:
+            self.hooks.announce(STANDBY, why or status, self.session or "")
+        self._show_status(status)
+
+    def _show_status(self, status: str) -> None:
+        self.status_text = status
+        self.notifier.status(status + (f"; {self.note}" if self.note else ""))
+
+    # ------------------------------------------------------------------
+    # §8.3: a reload
+
+    def _reload(self) -> bool:
+        """True: re-execute now (the configuration is valid). False: keep running as before."""
+        self.notifier.reloading()
+        log.info("reload requested: reading the configuration again")
+        try:
+            if self.reload_settings is not None:
+                self.reload_settings()
+        except ConfigError as e:
+            log.error("reload failed, still running with the previous configuration: %s", e,
+                      extra={"MESSAGE_ID": MESSAGE_CONFIG_ERROR})
+            self.note = f"reload failed: {e}"
+            self._show_status(self.status_text)
+            self.notifier.ready()
+            return False
+        except Exception:
+            log.exception("internal error while reloading; still running as before")
+            self.notifier.ready()
+            return False
+        self.note = ""
+        self.watcher.stop()
+        self.hooks.finish(time.monotonic() + self.timing.reload_hook_wait)
+        self.state.save(self.saved_session()) if self.session else self.state.clear()
+        self._show_status("reloading: starting the new program")
+        return True
 
     # ------------------------------------------------------------------
     # §4.5: a planned stop
 
-    def _shutdown(self) -> int:
-        self._set_role(Role.STOPPING, "stopping")
+    def _shutdown(self, requested_at: float) -> Outcome:
+        deadline = requested_at + self.timing.stop_budget
+        holds = self.role == Role.LEADER or self._holds_key()
         self.notifier.stopping()
-        with self.consul.transport.timeout(self.timing.shutdown_timeout):
-            if self.leader:
+        self._become(Role.STOPPING, "stopping", "planned stop")
+        self.watcher.stop()
+        self.hooks.finish(deadline - self.timing.release_reserve)
+        left = lambda: max(0.05, deadline - time.monotonic())  # noqa: E731
+        with self.consul.time_limit(left()):
+            if holds and self.session is not None:
                 self._release()
             if self.session is not None:
                 try:
-                    self.consul.destroy_session(self.session)
+                    with self.consul.time_limit(min(self.timing.shutdown_timeout, left())):
+                        self.consul.destroy_session(self.session)
                 except ConsulError as e:
-                    log.warning("could not destroy session %s: %s (Consul will expire it)", self.session, e)
+                    log.warning("could not destroy session %s: %s (Consul will expire it)",
+                                self.session, e)
+        self.state.clear()
+        self.hooks.close()
         log.info("stopped")
-        return 0
+        return Outcome.STOPPED
 
     def _release(self) -> None:
         """Delete our own write with CAS: vip-manager drops the VIP, a standby takes over at once."""
+        per_request = self.timing.shutdown_timeout
         try:
-            key = self.key
+            key = self.key if self.key is not None and self.key.modify_index else None
             for _ in range(2):
                 if key is None or key.session != self.session:
-                    _, key = self.consul.read_key()
+                    with self.consul.time_limit(per_request):
+                        _, key = self.consul.read_key()
                     if key is None or key.session != self.session:
                         log.warning("LOCK LOST: %s was no longer ours at shutdown",
                                     self.settings.trigger_key, extra={"MESSAGE_ID": MESSAGE_LOST})
                         return
-                if self.consul.delete_if_unchanged(key.modify_index):
+                with self.consul.time_limit(per_request):
+                    deleted = self.consul.delete_if_unchanged(key.modify_index)
+                if deleted:
                     log.info("LOCK RELEASED: this node (%s) gave up %s on shutdown", self.settings.value,
                              self.settings.trigger_key, extra={"MESSAGE_ID": MESSAGE_RELEASED})
                     return
@@ -552,12 +908,5 @@ class Election:
             log.warning("could not release %s: %s; Consul deletes it when our session ends",
                         self.settings.trigger_key, e)
 
-    # ------------------------------------------------------------------
 
-    def _set_role(self, role: Role, status: str) -> None:
-        self.context.role = role.value
-        self.notifier_status = status
-        self.notifier.status(status)
-
-
-__all__ = ["Election", "Role", "Timing", "Backoff", "KeyWatcher", "Inbox"]
+__all__ = ["Election", "Role", "Outcome", "Timing", "Backoff", "KeyWatcher", "Inbox", "Stop"]

@@ -61,17 +61,27 @@ class Notifier:
 
     @property
     def active(self) -> bool:
-        return self._enabled and not self._broken
+        return self._enabled
 
     def _send(self, message: str) -> None:
-        if not self.active:
+        """Send; a failure is logged once and the next message tries again (§9.1).
+
+        Giving up for good after one error would stop the watchdog pings, and
+        systemd would then kill a healthy daemon.
+        """
+        if not self._enabled:
             return
         try:
             self._send_fn(message)
         except OSError as e:
+            if not self._broken:
+                log.warning("cannot notify systemd through NOTIFY_SOCKET (%s); trying again "
+                            "with every message", e.strerror or e)
             self._broken = True
-            log.warning("cannot notify systemd through NOTIFY_SOCKET (%s); carrying on without "
-                        "readiness, status and watchdog messages", e.strerror or e)
+            return
+        if self._broken:
+            log.info("notifying systemd works again")
+            self._broken = False
 
     def ready(self) -> None:
         self._send("READY=1")
@@ -85,6 +95,15 @@ class Notifier:
 
     def stopping(self) -> None:
         self._send("STOPPING=1")
+
+    def reloading(self) -> None:
+        """A reload starts; ``ready()`` ends it (systemd 252 has no Type=notify-reload)."""
+        self._send("RELOADING=1")
+
+    def final_status(self, text: str) -> None:
+        """The last word on every exit path, so ``systemctl status`` never shows a stale role."""
+        self._status = None
+        self.status(text)
 
     def next_ping(self) -> Optional[float]:
         """When the loop must be awake next to ping the watchdog (clock time), or None."""

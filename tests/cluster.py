@@ -395,10 +395,26 @@ class ClusterLab(Lab):
         return self.note("partition %s" % m.name)
 
     def heal_link(self, name):
+        """Link up again; return the time it is up."""
         m = self.member(name)
         self.hub.run(["ip", "link", "set", "hub-" + m.key, "up"])
         m.link_up = True
         return self.note("heal %s" % m.name)
+
+    def wait_rejoined(self, name, timeout=60):
+        """Wait until the servers see the member alive again (a node: serfHealth
+        passing in the catalog); return the time. After a partition, serf takes
+        up to its reconnect interval (30 s) to bring a failed member back."""
+        m = self.member(name)
+        if m.server:
+            ok = lambda: any(x["Name"] == m.name and x["Status"] == 1  # noqa: E731
+                             for x in self.consul.call("GET", "/v1/agent/members", timeout=2))
+            wait_for(ok, timeout, interval=0.2, message="%s to rejoin" % m.name)
+            t = time.time()
+        else:
+            t = self._wait_ready(m, timeout)
+        self.note("%s back in the cluster" % m.name)
+        return t
 
     def set_check(self, node, status):
         self.agents[node].api.check_update(self.check_id(node), status)
@@ -440,6 +456,7 @@ class ClusterLab(Lab):
         """Start (or restart, same --state-dir) node's elector in its namespace."""
         if node in self.electors:
             self._retired.append(self.electors.pop(node))
+        os.makedirs(self.state_dir(node), exist_ok=True)   # as systemd's RuntimeDirectory=
         if node not in self.notify:
             self.notify[node] = NotifySocket(os.path.join(self.dir, "notify-%s.sock" % node))
         args = ["--state-dir", self.state_dir(node)] + (["--hook", self.hook] if self.hook else [])

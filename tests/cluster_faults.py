@@ -140,7 +140,17 @@ class Faults:
         node = node or r.leader
         self.lab.partition(node)
         self._sleep_until(r.t_fault + hold)
-        r.t_heal = self.lab.heal_link(node)
+        self._heal_link(r, node)
+
+    def _heal_link(self, r, node):
+        """Link up; the fault is healed once Consul sees the node again."""
+        t_up = self.lab.heal_link(node)
+        try:
+            r.t_heal = self.lab.wait_rejoined(node)
+            r.notes.append("node-%s back in the cluster %.1fs after its link came up" % (node, r.t_heal - t_up))
+        except TimeoutError as e:
+            r.t_heal = time.time()
+            r.errors.append(str(e))
 
     def _partition_flap(self, r, hold=15.0):
         """A partition of the leader node while another node's check flaps."""
@@ -153,7 +163,7 @@ class Faults:
             lab.pass_check(other)
             time.sleep(random.uniform(0.3, 1.5))
         self._sleep_until(r.t_fault + hold)
-        r.t_heal = lab.heal_link(r.leader)
+        self._heal_link(r, r.leader)
 
     def _raft_kill(self, r, down=5.0):
         """SIGKILL of the raft leader server; restarted `down` seconds later."""

@@ -86,6 +86,18 @@ class Member:
         return self.proc is not None and self.proc.alive() and not self.paused
 
 
+def find_fence_hook():
+    """The example fencing hook of SPEC §10.5 in this tree (examples/*fence*,
+    executable, not a unit drop-in), or None while there is none."""
+    examples = os.path.join(REPO, "examples")
+    for name in sorted(os.listdir(examples)):
+        path = os.path.join(examples, name)
+        if "fence" in name and not name.endswith((".conf", ".md")) and os.path.isfile(path) \
+                and os.access(path, os.X_OK):
+            return path
+    return None
+
+
 # --- observing through a server the lab is not disturbing ------------------------
 
 class ObserverHTTP(ConsulHTTP):
@@ -468,6 +480,17 @@ class ClusterLab(Lab):
         self.life[node].append((t, "start"))
         self.electors[node] = proc
         return proc
+
+    def set_hook(self, hook):
+        """Run every elector with --hook `hook` from now on (None: none):
+        restarted one by one, followers first, so the leadership moves once."""
+        self.hook = hook
+        leader = self.claimers()
+        for node in sorted(self.electors, key=lambda n: n in leader):
+            self.stop_elector(node)
+            self.start_elector(node)
+            wait_for(lambda: self.sessions_of(node), 30, interval=0.1,
+                     message="elector-%s to compete again" % node)
 
     def start_electors(self):
         for node in self.nodes:

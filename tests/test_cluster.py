@@ -138,3 +138,29 @@ def test_sigkill_leader_elector_and_restart(faults):
     # §8.4: restarted long before its session could expire, it resumes it
     # (same --state-dir): a crash does not move the key.
     stayed(run(faults, "elector_kill"))
+
+
+@pytest.fixture
+def fenced(lab, faults):
+    """The lab's electors with the example fencing hook (SPEC §10.5)."""
+    hook = cluster.find_fence_hook()
+    if not hook:
+        pytest.skip("the example fencing hook of SPEC §10.5 (examples/*fence*) is not in this tree yet")
+    lab.set_hook(hook)
+    try:
+        yield faults
+    finally:
+        lab.heal_all()
+        lab.set_hook(None)
+
+
+def test_partition_of_leader_node_fenced(fenced):
+    """§10.5: with the example hook, the VIP is never on two nodes during a
+    partition, and the healed node gets it back only by winning the key."""
+    r = run(fenced, "partition")
+    assert r.new_holder not in (None, r.leader)
+    assert r.vip_double == 0, "the VIP was on two nodes for %.0f ms despite the fencing hook" % (
+        r.vip_double * 1000)
+    lab = fenced.lab
+    assert not lab.vip_monitor.ever_on(lab.iface(r.leader), r.t_heal), (
+        "the VIP came back to node-%s after the heal although it did not win the key" % r.leader)

@@ -61,6 +61,7 @@ class FaultResult:
     detection: Optional[float] = None         # s from the fault to the key leaving the old session
     new_holder: Optional[str] = None          # the next node the key named with a session
     t_new_holder: Optional[float] = None      # s from the fault
+    old_stops: Optional[float] = None         # s from the fault to the old leader's claim ending
     claim_overlap: float = 0.0                # longest time two electors claimed at once, s
     leaderless: float = 0.0                   # longest time after the heal with no claimer, s
     vip_double: float = 0.0                   # longest time the VIP was on two nodes, s
@@ -68,15 +69,19 @@ class FaultResult:
     notes: List[str] = field(default_factory=list)
     errors: List[str] = field(default_factory=list)
 
-    HEADER = "%-22s %-6s %9s %14s %9s %10s %9s %8s" % (
-        "fault", "leader", "detect_s", "new_holder", "overlap_ms", "leaderless", "vip2_ms", "vip0_s")
+    HEADER = "%-24s %-6s %9s %9s %14s %10s %10s %9s %8s" % (
+        "fault", "leader", "unclaim_s", "detect_s", "new_holder", "overlap_ms", "leaderless", "vip2_ms", "vip0_s")
 
     def row(self):
         holder = "%s@%.1fs" % (self.new_holder, self.t_new_holder) if self.new_holder else "-"
-        return "%-22s %-6s %9s %14s %9.0f %10.1f %9.0f %8.1f%s" % (
-            self.kind, self.leader, "%.1f" % self.detection if self.detection is not None else "-", holder,
+        return "%-24s %-6s %9s %9s %14s %10.0f %10.1f %9.0f %8.1f%s" % (
+            self.kind, self.leader, _secs(self.old_stops), _secs(self.detection), holder,
             self.claim_overlap * 1000, self.leaderless, self.vip_double * 1000, self.vip_none,
             "  FAILED" if self.errors else "")
+
+
+def _secs(value):
+    return "-" if value is None else "%.1f" % value
 
 
 def _longest(intervals):
@@ -115,6 +120,8 @@ class Faults:
             if r.detection is not None and t >= r.t_fault and session and session != r.old_session:
                 r.new_holder, r.t_new_holder = lab.node_of_value(value), t - r.t_fault
                 break
+        ends = [b for a, b in lab.claim_intervals(end)[r.leader] if r.t_fault <= b < end]
+        r.old_stops = ends[0] - r.t_fault if ends else None
         overlaps = lab.claim_overlaps(r.t_fault, end)
         r.claim_overlap = _longest(overlaps)
         r.leaderless = _longest(lab.leaderless(r.t_heal, end))
@@ -138,6 +145,8 @@ class Faults:
     def _partition(self, r, hold=15.0, node=None):
         """The leader node's link down for `hold` seconds, then up."""
         node = node or r.leader
+        if node != r.leader:
+            r.kind = "partition(follower %s)" % node
         self.lab.partition(node)
         self._sleep_until(r.t_fault + hold)
         self._heal_link(r, node)

@@ -15,9 +15,12 @@ all: test
 deps:
 	tests/tools/fetch-deps
 
-# The booted-systemd test container's bookworm tree (cached, ~1 min to build).
+# The booted-systemd test containers' trees (cached, built when missing or
+# when their package lists change): bookworm (~1 min to build) and trixie,
+# with trixie's lintian (~2 min).
 rootfs: deps
-	tests/tools/rootfs >/dev/null
+	tests/tools/rootfs --suite bookworm >/dev/null
+	tests/tools/rootfs --suite trixie >/dev/null
 
 # Everything: unit tests, the real-Consul suite (with each of the three Consul
 # libraries), the booted-systemd container and .deb tests, the vip-manager

@@ -1,4 +1,4 @@
-"""A booted Debian bookworm container with a real systemd, for tests.
+"""A booted Debian container (bookworm, or trixie) with a real systemd, for tests.
 
     from container import Container, container_unavailable, container_fixture
     # (tests/ is on sys.path under pytest)
@@ -19,8 +19,9 @@
 API:
   container_unavailable() -> None or the reason (not root, no nspawn/nsenter/
       unshare, no mount namespaces): the only reasons to skip.
-  rootfs_path(build=True) -> the cached rootfs (tests/tools/rootfs builds it).
-  Container(rootfs=None, prefix='vipe', boot_timeout=120)
+  rootfs_path(build=True, suite='bookworm') -> the cached rootfs of that
+      Debian release (tests/tools/rootfs builds it).
+  Container(rootfs=None, prefix='vipe', boot_timeout=120, suite='bookworm')
       .boot() -> self (also `with Container() as ct:`); .boot_seconds
       .run(argv | shell string, input=None, check=True, timeout=60, env=None,
            text=True) -> subprocess.CompletedProcess (stdout, stderr captured)
@@ -32,7 +33,8 @@ API:
            replaces dest, modes kept, __pycache__ skipped)
       .nsenter_argv(argv, env=None) -> host argv running argv inside
       .stop()   idempotent, never raises; .name, .pid (host PID of its init)
-  container_fixture(request): generator body for a fixture of any scope.
+  container_fixture(request, suite='bookworm'): generator body for a fixture
+      of any scope.
 
 The root filesystem comes from `tests/tools/rootfs`, built once and cached in
 $VIP_ELECTOR_CACHE/rootfs-<hash>. Each Container boots a throwaway view of it:
@@ -102,9 +104,9 @@ def container_unavailable():
     return None
 
 
-def rootfs_path(build=True):
-    """The cached rootfs, built first if missing (tests/tools/rootfs)."""
-    argv = [ROOTFS_TOOL] if build else [ROOTFS_TOOL, '--path']
+def rootfs_path(build=True, suite='bookworm'):
+    """The cached rootfs of `suite`, built first if missing (tests/tools/rootfs)."""
+    argv = [ROOTFS_TOOL, '--suite', suite] + ([] if build else ['--path'])
     res = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if res.returncode != 0:
         raise ContainerError(f'tests/tools/rootfs failed:\n{res.stderr}')
@@ -153,8 +155,9 @@ def _rmdir_tree(path):
 class Container:
     """One booted throwaway container. See the module docstring."""
 
-    def __init__(self, rootfs=None, prefix='vipe', boot_timeout=120):
+    def __init__(self, rootfs=None, prefix='vipe', boot_timeout=120, suite='bookworm'):
         self.rootfs = rootfs
+        self.suite = suite
         self.name = f'{prefix}-{os.getpid()}-{secrets.token_hex(3)}'
         self.boot_timeout = boot_timeout
         self.tmpdir = None
@@ -176,7 +179,7 @@ class Container:
         """Start the container and wait until its systemd finished booting
         (`running` or `degraded`). Returns self. Tears down on failure."""
         if self.rootfs is None:
-            self.rootfs = rootfs_path()
+            self.rootfs = rootfs_path(suite=self.suite)
         started = time.monotonic()
         atexit.register(self.stop)
         try:
@@ -419,8 +422,9 @@ def _kill(pid):
         pass
 
 
-def container_fixture(request):
-    """Body for a pytest fixture (any scope) that yields a booted Container:
+def container_fixture(request, suite='bookworm'):
+    """Body for a pytest fixture (any scope) that yields a booted Container
+    of the Debian release `suite`:
 
         @pytest.fixture(scope='module')
         def ct(request):
@@ -432,7 +436,7 @@ def container_fixture(request):
     reason = container_unavailable()
     if reason:
         pytest.skip(reason)
-    ct = Container()
+    ct = Container(suite=suite)
     request.addfinalizer(ct.stop)
     ct.boot()
     yield ct

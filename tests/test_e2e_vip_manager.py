@@ -187,6 +187,34 @@ def test_sigkill_of_the_leader_moves_the_vip(lab):
     print("SIGKILL: key %.1f s" % (t_key - t0))
 
 
+def test_reload_and_crash_restart_of_the_leader_never_move_the_vip(lab):
+    """SPEC §8: SIGHUP re-executes in place, SIGKILL + restart 1 s later (as systemd
+    does) resumes the session: the key and the VIP stay where they are throughout."""
+    leader = steady(lab)
+    iface = lab.iface(leader)
+    t0 = time.time()
+    before = lab.watcher.current()
+    proc = lab.electors[leader]
+    proc.send(signal.SIGHUP)
+    proc.wait_line("reloaded", 15, since=t0)
+    proc.wait_line("LOCK ACQUIRED", 15, since=t0)
+    t1 = time.time()
+    proc.send(signal.SIGKILL)
+    proc.wait(5)
+    time.sleep(1.0)
+    proc = lab.start_elector(leader)
+    proc.wait_line("resumed session %s: it still holds" % before[2], 20)
+    proc.wait_line("LOCK ACQUIRED", 15)
+    time.sleep(2 * INTERVAL_MS / 1000 + 0.5)  # vip-manager would have acted on a change by now
+    t_end = time.time()
+    assert lab.watcher.current()[1:] == before[1:], describe(lab)
+    assert lab.watcher.values_between(t0, t_end) == {lab.name(leader)}, describe(lab)
+    removals = [e for e in lab.vip_monitor.events if e[0] >= t0 and e[1] == iface and not e[2]]
+    assert not removals, "the VIP left %s during the reload or restart\n%s" % (iface, describe(lab))
+    assert lab.vip_monitor.holders() == {iface}
+    print("reload at +0 ms and crash-restart at +%.0f ms: key and VIP untouched" % ((t1 - t0) * 1000))
+
+
 def test_the_vip_never_sat_on_two_interfaces_for_long(lab):
     steady(lab)
     assert_no_long_overlap(lab, lab.t_start)

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from consul_agent import wait_for
+from elector_process import run_elector
 from helpers import sessions_named
 from vipnet import KeyWatcher
 
@@ -377,3 +378,51 @@ def test_outage_longer_than_the_ttl_that_consul_survives_resumes_the_same_sessio
     assert (now["Session"], now["ModifyIndex"]) == (entry["Session"], entry["ModifyIndex"])
     assert len(sessions_named(fresh_consul, "vip-elector-node-a")) == 1
     no_internal_error(a)
+
+
+def test_reload_applies_the_units_current_options_and_environment(consul, key, start, write_config,
+                                                                    tmp_path, notify_socket):
+    """systemd gives ExecReload= (vip-elector --reload-pid) the unit's fresh environment:
+    VIP_ELECTOR_OPTS and the defaults file's variables apply on reload, while what
+    systemd gives the main process alone (NOTIFY_SOCKET, the watchdog) stays."""
+    notify = notify_socket()
+    run = tmp_path / "run"
+    run.mkdir()
+    config = write_config(consul.http_addr, key)
+
+    def opts(ttl):
+        return "--vip-manager-config=%s --hostname node-a --ttl %s --lock-delay 1s" % (config, ttl)
+    a = start(consul, key, None, config=config, extra=opts("10s").split()[1:] + [opts("10s").split()[0]],
+              env={"RUNTIME_DIRECTORY": str(run), "VIP_ELECTOR_OPTS": opts("10s"),
+                   "NOTIFY_SOCKET": notify.path})
+    old = lead(consul, key, a, "node-a")["Session"]
+
+    def reload_with(options):
+        since = time.time()
+        res = run_elector(["--reload-pid", str(a.pid)],
+                          env={"RUNTIME_DIRECTORY": str(run), "VIP_ELECTOR_OPTS": options})
+        assert res.returncode == 0, res.stderr
+        notify.wait("RELOADING=1", 5, since=since)   # taken before --reload-pid returned
+        notify.wait("READY=1", 20, since=since)
+        return since
+
+    # Broken: no options. The running daemon carries on, naming the variable.
+    n = len(a.lines)
+    reload_with("")
+    _, line = a.wait_for_line("reload failed", 10, since=n)
+    assert "VIP_ELECTOR_OPTS" in line, line
+    assert consul.kv_get(key)["Session"] == old
+    # A new TTL: the new program runs with it (a new session, as SPEC §8.3 says).
+    n = len(a.lines)
+    reload_with(opts("15s"))
+    a.wait_for_line("ttl 15s", 20, since=n)
+    wait_for(lambda: (consul.kv_get(key) or {}).get("Session") not in (None, old), 20,
+             message="the key held by the new session")
+    assert consul.session_info(consul.kv_get(key)["Session"])["TTL"] == "15s"
+    assert not os.listdir(run) or os.listdir(run) == ["state.json"], os.listdir(run)
+    no_internal_error(a)
+
+
+def test_reload_pid_of_no_daemon_says_so(tmp_path):
+    res = run_elector(["--reload-pid", "999999"], env={"RUNTIME_DIRECTORY": str(tmp_path)})
+    assert res.returncode == 1 and "cannot signal the daemon (PID 999999)" in res.stderr, res.stderr

@@ -1,124 +1,73 @@
-"""The Debian package, installed in a booted bookworm container (SPEC §7).
+"""The Debian package, installed in a booted bookworm container (SPEC §7, §8).
 
 One container for the module, driven through the package's life in order:
 
+  0. bookworm's lintian finds no error and no warning in the package.
   1. `apt-get install ./vip-elector_*.deb` on a node with no vip-manager
      configuration: no error, the system user exists, the conffile is
-     0640 root:vip-elector, the unit is enabled, not running, not flapping,
-     and `systemctl status` says why.
+     0640 root:vip-elector, the unit (under /usr/lib, nothing under the
+     aliased /lib, /bin, /sbin) is enabled, not running, not flapping, and
+     `systemctl status` says why.
   2. Configured against a Consul agent on the host (the container shares the
      host's network): `systemctl restart` makes it the leader, the key holds
      the node's name, the status and the journal say so, it runs as
-     vip-elector.
+     vip-elector, its runtime directory is 0700 vip-elector.
   3. `systemctl stop` deletes the key (planned stop hands over at once).
-  4. Upgrade to a newer build whose /etc/default/vip-elector changed, over an
-     untouched conffile: dpkg installs the new one, still 0640
-     root:vip-elector; the running daemon is restarted.
-  5. Upgrade again over a conffile the administrator changed: it is kept
-     (content and mode) and the restarted daemon runs with its options.
-  6. Reinstall over a deleted conffile (--force-confmiss): restored with
-     0640 root:vip-elector.
-  7. Purge: daemon stopped, key gone, user, group, conffile and unit gone.
+  4. `systemctl reload` while leading: same PID, the key untouched (same
+     session, same ModifyIndex, watched with blocking queries throughout).
+  5. `kill -9` of the daemon: systemd restarts it within RestartSec, it
+     resumes its session from /run/vip-elector, the key untouched.
+  6. Upgrade to a newer build whose /etc/default/vip-elector changed, over an
+     untouched conffile, while leading: dpkg installs the new conffile, still
+     0640 root:vip-elector; the daemon is reloaded, not restarted (same PID,
+     key untouched) and runs the new version's code.
+  7. Upgrade again over a conffile the administrator changed: it is kept
+     (content and mode), the daemon reloaded again; a restart then applies
+     its options.
+  8. Reinstall over a deleted conffile (--force-confmiss): restored with
+     0640 root:vip-elector, the daemon reloaded, the key untouched.
+  9. `systemctl stop` after all that still hands over (key deleted).
+ 10. Purge: daemon stopped, key gone, user, group, conffile, unit and runtime
+     directory gone, no warning from dpkg.
+ 11. Upgrade from 0.1.0 (built from git history; its unit was in /lib):
+     the unit survives the move to /usr/lib, the daemon is restarted once
+     (0.1.0 cannot reload) and leads again.
 
 Each step needs the previous ones; when one fails the later ones are
 skipped, not failed again.
 
-The .deb files are built from this source tree (a copy, so the tree stays
-clean) with dpkg-buildpackage, DEB_BUILD_OPTIONS=nocheck (the unit tests run
-in the normal test run): version 0.1.0 and two bumped versions. Set
-VIP_ELECTOR_DEB to test an already built .deb as the first version.
+The .deb files are built from this source tree by tests/debbuild.py: this
+version and two bumped ones. Set VIP_ELECTOR_DEB to test an already built
+.deb as the first version.
 """
 
-import json
 import os
-import re
 import shutil
 import subprocess
+import time
 
 import pytest
+
+from debbuild import build_release, deb_field, deb_files, release_unavailable, series_or_skip
+from package_steps import (CONFFILE, apt_install, apt_purge, assert_quiet, internal_errors,  # noqa: F401
+                           journal_cursor, journal_entries, key_untouched, main_pid,
+                           reloaded_in_place, runs_version, set_options, stat, step, unit,
+                           wait_leading, write_vip_manager_config)
 
 pytestmark = [pytest.mark.container, pytest.mark.consul]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFFILE = "/etc/default/vip-elector"
 NAME = "pkg-node"                    # trigger-value of the container's node
 MSG_ACQUIRED = "5167235c50a3439b965b74c3cb0102bc"
-# A clean PATH for the build: a pyenv or virtualenv python3 first in PATH
-# would make pybuild build for the wrong interpreter.
-BUILD_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
-             "DEB_BUILD_OPTIONS": "nocheck", "HOME": "/nonexistent"}
-
-
-# --------------------------------------------------------------------- builds
-
-def _source_files():
-    """Paths (relative to REPO) of the source tree: git's view when it is a
-    checkout (tracked and untracked-not-ignored files), else everything."""
-    if os.path.exists(os.path.join(REPO, ".git")) and shutil.which("git"):
-        res = subprocess.run(["git", "-C", REPO, "ls-files", "-z", "--cached", "--others",
-                              "--exclude-standard"], capture_output=True, check=True)
-        return [p for p in res.stdout.decode().split("\0")
-                if p and os.path.lexists(os.path.join(REPO, p))]
-    out = []
-    for root, dirs, files in os.walk(REPO):
-        dirs[:] = [d for d in dirs if d not in (".git", ".pybuild", "__pycache__")]
-        out += [os.path.relpath(os.path.join(root, f), REPO) for f in files]
-    return out
-
-
-def _copy_source(dest):
-    for rel in _source_files():
-        src, dst = os.path.join(REPO, rel), os.path.join(dest, rel)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if os.path.islink(src):
-            os.symlink(os.readlink(src), dst)
-        else:
-            shutil.copy2(src, dst)
-
-
-def _bump(src, version, default_comment):
-    """Make the tree in src a newer version whose defaults file differs."""
-    changelog = os.path.join(src, "debian", "changelog")
-    with open(changelog) as f:
-        old = f.read()
-    trailer = re.search(r"^ -- .*$", old, re.M).group(0)
-    entry = ("vip-elector (%s) unstable; urgency=medium\n\n"
-             "  * Test build for the package upgrade test.\n\n%s\n\n" % (version, trailer))
-    with open(changelog, "w") as f:
-        f.write(entry + old)
-    with open(os.path.join(src, "debian", "vip-elector.default"), "a") as f:
-        f.write("# %s\n" % default_comment)
-
-
-def _build(workdir, version=None, default_comment=None):
-    """Build the package from a copy of the tree in workdir; path of the .deb."""
-    src = os.path.join(workdir, "src")
-    _copy_source(src)
-    if version:
-        _bump(src, version, default_comment)
-    res = subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, env=BUILD_ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert res.returncode == 0, "dpkg-buildpackage failed:\n" + res.stdout[-5000:]
-    debs = [f for f in os.listdir(workdir) if f.endswith("_all.deb")]
-    assert len(debs) == 1, debs
-    return os.path.join(workdir, debs[0])
+MSG_RELEASED = "071fe3546e774ce5958b0e1e1225c17d"
+ALIASED = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+UNIT_PATHS = ("/usr/lib/systemd/system/vip-elector.service", "/lib/systemd/system/vip-elector.service")
 
 
 @pytest.fixture(scope="module")
-def debs(tmp_path_factory):
+def debs():
     """{'v1': deb, 'v2': deb, 'v3': deb}, each newer than the one before."""
-    missing = [t for t in ("dpkg-buildpackage", "dh", "pybuild") if not shutil.which(t, path=BUILD_ENV["PATH"])]
-    if missing:
-        pytest.skip("cannot build the package: %s missing (tests/tools/fetch-deps installs them)"
-                    % ", ".join(missing))
-    out = {}
-    given = os.environ.get("VIP_ELECTOR_DEB")
-    out["v1"] = given or _build(str(tmp_path_factory.mktemp("deb-v1")))
-    v1 = subprocess.run(["dpkg-deb", "-f", out["v1"], "Version"], capture_output=True,
-                        text=True, check=True).stdout.strip()
-    out["v2"] = _build(str(tmp_path_factory.mktemp("deb-v2")), v1 + "+test1", "upgrade test 1")
-    out["v3"] = _build(str(tmp_path_factory.mktemp("deb-v3")), v1 + "+test2", "upgrade test 2")
-    return out
+    return series_or_skip(3)
 
 
 # ---------------------------------------------------------------- container
@@ -131,44 +80,8 @@ def ct(request):
     yield from container_fixture(request)
 
 
-STEPS = set()
-
-
-@pytest.fixture
-def step(request):
-    """Declare the steps a test needs; records its own name when it passes."""
-    def needs(*names):
-        for name in names:
-            if name not in STEPS:
-                pytest.skip("an earlier step failed: %s" % name)
-    yield needs
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.passed:
-        STEPS.add(request.node.name)
-
-
-def apt_install(ct, deb, *options):
-    """Install a .deb inside with apt-get, offline: everything it depends on is
-    in the container's rootfs already. Returns the CompletedProcess."""
-    inside = "/tmp/" + os.path.basename(deb)      # readable by apt's _apt user
-    ct.copy_in(deb, inside)
-    return ct.run(["apt-get", "install", "-y", "--no-install-recommends", "--allow-downgrades",
-                   "-o", "Acquire::Retries=0", *options, inside],
-                  env={"DEBIAN_FRONTEND": "noninteractive"}, check=False, timeout=300)
-
-
-def stat(ct, path):
-    return ct.run(["stat", "-c", "%U:%G %a", path]).stdout.strip()
-
-
-def unit(ct, *props):
-    return ct.show("vip-elector.service", *props)
-
-
 def main_pid_user(ct):
-    pid = unit(ct, "MainPID")["MainPID"]
-    assert pid != "0", "vip-elector is not running"
-    return ct.run(["ps", "-o", "user=", "-p", pid]).stdout.strip()
+    return ct.run(["ps", "-o", "user=", "-p", main_pid(ct)]).stdout.strip()
 
 
 def wait_for(condition, timeout, message):
@@ -176,33 +89,41 @@ def wait_for(condition, timeout, message):
     return poll(condition, timeout, message=message)
 
 
-def write_vip_manager_config(ct, consul, key):
-    ct.put("/etc/vip-manager.yml",
-           "dcs-type: consul\n"
-           "dcs-endpoints:\n  - %s\n"
-           "trigger-key: %s\n"
-           "trigger-value: %s\n"
-           "ip: 192.0.2.10\nnetmask: 24\ninterface: eth0\n" % (consul.url, key, NAME))
-
-
-def journal_entries(ct, *args):
-    out = ct.journal("-u", "vip-elector.service", "-o", "json", *args)
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+def installed_paths(ct):
+    return ct.run(["dpkg", "-L", "vip-elector"]).stdout.split()
 
 
 # -------------------------------------------------------------------- steps
+
+def test_bookworm_lintian_is_clean(debs):
+    """The host's (bookworm's) lintian; trixie's runs in tests/test_trixie_container.py."""
+    if not shutil.which("lintian"):
+        pytest.skip("lintian is not installed (tests/tools/fetch-deps installs it)")
+    res = subprocess.run(["lintian", "--fail-on", "error,warning", "--no-tag-display-limit",
+                          debs["v1"]], capture_output=True, text=True, timeout=600,
+                         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+    tags = [line for line in res.stdout.splitlines() if line[:2] in ("E:", "W:")]
+    assert res.returncode == 0 and not tags, "lintian:\n%s\n%s" % (res.stdout, res.stderr)
+
 
 def test_install_unconfigured(ct, debs, step):
     res = apt_install(ct, debs["v1"])
     assert res.returncode == 0, "apt-get install failed:\n%s\n%s" % (res.stdout, res.stderr)
     assert "error" not in res.stderr.lower(), res.stderr
+    assert "warning" not in res.stdout.lower() + res.stderr.lower(), res.stdout + res.stderr
+    # Nothing in the aliased directories of a merged /usr (trixie rejects it).
+    paths = installed_paths(ct)
+    assert "/usr/lib/systemd/system/vip-elector.service" in paths, paths
+    assert not [p for p in paths if p.startswith(tuple(a + "/" for a in ALIASED))], paths
+    # (systemd 252 names it by /lib, first in its search path: the same file.)
+    assert unit(ct, "FragmentPath")["FragmentPath"] in UNIT_PATHS
     # postinst: user and group, conffile mode.
     passwd = ct.run(["getent", "passwd", "vip-elector"]).stdout.split(":")
     assert passwd[5:7] == ["/nonexistent", "/usr/sbin/nologin\n"], passwd
     assert int(passwd[2]) < 1000, "not a system user: %s" % passwd
     ct.run(["getent", "group", "vip-elector"])
     assert stat(ct, CONFFILE) == "root:vip-elector 640"
-    assert "VIP_ELECTOR_OPTS=\"--vip-manager-config=/etc/vip-manager.yml\"" in ct.read(CONFFILE)
+    assert "\n#VIP_ELECTOR_OPTS=" in ct.read(CONFFILE), "the shipped conffile sets no options"
     conffiles = ct.read("/var/lib/dpkg/info/vip-elector.conffiles").split()
     assert conffiles == [CONFFILE]
     # Enabled, tried once by postinst (apt returns after the start job), and
@@ -225,17 +146,20 @@ def test_install_unconfigured(ct, debs, step):
 
 def test_configured_leader(ct, consul, key, step, request):
     step("test_install_unconfigured")
-    write_vip_manager_config(ct, consul, key)
+    write_vip_manager_config(ct, consul, key, NAME)
+    # The options from a drop-in, so the conffile stays untouched for the
+    # upgrade below (EnvironmentFile= would win, but it sets nothing).
+    set_options(ct)
     ct.systemctl("restart", "vip-elector")
-    wait_for(lambda: consul.kv_value(key) == NAME, 30, message="key %s = %s" % (key, NAME))
+    wait_leading(ct, consul, key, NAME)
     holder = consul.holder(key)
     assert holder and holder[0] == NAME
-    state = wait_for(lambda: (lambda s: s if s["StatusText"].startswith("leader:") else None)(
-        unit(ct, "StatusText", "ActiveState", "NRestarts")), 15, message="leader status")
+    state = unit(ct, "StatusText", "ActiveState", "NRestarts")
     assert state["ActiveState"] == "active"
-    assert state["StatusText"] == "leader: holding %s as %s" % (key, NAME)
     assert "leader: holding" in ct.systemctl("status", "vip-elector").stdout
     assert main_pid_user(ct) == "vip-elector"
+    # The runtime directory the daemon keeps its state in (SPEC §8.1).
+    assert stat(ct, "/run/vip-elector") == "vip-elector:vip-elector 700"
     acquired = [e for e in journal_entries(ct) if "LOCK ACQUIRED" in str(e.get("MESSAGE"))]
     assert acquired, "no LOCK ACQUIRED in the journal"
     e = acquired[-1]
@@ -258,71 +182,177 @@ def test_stop_deletes_key(ct, consul, step, request):
     assert consul.kv_get(key) is None, "the key outlived a planned stop"
     assert unit(ct, "ActiveState", "Result") == {"ActiveState": "inactive", "Result": "success"}
     ct.systemctl("start", "vip-elector")
-    wait_for(lambda: consul.kv_value(key) == NAME, 30, message="leader again")
+    wait_leading(ct, consul, key, NAME)
 
 
-def test_upgrade_replaces_untouched_conffile_and_restarts(ct, consul, debs, step, request):
+def test_reload_leaves_key_untouched(ct, consul, debs, step, request):
+    """`systemctl reload` re-executes the daemon in place (SPEC §8.3)."""
     step("test_stop_deletes_key")
     key = request.module.KEY
-    before = unit(ct, "ExecMainStartTimestampMonotonic")
-    res = apt_install(ct, debs["v2"])
+    version = deb_field(debs["v1"], "Version")
+    reloaded_in_place(ct, consul, key, NAME, version,
+                      lambda: ct.systemctl("reload", "vip-elector"), "systemctl reload")
+
+
+def test_kill_9_restarts_and_resumes(ct, consul, step, request):
+    """A crash: systemd restarts it after RestartSec (1 s), and it resumes its
+    session from /run/vip-elector long before the session could expire."""
+    step("test_reload_leaves_key_untouched")
+    key = request.module.KEY
+    before = unit(ct, "MainPID", "NRestarts")
+    with key_untouched(consul, key):
+        started = time.monotonic()
+        ct.run(["kill", "-9", before["MainPID"]])
+        wait_for(lambda: int(unit(ct, "NRestarts")["NRestarts"]) == int(before["NRestarts"]) + 1,
+                 15, message="systemd to restart the killed daemon")
+        wait_for(lambda: unit(ct, "ActiveState")["ActiveState"] == "active", 15,
+                 message="active again")
+        assert main_pid(ct) != before["MainPID"]
+        wait_leading(ct, consul, key, NAME)
+        print("kill -9: leading again (same session) after %.0f ms"
+              % ((time.monotonic() - started) * 1000))
+    assert not internal_errors(ct)
+
+
+def test_upgrade_reloads_and_runs_the_new_code(ct, consul, debs, step, request):
+    step("test_kill_9_restarts_and_resumes")
+    key = request.module.KEY
+    res = reloaded_in_place(ct, consul, key, NAME, deb_field(debs["v2"], "Version"),
+                            lambda: apt_install(ct, debs["v2"]), "the upgrade")
     assert res.returncode == 0, "upgrade failed:\n%s\n%s" % (res.stdout, res.stderr)
     text = ct.read(CONFFILE)
     assert "# upgrade test 1" in text, "dpkg kept an untouched conffile"
     assert stat(ct, CONFFILE) == "root:vip-elector 640"
-    after = unit(ct, "MainPID", "ActiveState", "ExecMainStartTimestampMonotonic")
-    assert after["ActiveState"] == "active"
-    assert after["ExecMainStartTimestampMonotonic"] != before["ExecMainStartTimestampMonotonic"], \
-        "the daemon was not restarted by the upgrade"
-    wait_for(lambda: consul.kv_value(key) == NAME, 30, message="leader after upgrade")
+    assert unit(ct, "ActiveState")["ActiveState"] == "active"
 
 
 def test_upgrade_keeps_modified_conffile(ct, consul, debs, step, request):
-    step("test_upgrade_replaces_untouched_conffile_and_restarts")
+    step("test_upgrade_reloads_and_runs_the_new_code")
     key = request.module.KEY
-    mine = ct.read(CONFFILE).replace(
-        'VIP_ELECTOR_OPTS="--vip-manager-config=/etc/vip-manager.yml"',
-        'VIP_ELECTOR_OPTS="--vip-manager-config=/etc/vip-manager.yml --ttl=15s"')
-    assert "--ttl=15s" in mine
+    opts = 'VIP_ELECTOR_OPTS="--vip-manager-config=/etc/vip-manager.yml"\n'
+    mine = ct.read(CONFFILE) + "# changed by the administrator\n" + opts
     ct.put(CONFFILE, mine, mode=0o640, group="vip-elector")
-    before = unit(ct, "ExecMainStartTimestampMonotonic")
-    res = apt_install(ct, debs["v3"], "-o", "Dpkg::Options::=--force-confold")
+    res = reloaded_in_place(ct, consul, key, NAME, deb_field(debs["v3"], "Version"),
+                            lambda: apt_install(ct, debs["v3"], "-o",
+                                                "Dpkg::Options::=--force-confold"), "the upgrade")
     assert res.returncode == 0, "upgrade failed:\n%s\n%s" % (res.stdout, res.stderr)
     assert ct.read(CONFFILE) == mine
     assert stat(ct, CONFFILE) == "root:vip-elector 640"
     ct.run(["test", "-f", CONFFILE + ".dpkg-dist"])      # the package's version, beside it
-    after = unit(ct, "MainPID", "ActiveState", "ExecMainStartTimestampMonotonic")
-    assert after["ActiveState"] == "active"
-    assert after["ExecMainStartTimestampMonotonic"] != before["ExecMainStartTimestampMonotonic"]
-    cmdline = ct.read("/proc/%s/cmdline" % after["MainPID"]).split("\0")
+    # systemd gives the main process its options only at start; the unit's
+    # ExecReload= hands the current ones over, so a reload applies an edit
+    # of the defaults file (here a new TTL: a new session, same process).
+    pid = main_pid(ct)
+    ct.put(CONFFILE, mine.replace(opts, opts.replace('.yml"', '.yml --ttl=15s"')), mode=0o640,
+           group="vip-elector")
+    ct.systemctl("reload", "vip-elector")
+    assert main_pid(ct) == pid
+    cmdline = ct.read("/proc/%s/cmdline" % pid).split("\0")
     assert "--ttl=15s" in cmdline, cmdline
-    wait_for(lambda: consul.kv_value(key) == NAME, 30, message="leader after upgrade")
+    wait_leading(ct, consul, key, NAME)
+    assert consul.session_info(consul.kv_get(key)["Session"])["TTL"] == "15s"
+    ct.put(CONFFILE, mine, mode=0o640, group="vip-elector")   # back, for the steps below
+    ct.systemctl("reload", "vip-elector")
+    wait_for(lambda: consul.session_info((consul.kv_get(key) or {}).get("Session") or "x") and
+             consul.session_info(consul.kv_get(key)["Session"])["TTL"] == "10s", 20,
+             message="leading with the TTL of the restored options")
 
 
-def test_reinstall_restores_deleted_conffile_with_mode(ct, debs, step):
+def test_reinstall_restores_deleted_conffile_with_mode(ct, consul, debs, step, request):
     """dpkg keeps a conffile's mode across upgrades; a conffile it creates
     anew (here: deleted by the administrator, restored with --force-confmiss)
-    comes out 0644 root:root, and postinst must make it 0640 root:vip-elector."""
+    comes out 0644 root:root, and postinst must make it 0640 root:vip-elector.
+    A reinstall reloads the daemon like an upgrade."""
     step("test_upgrade_keeps_modified_conffile")
+    key = request.module.KEY
     ct.run(["rm", CONFFILE])
-    res = apt_install(ct, debs["v3"], "--reinstall", "-o", "Dpkg::Options::=--force-confmiss")
+    res = reloaded_in_place(ct, consul, key, NAME, deb_field(debs["v3"], "Version"),
+                            lambda: apt_install(ct, debs["v3"], "--reinstall", "-o",
+                                                "Dpkg::Options::=--force-confmiss"), "the reinstall")
     assert res.returncode == 0, "reinstall failed:\n%s\n%s" % (res.stdout, res.stderr)
     assert "# upgrade test 2" in ct.read(CONFFILE)
     assert stat(ct, CONFFILE) == "root:vip-elector 640"
 
 
-def test_purge(ct, consul, step, request):
+def test_restart_is_a_planned_stop(ct, consul, step, request):
+    """SPEC §8.5: `systemctl restart` still hands over: the key is deleted,
+    then taken again with a new session (on a single node, after a gap)."""
     step("test_reinstall_restores_deleted_conffile_with_mode")
+    from vipnet import KeyWatcher
     key = request.module.KEY
-    res = ct.run(["apt-get", "purge", "-y", "vip-elector"],
-                 env={"DEBIAN_FRONTEND": "noninteractive"}, check=False, timeout=300)
-    assert res.returncode == 0, "purge failed:\n%s\n%s" % (res.stdout, res.stderr)
+    watcher = KeyWatcher(consul, key)
+    try:
+        before = watcher.current()
+        assert before[2], before
+        ct.systemctl("restart", "vip-elector")
+        gone = watcher.wait(lambda s: s[1] is None, 15, since=before[0], message="the key deleted")
+        back = watcher.wait(lambda s: s[1] == NAME and s[2], 30, since=gone[0],
+                            message="the key taken again")
+        assert back[2] != before[2], "a restart keeps no session"
+        print("systemctl restart: key absent for %.0f ms" % ((back[0] - gone[0]) * 1000))
+    finally:
+        watcher.close()
+    wait_leading(ct, consul, key, NAME)
+
+
+def test_stop_still_hands_over(ct, consul, step, request):
+    """After reloads, a crash and upgrades, a planned stop still deletes the key."""
+    step("test_restart_is_a_planned_stop")
+    key = request.module.KEY
+    ct.systemctl("stop", "vip-elector")
+    assert consul.kv_get(key) is None, "the key outlived a planned stop"
+    released = [e for e in journal_entries(ct) if e.get("MESSAGE_ID") == MSG_RELEASED]
+    assert released and "LOCK RELEASED" in released[-1]["MESSAGE"], released
+    ct.run(["test", "!", "-e", "/run/vip-elector/state.json"])   # nothing to resume
+    ct.systemctl("start", "vip-elector")
+    wait_leading(ct, consul, key, NAME)
+    assert not internal_errors(ct)
+
+
+def test_purge(ct, consul, step, request):
+    step("test_stop_still_hands_over")
+    key = request.module.KEY
+    res = apt_purge(ct)
+    assert_quiet(res, "apt-get purge")
     assert consul.kv_get(key) is None, "removing the package left the key behind"
     for cmd in (["getent", "passwd", "vip-elector"], ["getent", "group", "vip-elector"]):
         assert ct.run(cmd, check=False).returncode == 2, cmd
-    for path in (CONFFILE, CONFFILE + ".dpkg-dist", "/lib/systemd/system/vip-elector.service",
+    for path in (CONFFILE, CONFFILE + ".dpkg-dist", "/usr/lib/systemd/system/vip-elector.service",
                  "/etc/systemd/system/multi-user.target.wants/vip-elector.service",
-                 "/usr/bin/vip-elector", "/usr/lib/python3/dist-packages/vip_elector"):
+                 "/usr/bin/vip-elector", "/usr/lib/python3/dist-packages/vip_elector",
+                 "/run/vip-elector"):
         assert ct.run(["test", "-e", path], check=False).returncode != 0, path + " left behind"
     res = ct.run(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "vip-elector"], check=False)
     assert res.returncode != 0 or res.stdout.startswith("pn"), res.stdout
+
+
+def test_upgrade_from_0_1_0_moves_the_unit_to_usr(ct, consul, key, debs, step):
+    """0.1.0 shipped its unit in /lib/systemd/system. On a merged /usr that is
+    the same file as the new /usr/lib one: dpkg must not delete it when the
+    old path disappears from the package. 0.1.0 cannot reload: the upgrade
+    restarts it once, then it leads again running the new code."""
+    step("test_install_unconfigured")
+    reason = release_unavailable("0.1.0")
+    if reason:
+        pytest.skip(reason)
+    old = build_release("0.1.0")
+    assert "/lib/systemd/system/vip-elector.service" in deb_files(old)
+    ct.run(["apt-get", "purge", "-y", "vip-elector"], env={"DEBIAN_FRONTEND": "noninteractive"})
+    write_vip_manager_config(ct, consul, key, NAME)
+    res = apt_install(ct, old)
+    assert res.returncode == 0, "install of 0.1.0 failed:\n%s\n%s" % (res.stdout, res.stderr)
+    wait_leading(ct, consul, key, NAME)
+    pid, cursor = main_pid(ct), journal_cursor(ct)
+    res = apt_install(ct, debs["v1"])
+    assert_quiet(res, "the upgrade from 0.1.0")
+    ct.run(["test", "-f", "/usr/lib/systemd/system/vip-elector.service"])
+    state = unit(ct, "FragmentPath", "UnitFileState", "NeedDaemonReload", "ActiveState")
+    assert state.pop("FragmentPath") in UNIT_PATHS
+    assert state == {"UnitFileState": "enabled", "NeedDaemonReload": "no",
+                     "ActiveState": "active"}, state
+    new_pid = main_pid(ct)
+    assert new_pid != pid, "0.1.0 was not restarted"
+    runs_version(ct, deb_field(debs["v1"], "Version"), new_pid, cursor)
+    wait_leading(ct, consul, key, NAME)
+    assert_quiet(apt_purge(ct), "apt-get purge")
+    assert consul.kv_get(key) is None

@@ -885,7 +885,13 @@ class Lab:
         addr = addr or self.http_addr
         return ELECTOR_COMMAND + ["--vip-manager-config", self.vip_manager_config(node),
                 "--hostname", self.name(node), "--check-id", self.check_id(node),
-                "--addr", addr] + list(extra)
+                "--addr", addr, "--state-dir", self.state_dir(node)] + list(extra)
+
+    def state_dir(self, node):
+        """The node's --state-dir, as systemd's RuntimeDirectory= would be: kept across restarts."""
+        path = os.path.join(self.dir, "state-" + node)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
 
     def start_elector(self, node, addr=None, extra=(), env=None, on_line=None):
         if node in self.electors:

@@ -4,20 +4,157 @@ Every line answers one question (is the configuration valid, does Consul
 answer, may the token do what the daemon needs, is the check passing, what is
 in the key), and nothing is changed in Consul except a throw-away session
 that proves session rights and health, destroyed at once.
+
+A line that fails says why and what to do. Consul hides from a token what it
+may not read instead of refusing, so "not there" is only said once the token
+is known to be able to see it; otherwise the report names the missing right.
+The exit status is 0 when every line is ok and 1 otherwise, a configuration
+error included (``print_config_error``): the report is what an operator reads.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Callable, TextIO
+from dataclasses import dataclass
+from typing import Callable, Optional, TextIO
 
 from .config import Settings, format_duration
-from .consul import CheckNotPassing, ConsulClient, ConsulError, PermissionDenied
+from .consul import (CheckNotPassing, ConsulClient, ConsulError, KeyState, PermissionDenied,
+                     untested_library)
+
+POLICY_EXAMPLE = "/usr/share/doc/vip-elector/examples/consul-acl-policy.hcl"
+
+
+def token_advice(settings: Settings) -> str:
+    """What to do about a refused request: which token to set, or which rights to give it."""
+    if not settings.token:
+        return ("set a token with the rights in " + POLICY_EXAMPLE + ": CONSUL_HTTP_TOKEN in "
+                "/etc/default/vip-elector, or --token-file")
+    return f"give that token the rights in {POLICY_EXAMPLE}"
+
+
+def print_config_error(message: str, out: Optional[TextIO] = None) -> None:
+    """A configuration error as a --check report: one FAIL line and the summary."""
+    out = out or sys.stdout
+    print(f"FAIL  configuration: {message}", file=out)
+    print("1 problem(s) found", file=out)
+
+
+@dataclass
+class _Probe:
+    """The throw-away session: did Consul create it, and if not, why."""
+
+    created: bool = False
+    node: Optional[str] = None
+    error: Optional[ConsulError] = None
+
+
+def _probe_session(settings: Settings, consul: ConsulClient, checks: Optional[list[str]] = None) -> _Probe:
+    """Create and destroy a session bound to the checks: Consul's own verdict on them."""
+    try:
+        session = consul.create_session(settings.checks if checks is None else checks)
+    except ConsulError as e:
+        return _Probe(error=e)
+    probe = _Probe(created=True)
+    try:
+        info = consul.session_info(session)
+        probe.node = info.node if info else None
+    except ConsulError:
+        pass
+    try:
+        consul.destroy_session(session)
+    except ConsulError:
+        pass  # it has a TTL: Consul removes it anyway
+    return probe
+
+
+def describe_holder(consul: ConsulClient, key: KeyState) -> str:
+    """'session NAME on node NODE' for the session holding the key, in words."""
+    try:
+        info = consul.session_info(key.session) if key.session else None
+    except ConsulError:
+        info = None
+    if not info:
+        return f"session {key.session} (the token may not read it: session:read on its node)"
+    name, node = info.name or "(no name)", info.node or "?"
+    return f"session '{name}' ({key.session}) on node {node}"
+
+
+def key_lines(settings: Settings, consul: ConsulClient, key: Optional[KeyState]) -> tuple[bool, str]:
+    """(ok, text) for the trigger-key's state (SPEC §4.6)."""
+    k = settings.trigger_key
+    if key is None:
+        return True, f"trigger-key {k} is free"
+    if not key.is_lock:
+        if key.session:
+            return False, (f"trigger-key {k} is held by {describe_holder(consul, key)}, another "
+                           f"program's lock (flags {key.flags}, not a vip-elector lock): it is in use; "
+                           "choose another trigger-key for vip-manager and vip-elector")
+        return False, (f"trigger-key {k} is not a lock key (flags {key.flags}) and no session holds it: "
+                       f"if nothing uses it any more, remove it with 'consul kv delete {k}'; "
+                       "otherwise choose another trigger-key")
+    if key.session:
+        return True, f"trigger-key {k} is held by {key.value!r} ({describe_holder(consul, key)})"
+    return True, f"trigger-key {k} is free (last value {key.value!r})"
+
+
+def check_lines(settings: Settings, consul: ConsulClient, check_id: str, node: Optional[str],
+                probe: _Probe) -> list[tuple[bool, str]]:
+    """What the agent, the catalog and the session probe say about --check-id, in words."""
+    who = settings.token_words
+    try:
+        agent = consul.visible_checks()
+    except PermissionDenied as e:
+        return [(False, f"check '{check_id}': {who} may not read the agent's checks: {e}")]
+    except ConsulError as e:
+        return [(False, f"check '{check_id}': cannot read the agent's checks: {e}")]
+    catalog: Optional[dict[str, str]] = None
+    if node:
+        try:
+            catalog = consul.catalog_checks(node)
+        except ConsulError:
+            catalog = None
+    node_visible = catalog is not None and "serfHealth" in catalog
+    missing_in_catalog = isinstance(probe.error, CheckNotPassing) and probe.error.state is None
+
+    if check_id in agent:
+        state = agent[check_id]
+        lines = [(state != "critical", f"check '{check_id}' is {state} on the local agent")]
+        if (node_visible and check_id not in catalog) or missing_in_catalog:
+            lines.append((False, (
+                f"check '{check_id}': the local agent has it but the catalog does not (Consul "
+                "judges sessions by the catalog): the agent could not register it with the "
+                "servers, because the token it registers the check with (the check definition's "
+                "'token', else the agent's acl.tokens.default) lacks node:write (service:write for "
+                "a service's check); the agent's log says 'blocked by ACLs'. Give the check "
+                "definition a token with that right, reload the agent, then check again")))
+        return lines
+    if probe.created:
+        where = probe.node or node or "?"
+        return [(False, f"check '{check_id}' is registered and not critical (a session bound to it "
+                        f"was created), but {who} cannot see it: node:read on node {where} is "
+                        "missing, and vip-elector watches the check to know when to compete. Add "
+                        f"node \"{where}\" {{ policy = \"read\" }} ({POLICY_EXAMPLE})")]
+    if node and not node_visible:
+        return [(False, f"check '{check_id}' cannot be seen: {who} lacks node:read on node {node}, "
+                        "so Consul hides the node's checks; it may well be registered. Add "
+                        f"node \"{node}\" {{ policy = \"read\" }} to the token's policy ({POLICY_EXAMPLE})")]
+    if not node:
+        return [(False, f"check '{check_id}' cannot be seen: {who} may read neither the agent "
+                        "(agent:read) nor create a session on this node, so whether the check exists "
+                        f"is unknown; give the token the rights in {POLICY_EXAMPLE}")]
+    others = sorted(set(agent) | set(catalog or {}))
+    listed = ", ".join(f"'{c}'" for c in others) if others else "none"
+    return [(False, f"check '{check_id}' is not registered on the local agent (node {node}); the "
+                    f"checks it has: {listed}. Register it (examples/consul-service-check.hcl) or "
+                    "give --check-id one of these; for a service's check the token also needs "
+                    "service:read on that service")]
 
 
 def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout) -> bool:
     """Print the report; True if every line is ok."""
     failures = 0
+    who = settings.token_words
 
     def report(ok: bool, text: str) -> bool:
         nonlocal failures
@@ -29,56 +166,57 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
         try:
             return True, fn()
         except PermissionDenied as e:
-            return report(False, f"{what}: the token from {settings.token_source} is refused: {e}"), None
+            return report(False, f"{what}: {who} is refused ({e}): {token_advice(settings)}"), None
         except ConsulError as e:
             return report(False, f"{what}: {e}"), None
 
     report(True, f"configuration {settings.config_path}: key {settings.trigger_key}, value "
                  f"{settings.value}, ttl {format_duration(settings.ttl)}, lock-delay "
-                 f"{format_duration(settings.lock_delay)}, token from {settings.token_source}")
+                 f"{format_duration(settings.lock_delay)}, {who}")
     for warning in settings.warnings:
         print(f"warn  {warning}", file=out)
+    untested = untested_library()
+    if untested:
+        print(f"warn  {untested}", file=out)
 
     ok, key = attempt(f"Consul at {settings.address}", lambda: consul.read_key()[1])
     if not ok:
+        print(f"{failures} problem(s) found", file=out)
         return False
-    node = consul.node_name()
-    report(True, f"Consul at {settings.address} answers" + (f" (agent node {node})" if node else ""))
-    if key is None:
-        report(True, f"trigger-key {settings.trigger_key} is free")
-    elif not key.is_lock:
-        report(False, f"trigger-key {settings.trigger_key} is not a lock key (flags {key.flags}); "
-                      f"remove it with 'consul kv delete {settings.trigger_key}'")
-    elif key.session:
-        report(True, f"trigger-key {settings.trigger_key} is held by {key.value!r}")
+    try:
+        node = consul.node_name()
+    except ConsulError:
+        node = None
+    probe = _probe_session(settings, consul)
+    node = node or probe.node
+    if node is None and isinstance(probe.error, CheckNotPassing):
+        # Without agent:read, a session bound to serfHealth alone tells the node's name.
+        node = _probe_session(settings, consul, ["serfHealth"]).node
+    if node:
+        report(True, f"Consul at {settings.address} answers (agent node {node})")
     else:
-        report(True, f"trigger-key {settings.trigger_key} is free (last value {key.value!r})")
+        report(True, f"Consul at {settings.address} answers ({who} may not read the agent: agent:read "
+                     "is not needed, but the node's name is unknown)")
+    report(*key_lines(settings, consul, key))
 
     ok, _ = attempt(f"write right on {settings.trigger_key}", consul.can_write_key)
     if ok:
-        report(True, f"the token may write {settings.trigger_key}")
+        report(True, f"{who} may write {settings.trigger_key}")
 
-    own = [settings.check_id] if settings.check_id else []
-    ok, states = attempt("read health checks", lambda: consul.check_states(own))
-    if ok:
-        for check_id, state in states.items():
-            if state is None:
-                report(False, f"check '{check_id}' is not registered on the local agent")
-            else:
-                report(state != "critical", f"check '{check_id}' is {state}")
+    if settings.check_id:
+        for line in check_lines(settings, consul, settings.check_id, node, probe):
+            report(*line)
 
-    def probe_session() -> None:
-        session = consul.create_session(settings.checks)
-        consul.destroy_session(session)
-
-    try:
-        probe_session()
+    e = probe.error
+    if probe.created:
         report(True, "a session bound to the checks can be created")
-    except CheckNotPassing as e:
+    elif isinstance(e, PermissionDenied):
+        where = f"session \"{node}\"" if node else "session_prefix \"\""
+        report(False, f"{who} may not create sessions: {e}; add {where} {{ policy = \"write\" }} "
+                      f"({POLICY_EXAMPLE})")
+    elif isinstance(e, CheckNotPassing):
         report(False, f"a session cannot be created: {e}")
-    except PermissionDenied as e:
-        report(False, f"the token may not create sessions: {e}")
-    except ConsulError as e:
+    elif e is not None:
         report(False, f"a session cannot be created: {e}")
 
     print("all checks passed" if not failures else f"{failures} problem(s) found", file=out)

@@ -18,8 +18,6 @@ from .config import ConfigError, Options, Settings, build_settings, format_durat
 from .systemd import MESSAGE_CONFIG_ERROR, ElectionContext, Notifier, logging_to_journal, setup_logging
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
-#: Set by a reloading daemon for the program it re-executes.
-REEXEC_VAR = "VIP_ELECTOR_REEXEC"
 
 log = logging.getLogger("vip_elector")
 
@@ -64,12 +62,22 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="run PATH leader|standby KEY VALUE whenever this node's state changes")
     p.add_argument("--hook-timeout", metavar="DURATION", default="10s",
                    help="kill a hook still running after this long (default 10s)")
+    p.add_argument("--reload-pid", metavar="PID", type=int,
+                   help="what the unit's ExecReload= runs: hand the unit's current options and "
+                        "environment to the daemon PID and make it reload")
     p.add_argument("--check", action="store_true",
                    help="check configuration and Consul access, print a report, take no leadership")
+    p.add_argument("--check-service", nargs="?", const="", metavar="INSTANCE",
+                   help="as root: run --check exactly as the service would (its user, "
+                        "/etc/default/vip-elector[-INSTANCE], its VIP_ELECTOR_OPTS)")
+    p.add_argument("--service-condition", nargs="?", const="", metavar="INSTANCE",
+                   help="the unit's ExecCondition: exit 1 with the reason while VIP_ELECTOR_OPTS "
+                        "or the vip-manager configuration is not set up")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
     args = p.parse_args(argv)
-    if not args.version and not args.vip_manager_config:
+    if not args.version and args.check_service is None and args.reload_pid is None \
+            and not args.vip_manager_config:
         raise UsageError("the --vip-manager-config PATH option is required")
     return args
 
@@ -97,6 +105,13 @@ def _config_error(error: ConfigError, notifier: Optional[Notifier] = None) -> in
     return EXIT_CONFIG
 
 
+def _check_config_error(error: ConfigError) -> int:
+    """--check reports a configuration error like any other problem: a FAIL line, exit 1."""
+    from .check import print_config_error
+    print_config_error(str(error))
+    return EXIT_FAILURE
+
+
 def _version() -> str:
     from .consul import library_name
     return f"vip-elector {__version__} ({library_name()}, Python {sys.version.split()[0]})"
@@ -113,9 +128,9 @@ def _log_start(settings: Settings, reexec: bool = False) -> None:
         log.warning("%s", warning)
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _settings(args: argparse.Namespace, env=os.environ) -> Settings:
     """Everything the daemon will run with, validated (at start and on every reload)."""
-    settings = build_settings(options_from(args), os.environ)
+    settings = build_settings(options_from(args), env)
     if settings.hook:
         from .hooks import validate_hook
         settings = dataclasses.replace(settings, hook=validate_hook(settings.hook))
@@ -124,6 +139,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     context = ElectionContext()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from . import service
+    condition = service.split_condition_argv(argv)
+    if condition is not None:  # before parsing: the options are the daemon's, checked by it
+        return service.condition_main(*condition)
     try:
         args = parse_args(argv)
     except UsageError as e:
@@ -134,6 +154,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.version:
         print(_version())
         return EXIT_OK
+    if args.reload_pid is not None:
+        from .reexec import request_reload
+        return request_reload(args.reload_pid)
+    if args.check_service is not None:
+        return service.check_service_main(args.check_service or None)
     daemon = not args.check
     if daemon:
         # From here on no SIGTERM, SIGINT or SIGHUP is lost or fatal: they wait,
@@ -144,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         settings = _settings(args)
     except ConfigError as e:
-        return _config_error(e, notifier)
+        return _check_config_error(e) if args.check else _config_error(e, notifier)
     context.key, context.value = settings.trigger_key, settings.value
     if settings.token:
         context.secrets.append(settings.token)
@@ -153,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         consul = ConsulClient(settings)
     except ConfigError as e:  # a TLS certificate or key that does not load
-        return _config_error(e, notifier)
+        return _check_config_error(e) if args.check else _config_error(e, notifier)
     if args.check:
         from .check import run_check
         return EXIT_OK if run_check(settings, consul) else EXIT_FAILURE
@@ -164,14 +189,16 @@ def _run_daemon(args: argparse.Namespace, settings: Settings, consul, notifier: 
                 context: ElectionContext) -> int:
     from .election import Election, Outcome
     from .hooks import Hooks
-    from .state import StateStore
+    from .reexec import REEXEC_VAR, Reloader
+    from .state import ENV_VAR, StateStore
 
     reexec = os.environ.pop(REEXEC_VAR, None) is not None
     store = StateStore(settings.state_dir)
     saved = store.load(os.environ)
+    reloader = Reloader(sys.argv[1:], os.environ)
     hooks = Hooks(settings.hook, settings.hook_timeout, settings.trigger_key, settings.value)
     election = Election(settings, consul, notifier, context, hooks=hooks, state=store, saved=saved,
-                        reload_settings=lambda: _settings(args))
+                        reload_settings=lambda: reloader.prepare(_validate_reload))
     relay = signals.SignalRelay(election.on_signal).start()
     _log_start(settings, reexec)
     try:
@@ -184,37 +211,30 @@ def _run_daemon(args: argparse.Namespace, settings: Settings, consul, notifier: 
         raise
     finally:
         consul.close()
-    if outcome == Outcome.REEXEC:
-        _reexec(relay, election, notifier)  # returns only if the exec failed
-        return EXIT_FAILURE
-    notifier.final_status("stopped")
-    return EXIT_OK
-
-
-def _reexec(relay: "signals.SignalRelay", election, notifier: Notifier) -> None:
-    """Replace this program by the installed one: same PID, same arguments (SPEC §8.3).
-
-    The session travels in the environment (and the state file); signals
-    that arrive meanwhile stay blocked and pending across the exec, so the
-    new program receives them: none is lost, none kills it.
-    """
+    if outcome != Outcome.REEXEC:
+        notifier.final_status("stopped")
+        return EXIT_OK
+    # Signals that arrive from now on stay pending for the new program (SPEC §8.3).
     relay.hand_over()
     for signum in election.pending_signals():
         os.kill(os.getpid(), signum)
-    env = dict(os.environ)
-    saved = election.saved_session()
-    if saved is not None:
-        from .state import ENV_VAR
-        env[ENV_VAR] = saved.to_json()
-    env[REEXEC_VAR] = "1"
-    argv = [sys.executable] + list(getattr(sys, "orig_argv", [sys.executable] + sys.argv)[1:])
-    logging.shutdown()
+    saved_now = election.saved_session()
     try:
-        os.execve(sys.executable, argv, env)
+        reloader.exec({ENV_VAR: saved_now.to_json()} if saved_now is not None else {})
     except OSError as e:
         log.error("cannot re-execute %s for the reload (%s): exiting so that systemd restarts "
                   "the daemon, which resumes its session", sys.executable, e.strerror or e)
         notifier.final_status(f"reload failed: cannot re-execute ({e.strerror or e})")
+    return EXIT_FAILURE
+
+
+def _validate_reload(argv: list[str], env) -> Settings:
+    """The configuration a reload would start with, or ConfigError naming what is wrong."""
+    try:
+        args = parse_args(argv)
+    except (UsageError, SystemExit) as e:
+        raise ConfigError(f"the options {' '.join(argv)!r}: {e}") from None
+    return _settings(args, env)
 
 
 def run() -> None:

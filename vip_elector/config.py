@@ -12,7 +12,9 @@ that names the file or flag and says what to change.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 import socket
 from dataclasses import dataclass, field
@@ -62,6 +64,11 @@ class Settings:
         """The Consul address as people write it, for messages."""
         prefix = "https://" if self.scheme == "https" else ""
         return f"{prefix}{self.host}:{self.port}"
+
+    @property
+    def token_words(self) -> str:
+        """Which token the requests carry, as an operator says it (never the token itself)."""
+        return f"the token from {self.token_source}" if self.token else "no token (anonymous)"
 
     @property
     def session_name(self) -> str:
@@ -141,12 +148,60 @@ _ENV_NAMES = {
     "consul-token": ("VIP_CONSUL_TOKEN",),
 }
 _ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+#: ``NAME = value``: meant as an environment line, but the shell and systemd
+#: read no spaces around ``=``.
+_SPACED_ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)(\s+=\s*|=\s+)")
+
+
+def _meaningful_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, stripped line) of every line that is neither blank nor a comment."""
+    return [(n, ln.strip()) for n, ln in enumerate(text.splitlines(), 1)
+            if ln.strip() and not ln.strip().startswith("#")]
 
 
 def _is_env_file(text: str) -> bool:
-    lines = [ln.strip() for ln in text.splitlines()]
-    meaningful = [ln for ln in lines if ln and not ln.startswith("#")]
-    return bool(meaningful) and all(_ENV_LINE.match(ln) for ln in meaningful)
+    meaningful = _meaningful_lines(text)
+    return bool(meaningful) and all(_ENV_LINE.match(ln) for _, ln in meaningful)
+
+
+_YAML_KEY_LINE = re.compile(r"^(?:-\s+)?[A-Za-z0-9_.-]+\s*:(?:\s|$)")
+
+
+def _looks_like_env_file(text: str) -> bool:
+    """Meant as an environment file: some line is ``NAME=value`` or ``NAME = value``,
+    and none is a YAML ``name: value`` line."""
+    lines = [ln for _, ln in _meaningful_lines(text)]
+    return (any(_ENV_LINE.match(ln) or _SPACED_ENV_LINE.match(ln) for ln in lines)
+            and not any(_YAML_KEY_LINE.match(ln) for ln in lines))
+
+
+def _env_file_error(path: str, text: str) -> ConfigError:
+    """The first line of a would-be environment file that is not ``NAME=value``, and how to fix it."""
+    for number, line in _meaningful_lines(text):
+        if _ENV_LINE.match(line):
+            continue
+        spaced = _SPACED_ENV_LINE.match(line)
+        if spaced:
+            name = spaced.group(1)
+            return ConfigError(f"{path} line {number}: remove the spaces around '=' in '{name} =': "
+                               f"an environment file needs {name}=value, with nothing between "
+                               "the name, the '=' and the value.")
+        return ConfigError(f"{path} line {number} is not a NAME=value line: an environment file "
+                           "holds only VIP_*=value lines and # comments (or write the whole file "
+                           "as vip-manager's YAML).")
+    return ConfigError(f"{path} is neither vip-manager's YAML nor its environment file.")
+
+
+def _sets_nothing(path: str, text: str) -> ConfigError:
+    """An empty or comments-only file: say which settings it must have, in the form it is meant in."""
+    env_names = "VIP_DCS_TYPE=consul and VIP_TRIGGER_KEY=<the key vip-manager watches>"
+    yaml_names = "dcs-type: consul and trigger-key: <the key vip-manager watches>"
+    commented = [ln.lstrip("#").strip() for ln in text.splitlines() if ln.strip().startswith("#")]
+    what = "has only comments and sets nothing" if text.strip() else "is empty"
+    if any(_ENV_LINE.match(ln) or ln.startswith("VIP_") for ln in commented):
+        return ConfigError(f"{path} {what}: set at least {env_names}.")
+    return ConfigError(f"{path} {what}: set at least {env_names} (environment-file form), "
+                       f"or {yaml_names} (YAML).")
 
 
 def _unquote(value: str) -> str:
@@ -158,7 +213,7 @@ def _unquote(value: str) -> str:
     return value
 
 
-def _parse_env_file(text: str) -> dict[str, str]:
+def parse_env_file(text: str) -> dict[str, str]:
     values: dict[str, str] = {}
     for line in text.splitlines():
         m = _ENV_LINE.match(line.strip())
@@ -168,7 +223,7 @@ def _parse_env_file(text: str) -> dict[str, str]:
 
 
 def _from_env_file(path: str, text: str) -> VipManagerConfig:
-    env = _parse_env_file(text)
+    env = parse_env_file(text)
 
     sources: dict[str, str] = {}
 
@@ -197,25 +252,52 @@ def _yaml_scalar(path: str, data: Mapping, name: str) -> Optional[str]:
     if value is None:
         return None
     if isinstance(value, (dict, list)):
-        raise ConfigError(f"{path}: '{name}' must be a single value, not a {type(value).__name__}.")
+        shape = "several values" if isinstance(value, list) else "nested settings"
+        raise ConfigError(f"{path}: '{name}' must be a single value (e.g. '{name}: {_EXAMPLES[name]}'), "
+                          f"not {shape}.")
     if isinstance(value, bool):
         value = "true" if value else "false"
     return str(value)
+
+
+_EXAMPLES = {"dcs-type": "consul", "trigger-key": "service/pg/leader", "trigger-value": "node-a",
+             "consul-token": "<token>"}
+
+
+def _yaml_syntax_error(path: str, error: yaml.YAMLError) -> ConfigError:
+    """PyYAML's own words, with the line it points at (and where the construct it was reading began)."""
+    problem = getattr(error, "problem", None) or "not valid YAML"
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    started, fix = "", mark.line + 1 if mark is not None else None
+    if context and context_mark is not None and (mark is None or context_mark.line != mark.line):
+        started = f" ({context} that begins at line {context_mark.line + 1})"
+        fix = context_mark.line + 1
+    advice = f"fix line {fix}" if fix else "fix the syntax"
+    return ConfigError(f"{path} is not valid YAML: {problem}{where}{started}; {advice}.")
+
+
+def _shape_error(path: str, data: object) -> ConfigError:
+    """A YAML document that is not a mapping, described in YAML's words, not Python's."""
+    shape = "a sequence ('- item' lines)" if isinstance(data, list) else "a single value"
+    return ConfigError(f"{path} holds {shape}, not vip-manager's settings: write 'name: value' "
+                       "lines (YAML, e.g. 'dcs-type: consul') or VIP_*=value lines (environment file).")
 
 
 def _from_yaml(path: str, text: str) -> VipManagerConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path} is not valid YAML{where}: fix the syntax or give the "
-                          "VIP_*=... environment-file form.") from None
+        if _looks_like_env_file(text):
+            raise _env_file_error(path, text) from None
+        raise _yaml_syntax_error(path, e) from None
     if data is None:
-        raise ConfigError(f"{path} is empty: it must set at least dcs-type: consul and trigger-key.")
+        raise _sets_nothing(path, text)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a YAML mapping of vip-manager settings "
-                          f"(key: value lines), not a {type(data).__name__}.")
+        if _looks_like_env_file(text):
+            raise _env_file_error(path, text)
+        raise _shape_error(path, data)
     raw = data.get("dcs-endpoints")
     if raw is None:
         endpoints = None
@@ -224,8 +306,8 @@ def _from_yaml(path: str, text: str) -> VipManagerConfig:
     elif isinstance(raw, str):
         endpoints = [e.strip() for e in raw.split(",") if e.strip()]
     else:
-        raise ConfigError(f"{path}: 'dcs-endpoints' must be a list of addresses such as "
-                          "[\"http://127.0.0.1:8500\"].")
+        raise ConfigError(f"{path}: 'dcs-endpoints' must give Consul addresses, e.g. "
+                          "dcs-endpoints: [\"http://127.0.0.1:8500\"].")
     return VipManagerConfig(
         path=path,
         dcs_type=_yaml_scalar(path, data, "dcs-type"),
@@ -234,6 +316,17 @@ def _from_yaml(path: str, text: str) -> VipManagerConfig:
         trigger_value=_yaml_scalar(path, data, "trigger-value"),
         consul_token=_yaml_scalar(path, data, "consul-token"),
     )
+
+
+def unreadable_fix(path: str) -> str:
+    """'is not readable by user U: ...fix' — the user this runs as (the service's, under systemd)."""
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        group = grp.getgrgid(os.getegid()).gr_name
+    except KeyError:
+        user, group = str(os.geteuid()), str(os.getegid())
+    return (f"is not readable by user {user}: make it so, e.g. chgrp {group} {path}; "
+            f"chmod 0640 {path}.")
 
 
 def load_vip_manager_config(path: str) -> VipManagerConfig:
@@ -246,8 +339,7 @@ def load_vip_manager_config(path: str) -> VipManagerConfig:
     except IsADirectoryError:
         raise ConfigError(f"--vip-manager-config: {path} is a directory, not a file.") from None
     except PermissionError:
-        raise ConfigError(f"--vip-manager-config: {path} is not readable by this user "
-                          "(check its mode and owner).") from None
+        raise ConfigError(f"--vip-manager-config: {path} {unreadable_fix(path)}") from None
     except OSError as e:
         raise ConfigError(f"--vip-manager-config: cannot read {path}: {e.strerror}.") from None
     if len(raw) > 1024 * 1024:
@@ -260,8 +352,8 @@ def load_vip_manager_config(path: str) -> VipManagerConfig:
     if "\x00" in text:
         raise ConfigError(f"{path} contains binary data: give vip-manager's YAML "
                           "configuration or its environment file.")
-    if not text.strip():
-        raise ConfigError(f"{path} is empty: it must set at least dcs-type: consul and trigger-key.")
+    if not _meaningful_lines(text):
+        raise _sets_nothing(path, text)
     if _is_env_file(text):
         return _from_env_file(path, text)
     return _from_yaml(path, text)
@@ -303,7 +395,7 @@ def read_token_file(path: str, source: str) -> str:
     except FileNotFoundError:
         raise ConfigError(f"{source}: token file {path} does not exist.") from None
     except PermissionError:
-        raise ConfigError(f"{source}: token file {path} is not readable by this user.") from None
+        raise ConfigError(f"{source}: token file {path} {unreadable_fix(path)}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{source}: cannot read token file {path}: {getattr(e, 'strerror', e)}.") from None
     if not token:

@@ -28,6 +28,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -360,7 +361,7 @@ def _translated(method):
             raise
         except consul_base.ConsulException as e:
             raise ConsulError(f"unexpected answer from Consul: {type(e).__name__}: {e}"[:300]) from None
-        except (ValueError, KeyError, TypeError) as e:  # a body that is not Consul's JSON
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not Consul's JSON
             raise ConsulError(f"unexpected answer (is {self.settings.address} a Consul agent?): "
                               f"{type(e).__name__}") from None
     return functools.wraps(method)(call)
@@ -371,7 +372,9 @@ class _Library(consul_lib.Consul):
 
     def __init__(self, transport: _Transport):
         self._vip_transport = transport
-        with _without_consul_environment():
+        with _without_consul_environment(), warnings.catch_warnings():
+            # python-consul2 warns about Consul APIs we never call (legacy ACLs, discovery chain).
+            warnings.simplefilter("ignore", DeprecationWarning)
             super().__init__()
         self.http = transport
         self.token = None  # the transport adds the token header itself
@@ -444,6 +447,8 @@ class ConsulClient:
         try:
             result = self._lib.session.renew(session_id)
         except consul_base.ConsulException:  # python-consul2 raises NotFound on a 404 here
+            if self.transport.last_status != 404:
+                raise  # (py-consul: a body that is not JSON) not proof the session is gone
             result = None
         if self.transport.last_status == 404 or not result or result == (None, None):
             raise InvalidSession(f"session {session_id} no longer exists")
@@ -498,6 +503,27 @@ class ConsulClient:
 
     def close(self) -> None:
         self.transport.close()
+
+    # --- Added by the ops branch (issue 10: --check's explanations). -----
+
+    @_translated
+    def visible_checks(self) -> dict[str, str]:
+        """Every check on the local agent this token may see: {check ID: status}.
+
+        Consul silently leaves out what the token may not read (node:read,
+        service:read), so a missing ID is not proof that the check is absent.
+        """
+        checks = self._lib.agent.checks()
+        if not isinstance(checks, dict):
+            raise ConsulError("the address does not answer like a Consul agent")
+        return {cid: str((c or {}).get("Status")) for cid, c in checks.items()}
+
+    @_translated
+    def catalog_checks(self, node: str) -> dict[str, str]:
+        """The node's checks in the catalog (what sessions are judged by): {check ID: status}.
+        Empty when the token lacks node:read on it (serfHealth is always there otherwise)."""
+        _, checks = self._lib.health.node(node)
+        return {c.get("CheckID"): str(c.get("Status")) for c in (checks or []) if isinstance(c, dict)}
 
 
 @dataclass(frozen=True)
@@ -557,10 +583,15 @@ def _key_state(data: Any) -> Optional[KeyState]:
 
 
 def library_name() -> str:
-    """Which Consul library is in use, for ``--version`` and bug reports."""
-    path = getattr(consul_lib, "__file__", "") or ""
-    version = getattr(consul_lib, "__version__", "?")
-    return f"consul {version} ({os.path.dirname(path)})"
+    """Which Consul library is in use (distribution, version, path), for ``--version``."""
+    from .library import describe
+    return str(describe(consul_lib))
+
+
+def untested_library() -> Optional[str]:
+    """A warning when the Consul library is not one the tests run, else None."""
+    from .library import untested_warning
+    return untested_warning(consul_lib)
 
 
 __all__ = [

@@ -302,6 +302,7 @@ class Election:
         self.renew_failing: Optional[str] = None   # why the last renewal failed
         self.trouble: Optional[str] = None       # the last Consul error, logged once
         self.note = ""                           # appended to the status (a failed reload)
+        self.warned_unseen = False
         # Timers (clock times).
         self.retry_at = 0.0                      # no session: next attempt
         self.renew_at = 0.0
@@ -468,9 +469,9 @@ class Election:
         self.retry_at = now + delay
         reason = str(error)
         if isinstance(error, PermissionDenied):
-            status = f"waiting: Consul refused the ACL token ({self._token_words()}): {error}"
+            status = f"waiting: Consul refused the ACL token ({self.settings.token_words}): {error}"
             text = (f"Consul at {self.settings.address} refused the ACL token "
-                    f"({self._token_words()}): {error}; give a token with key write on "
+                    f"({self.settings.token_words}): {error}; give a token with key write on "
                     f"{self.settings.trigger_key}, session write and node read (see examples/"
                     f"consul-acl-policy.hcl); retrying in {delay:.0f}s")
         else:
@@ -497,27 +498,33 @@ class Election:
         self.trouble = None
         self.backoff.reset()
 
-    def _token_words(self) -> str:
-        source = self.settings.token_source
-        return "no token: anonymous" if source == "none" else f"token from {source}"
-
     # ------------------------------------------------------------------
     # §4.1, §4.7: a session bound to our health; §8.2: or the one we had
 
     def _get_session(self) -> None:
         own = [self.settings.check_id] if self.settings.check_id else []
         states = self.consul.check_states(own)
-        unhealthy = [(cid, st) for cid, st in states.items() if st is None or st == "critical"]
-        if not unhealthy:
-            sent = self.clock()
-            try:
-                session = self.consul.create_session(self.settings.checks)
-            except CheckNotPassing as e:  # serfHealth, or the catalog has not caught up yet
-                unhealthy = [(e.check_id or self.settings.checks[-1], e.state)]
-                log.debug("session refused: %s", e)
-        if unhealthy:
-            self._wait_for_health(*unhealthy[-1])
+        critical = [(cid, st) for cid, st in states.items() if st == "critical"]
+        if critical:
+            self._wait_for_health(*critical[-1])
             return
+        # A check the agent does not list may be one this token cannot see (no
+        # node:read): Consul itself decides, refusing the session when the
+        # check is really missing ("Missing check … registration").
+        unseen = [cid for cid, st in states.items() if st is None]
+        sent = self.clock()
+        try:
+            session = self.consul.create_session(self.settings.checks)
+        except CheckNotPassing as e:  # serfHealth, or the catalog has not caught up yet
+            log.debug("session refused: %s", e)
+            self._wait_for_health(e.check_id or self.settings.checks[-1], e.state)
+            return
+        if unseen and not self.warned_unseen:
+            log.warning("check %s is not visible to the %s, but Consul accepts it: give the token "
+                        "node:read (and service:read for a service check) so the status can say "
+                        "when it fails (see examples/consul-acl-policy.hcl)", ", ".join(unseen),
+                        self.settings.token_words)
+            self.warned_unseen = True
         self._recovered()
         log.info("session %s created (checks %s, ttl %gs, lock-delay %gs)", session,
                  ", ".join(self.settings.checks), self.settings.ttl, self.settings.lock_delay)

@@ -224,7 +224,10 @@ class _Journal(logging.Handler):
     def __init__(self):
         super().__init__()
         from systemd.journal import JournalHandler
-        self._journal = JournalHandler(SYSLOG_IDENTIFIER=IDENTIFIER)
+        # An instance of vip-elector@.service logs as vip-elector-NAME, as its unit says.
+        instance = os.environ.get("VIP_ELECTOR_INSTANCE")
+        self._journal = JournalHandler(SYSLOG_IDENTIFIER=f"{IDENTIFIER}-{instance}" if instance
+                                       else IDENTIFIER)
         self._journal.handleError = self._journal_failed
         self._fallback: Optional[logging.Handler] = None
 

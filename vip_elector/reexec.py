@@ -1,0 +1,161 @@
+"""Reload by re-execution (SPEC §8.3): same PID, the installed program, the session kept.
+
+A reload must apply what the operator edited. vip-manager's configuration and
+token files are read afresh by the new program anyway. The unit's own
+settings — ``VIP_ELECTOR_OPTS`` and the variables of ``/etc/default/vip-elector``
+or of a drop-in — systemd computes for every command it runs, the
+``ExecReload=`` command included, but gives the main process only at start.
+So the unit reloads with ``vip-elector --reload-pid $MAINPID``: that command,
+run by systemd with the fresh environment, leaves it in the runtime
+directory and sends SIGHUP; the daemon takes it, validates it, and
+re-executes itself with those options and that environment. Whatever is
+invalid is found before the exec: the running program then carries on.
+
+A plain ``kill -HUP`` (no environment left) re-executes with the options and
+environment the daemon has.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, TextIO
+
+from .config import ConfigError
+
+log = logging.getLogger("vip_elector")
+
+#: Set for the re-executed program: it says "reloaded", not "starting".
+REEXEC_VAR = "VIP_ELECTOR_REEXEC"
+OPTS_VAR = "VIP_ELECTOR_OPTS"
+#: In $RUNTIME_DIRECTORY: the environment the unit's ExecReload= was given.
+RELOAD_FILE = "reload-environment.json"
+#: What systemd sets for the main process itself, or differently for ExecReload=.
+MAIN_PROCESS_ONLY = frozenset({
+    "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "LISTEN_FDS", "LISTEN_PID",
+    "LISTEN_FDNAMES", "MAINPID", "SYSTEMD_EXEC_PID", "MANAGERPID", "INVOCATION_ID"})
+#: How long --reload-pid waits for the daemon to take the environment.
+RELOAD_WAIT = 10.0
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """A program's arguments (after the interpreter's own) and environment."""
+
+    args: list[str]
+    env: dict[str, str] = field(repr=False)
+
+
+def _reload_file(env: Mapping[str, str]) -> Optional[str]:
+    runtime = (env.get("RUNTIME_DIRECTORY") or "").split(":")[0]
+    return os.path.join(runtime, RELOAD_FILE) if runtime else None
+
+
+def request_reload(pid: int, env: Mapping[str, str] = os.environ, out: TextIO = sys.stderr) -> int:
+    """The unit's ExecReload=: hand the fresh environment to the daemon, then SIGHUP it.
+
+    Returns once the daemon has taken it (it has sent RELOADING=1 by then,
+    so systemd waits for its READY=1), or exit status 1 saying why not.
+    """
+    path = _reload_file(env)
+    if path is not None:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".reload-", dir=os.path.dirname(path))
+            with os.fdopen(fd, "w") as f:
+                json.dump(dict(env), f)
+            os.replace(tmp, path)
+        except OSError as e:
+            print(f"vip-elector: cannot hand the new environment to the daemon in {path} "
+                  f"({e.strerror or e}); it reloads with the one it has", file=out)
+            path = None
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as e:
+        print(f"vip-elector: cannot signal the daemon (PID {pid}): {e.strerror or e}", file=out)
+        return 1
+    deadline = time.monotonic() + RELOAD_WAIT
+    while path is not None and os.path.exists(path):
+        if time.monotonic() > deadline:
+            _unlink(path)
+            print(f"vip-elector: the daemon (PID {pid}) did not take the reload within "
+                  f"{RELOAD_WAIT:g}s; see journalctl -u vip-elector", file=out)
+            return 1
+        time.sleep(0.01)
+    return 0
+
+
+def take_reload_environment(env: Mapping[str, str]) -> Optional[dict[str, str]]:
+    """The environment the unit's ExecReload= left for us, or None; the file is removed."""
+    path = _reload_file(env)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("ignoring the reload's environment in %s (%s)", path, e)
+        data = None
+    finally:
+        _unlink(path)
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        return None
+    return data
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class Reloader:
+    """Knows how the daemon was started, and what a reload would start instead."""
+
+    def __init__(self, args: list[str], env: Mapping[str, str]):
+        self.args = list(args)
+        self.env = dict(env)
+        self.next: Optional[Invocation] = None
+
+    def prepare(self, validate: Callable[[list[str], Mapping[str, str]], object]) -> Invocation:
+        """The invocation a reload would run, validated by ``validate(args, env)``; ConfigError if bad."""
+        args, env = list(self.args), dict(self.env)
+        fresh = take_reload_environment(self.env)
+        if fresh is not None:
+            # The unit's settings from the fresh environment; what systemd gives the
+            # main process alone (its watchdog, its journal stream…) from ours.
+            env = {k: v for k, v in fresh.items() if k not in MAIN_PROCESS_ONLY}
+            env.update({k: v for k, v in self.env.items() if k in MAIN_PROCESS_ONLY})
+            # systemd splits an unquoted $VIP_ELECTOR_OPTS in ExecStart= at white space.
+            args = env.get(OPTS_VAR, "").split()
+            if not args:
+                raise ConfigError(f"{OPTS_VAR} is not set (in /etc/default/vip-elector or a drop-in): "
+                                  "set the options vip-elector runs with, then reload again.")
+        validate(args, env)
+        self.next = Invocation(args, env)
+        return self.next
+
+    def exec(self, extra_env: Mapping[str, str]) -> None:
+        """Replace this program; returns only if the exec failed (OSError)."""
+        invocation = self.next or Invocation(self.args, self.env)
+        env = dict(invocation.env)
+        env.update(extra_env)
+        env[REEXEC_VAR] = "1"
+        orig = list(getattr(sys, "orig_argv", [sys.executable] + sys.argv))
+        # What came before the program's own arguments: python3 /usr/bin/vip-elector,
+        # or python3 -m vip_elector.
+        prefix = orig[:len(orig) - (len(sys.argv) - 1)] if len(sys.argv) > 1 else orig
+        argv = [sys.executable] + prefix[1:] + invocation.args
+        logging.shutdown()
+        os.execve(sys.executable, argv, env)
+
+
+__all__ = ["Reloader", "Invocation", "request_reload", "take_reload_environment", "REEXEC_VAR"]

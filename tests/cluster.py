@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from consul_agent import ConsulError, wait_for
-from elector_process import REPO, elector_env
+from elector_process import PYTHON, REPO, elector_env
 from helpers import NotifySocket
 from vipnet import (CONSUL, VIP_MANAGER, ConsulHTTP, KeyWatcher, Lab, Netns, Proc, VipMonitor,
                     _UnixHTTPConnection, missing_prerequisite, overlaps)
@@ -62,6 +62,7 @@ SUBNET = "10.77.1."
 SERVERS = ("s1", "s2", "s3")
 NODE_IPS = {"a": 11, "b": 12, "c": 13, "d": 14, "e": 15}
 RAFT_PORT = 8300
+LAB_UNIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "lab-unit")
 
 
 @dataclass
@@ -96,6 +97,62 @@ def find_fence_hook():
                 and os.access(path, os.X_OK):
             return path
     return None
+
+
+class UnitServer:
+    """A stand-in for `systemctl start|stop vip-manager`, for the fencing hook.
+
+    The example hook runs in a node's namespace as vip-elector's child and
+    starts or stops vip-manager with a command of the operator's choice; here
+    that is tests/tools/lab-unit, which asks this server over a unix socket
+    in the lab's directory. The lab's own vip-manager processes are started
+    and stopped (SIGTERM, as systemd does), so they keep their logs and their
+    cleanup. One thread serves the requests in order and starts the
+    processes: PDEATHSIG ties them to it, and it lives as long as the lab.
+    """
+
+    def __init__(self, lab):
+        self.lab = lab
+        self.path = os.path.join(lab.dir, "units.sock")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(16)
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="units")
+        self._thread.start()
+
+    def command(self, verb, node):
+        return "%s %s %s %s %s" % (PYTHON, LAB_UNIT, self.path, verb, node)
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(30)
+                    verb, node = conn.makefile().readline().split()
+                    self.lab.note("lab-unit %s vip-manager-%s" % (verb, node))
+                    if verb == "start":
+                        self.lab.ensure_vip_manager(node)
+                    else:
+                        self.lab.stop_vip_manager(node)
+                    answer = "ok"
+                except Exception as e:  # noqa: BLE001 - told to the hook, which logs it
+                    answer = "error: %s" % e
+                try:
+                    conn.sendall((answer + "\n").encode())
+                except OSError:
+                    pass
+
+    def close(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        self._thread.join(10)
 
 
 # --- observing through a server the lab is not disturbing ------------------------
@@ -217,7 +274,8 @@ class ClusterLab(Lab):
     def __init__(self, nodes="abc", key="service/cluster/leader", vip=SUBNET + "100", interval_ms=1000,
                  vip_manager=True, hook=None, elector_args=(), workdir=None):
         """interval_ms: vip-manager's `interval` (its default, 1000, unless told).
-        hook: a --hook PATH for every elector (the fencing example)."""
+        hook: the example fencing hook (SPEC §10.5); each elector runs it through
+        a wrapper with its node's settings (hook_for)."""
         super().__init__(nodes=nodes, key=key, vip=vip, interval_ms=interval_ms, vip_manager=vip_manager,
                          workdir=workdir, private_netns=True)
         self.hook = hook
@@ -229,6 +287,8 @@ class ClusterLab(Lab):
         self.vip_monitors: List[VipMonitor] = []
         self.notify: Dict[str, NotifySocket] = {}
         self.life: Dict[str, List[Tuple[float, str]]] = {n: [] for n in self.nodes}
+        self.units = None             # UnitServer, for the fencing hook
+        self._vm_lock = threading.RLock()
         self._asked = set()           # id() of elector Procs the lab stopped or killed on purpose
         self.actions: List[Tuple[float, str]] = []
 
@@ -261,6 +321,7 @@ class ClusterLab(Lab):
         for m in list(self.servers.values()) + list(self.agents.values()):
             self._wait_ready(m, 60)
         self.watcher = KeyWatcher(self.consul, self.key)
+        self.units = UnitServer(self)
         for node in self.nodes:
             self.write_elector_config(node)
             if self.with_vip_manager:
@@ -278,8 +339,12 @@ class ClusterLab(Lab):
             if m and m.elector_paused:
                 proc.send(signal.SIGCONT)
             proc.stop(timeout=6)
-        for proc in list(self.vip_managers.values()):
-            proc.stop(timeout=3)
+        with self._vm_lock:
+            for proc in list(self.vip_managers.values()):
+                proc.stop(timeout=3)
+        if self.units:
+            self.units.close()
+            self.units = None
         if self.watcher:
             self.watcher.close()
         for m in list(self.agents.values()) + list(self.servers.values()):
@@ -439,13 +504,47 @@ class ClusterLab(Lab):
         return self.set_check(node, "critical")
 
     # vip-manager
-    def start_vip_manager(self, node):
+    def start_vip_manager(self, node, wait=True):
         self.write_elector_config(node)
-        proc = Proc("vip-manager-" + node, [VIP_MANAGER, "--config", self.vip_manager_config(node)],
-                    self.log("vip-manager-" + node), netns=self.agents[node].netns, cwd=self.dir)
-        self.vip_managers[node] = proc
-        proc.wait_line(r"state is (true|false), desired", 30)
+        with self._vm_lock:
+            proc = Proc("vip-manager-" + node, [VIP_MANAGER, "--config", self.vip_manager_config(node)],
+                        self.log("vip-manager-" + node), netns=self.agents[node].netns, cwd=self.dir)
+            self.vip_managers[node] = proc
+        if wait:
+            proc.wait_line(r"state is (true|false), desired", 30)
         return proc
+
+    def ensure_vip_manager(self, node):
+        """Start node's vip-manager unless it runs (systemctl start: no wait for its work)."""
+        with self._vm_lock:
+            proc = self.vip_managers.get(node)
+            if proc is None or not proc.alive():
+                self.start_vip_manager(node, wait=False)
+
+    def stop_vip_manager(self, node):
+        """systemctl stop: SIGTERM (vip-manager 1.0.1 then leaves its VIP in place)."""
+        with self._vm_lock:
+            proc = self.vip_managers.get(node)
+            if proc is not None:
+                proc.stop(timeout=5)
+
+    def hook_for(self, node):
+        """The --hook of node's elector: the example fencing hook through a
+        wrapper naming its settings file (the hook gets no environment from
+        the daemon): this node's vip-manager configuration, and lab-unit to
+        start and stop vip-manager."""
+        conf = os.path.join(self.dir, "fence-%s.conf" % node)
+        with open(conf, "w") as f:
+            f.write('VIP_MANAGER_CONFIG=%s\nSTART_COMMAND="%s"\nSTOP_COMMAND="%s"\n'
+                    % (self.vip_manager_config(node), self.units.command("start", node),
+                       self.units.command("stop", node)))
+        os.chmod(conf, 0o644)
+        wrapper = os.path.join(self.dir, "fence-hook-%s" % node)
+        with open(wrapper, "w") as f:
+            f.write('#!/bin/sh\n# node %s\'s fencing hook in the cluster lab\n'
+                    'exec env VIP_ELECTOR_FENCE_CONFIG=%s %s "$@"\n' % (node, conf, self.hook))
+        os.chmod(wrapper, 0o755)
+        return wrapper
 
     def vip_holders_now(self):
         nodes = set()
@@ -471,7 +570,7 @@ class ClusterLab(Lab):
         os.makedirs(self.state_dir(node), exist_ok=True)   # as systemd's RuntimeDirectory=
         if node not in self.notify:
             self.notify[node] = NotifySocket(os.path.join(self.dir, "notify-%s.sock" % node))
-        args = ["--state-dir", self.state_dir(node)] + (["--hook", self.hook] if self.hook else [])
+        args = ["--state-dir", self.state_dir(node)] + (["--hook", self.hook_for(node)] if self.hook else [])
         env = dict(env or {}, NOTIFY_SOCKET=self.notify[node].path)
         t = self.note("start elector-%s" % node)
         proc = Proc("elector-" + node, self.elector_argv(node, addr, args + self.elector_args + list(extra)),
@@ -491,6 +590,9 @@ class ClusterLab(Lab):
             self.start_elector(node)
             wait_for(lambda: self.sessions_of(node), 30, interval=0.1,
                      message="elector-%s to compete again" % node)
+        if self.with_vip_manager and not hook:
+            for node in self.nodes:
+                self.ensure_vip_manager(node)
 
     def start_electors(self):
         for node in self.nodes:
@@ -643,3 +745,5 @@ class ClusterLab(Lab):
                 self.resume_elector(node)
             if node not in self.electors or not self.electors[node].alive():
                 self.start_elector(node)
+            if self.with_vip_manager and not self.hook:   # with the hook, the hook runs it
+                self.ensure_vip_manager(node)

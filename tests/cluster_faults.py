@@ -47,7 +47,7 @@ STOP_SLACK = 0.5
 
 KINDS = ("partition", "raft_kill", "raft_stall", "quorum_loss", "agent_restart", "check_flap",
          "frozen_elector", "failover_raft_stalled", "elector_kill")
-COMBINATIONS = ("partition_flap", "raft_stall_failover")
+COMBINATIONS = ("partition_flap", "raft_stall_failover", "quorum_loss_with_leader")
 
 
 @dataclass
@@ -196,17 +196,28 @@ class Faults:
         self._sleep_until(r.t_fault + stall)
         r.t_heal = self.lab.resume_agent(server)
 
-    def _quorum_loss(self, r, hold=2 * TTL + 5):
-        """SIGSTOP of the raft leader and another server, longer than 2×TTL."""
+    def _quorum_loss(self, r, hold=2 * TTL + 5, with_leader=False):
+        """Two servers SIGSTOPped longer than 2×TTL: by default two followers
+        (the raft leader steps down, and the leader elected after the heal
+        resets every session's timer); with_leader: the raft leader and a
+        follower, which wake together — the old leader may then still lead,
+        with the session timers that ran out while it was stopped: Consul
+        expires the sessions, so the key may move (measured, not a fault of
+        the election)."""
         lab = self.lab
-        first = lab.raft_leader() or lab.wait_raft_leader(15)
-        second = random.choice([s for s in lab.servers if s != first])
-        r.notes.append("servers %s and %s stopped %.0fs" % (first, second, hold))
-        lab.pause_agent(first)
-        lab.pause_agent(second)
+        leader = lab.raft_leader() or lab.wait_raft_leader(15)
+        followers = [s for s in lab.servers if s != leader]
+        stopped = [leader, random.choice(followers)] if with_leader else followers
+        r.notes.append("servers %s stopped %.0fs%s" % (" and ".join(stopped), hold,
+                                                       " (the raft leader among them)" if with_leader else ""))
+        for server in stopped:
+            lab.pause_agent(server)
         self._sleep_until(r.t_fault + hold)
-        lab.resume_agent(second)
-        r.t_heal = lab.resume_agent(first)
+        for server in reversed(stopped):
+            r.t_heal = lab.resume_agent(server)
+
+    def _quorum_loss_with_leader(self, r):
+        self._quorum_loss(r, with_leader=True)
 
     def _agent_restart(self, r):
         """`systemctl restart consul` on the leader node: SIGTERM (a graceful leave), start."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from typing import Optional
 
 from vip_elector.consul import (LOCK_FLAG, CheckNotPassing, ConsulUnreachable, InvalidSession, KeyState,
@@ -29,6 +30,10 @@ class FakeConsul:
         self.refuse_acquires = 0
         self.calls: list[str] = []
         self.time_limits: list[float] = []
+        self.hang = False                 # calls of the election's thread wait for their time limit
+        self.main_thread: Optional[int] = None
+        self._aborted: set[int] = set()
+        self._local = threading.local()
         self.aborts = 0
         self.key_name = "service/pg/leader"
         self.session_names: dict[str, str] = {}
@@ -39,6 +44,8 @@ class FakeConsul:
     # helpers for tests
     def _call(self, name: str) -> None:
         self.calls.append(name)
+        if threading.get_ident() == self.main_thread:
+            self._hang_if_asked()
         if not self.reachable:
             raise ConsulUnreachable("connection refused")
 
@@ -71,12 +78,38 @@ class FakeConsul:
         self._call("check_states")
         return {c: self.checks.get(c) for c in check_ids}
 
+    @contextlib.contextmanager
     def time_limit(self, seconds: float):
+        """Like the adapter's: calls of this thread inside end within `seconds` (see `hang`)."""
         self.time_limits.append(seconds)
-        return contextlib.nullcontext()
+        old = getattr(self._local, "deadline", None)
+        new = time.monotonic() + seconds
+        self._local.deadline = new if old is None else min(old, new)
+        try:
+            yield
+        finally:
+            self._local.deadline = old
 
     def abort(self, thread_id: int) -> None:
         self.aborts += 1
+        self._aborted.add(thread_id)
+        with self.cond:
+            self.cond.notify_all()
+
+    def _hang_if_asked(self) -> None:
+        """hang=True: a call waits (as a silent agent would) until its time limit or an abort."""
+        if not self.hang:
+            return
+        me = threading.get_ident()
+        self._aborted.discard(me)
+        deadline = getattr(self._local, "deadline", None) or time.monotonic() + 30
+        with self.cond:
+            self.cond.wait_for(lambda: me in self._aborted or not self.hang
+                               or time.monotonic() >= deadline, max(0.0, deadline - time.monotonic()))
+        if me in self._aborted:
+            raise ConsulUnreachable("request abandoned")
+        if self.hang:
+            raise ConsulUnreachable("no answer (timed out)")
 
     def session_info(self, sid: str) -> Optional[SessionInfo]:
         self._call("session_info")

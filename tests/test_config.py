@@ -251,5 +251,12 @@ def test_wrongly_shaped_yaml_gives_config_errors(tmp_path, data):
 
 
 def test_vip_manager_reader_keeps_unrelated_settings_out(tmp_path):
+    """Only the five settings vip-elector uses are taken; ip, netmask, interface are not."""
+    import dataclasses
     vm = load_vip_manager_config(write(tmp_path, YAML))
-    assert vm.endpoints == ["http://10.0.0.5:8500", "http://10.0.0.6:8500"]
+    taken = {k: v for k, v in dataclasses.asdict(vm).items() if k not in ("path", "env_form", "sources")}
+    assert taken == {"dcs_type": "consul", "endpoints": ["http://10.0.0.5:8500", "http://10.0.0.6:8500"],
+                     "trigger_key": "/service/pg/leader", "trigger_value": "pg-1",
+                     "consul_token": "from-file"}
+    for unrelated in ("10.0.0.100", "eth0", "24"):
+        assert unrelated not in repr(vm), repr(vm)

@@ -21,7 +21,8 @@ from vip_elector.systemd import ElectionContext, Notifier
 from fake_consul import FakeConsul
 
 FAST = Timing(backoff_min=0.05, backoff_max=0.2, health_poll=0.05, lock_delay_retry=0.01,
-              watch_wait=0.5, renew_retry=0.05, shutdown_timeout=0.2)
+              watch_wait=0.5, renew_retry=0.05, shutdown_timeout=0.2, stop_budget=1.0,
+              release_reserve=0.4, turn_budget=1.5)
 
 
 def settings(**kw) -> Settings:
@@ -36,8 +37,12 @@ class Recorder:
 
     def __init__(self):
         self.messages: list[str] = []
+        self.calls = None                 # the FakeConsul's call log, to order READY=1 against it
+        self.ready_after_calls = None
 
     def __call__(self, message: str) -> None:
+        if message == "READY=1" and self.ready_after_calls is None and self.calls is not None:
+            self.ready_after_calls = len(self.calls)
         self.messages.append(message)
 
     def statuses(self) -> list[str]:
@@ -59,6 +64,7 @@ class Running:
     def __init__(self, consul: FakeConsul, env=None, **kw):
         self.consul = consul
         self.recorder = Recorder()
+        self.recorder.calls = consul.calls
         env = {"NOTIFY_SOCKET": "/fake"} if env is None else env
         self.notifier = Notifier(env=env, send=self.recorder)
         self.context = ElectionContext("service/pg/leader", consul.value)
@@ -67,6 +73,7 @@ class Running:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
+        self.consul.main_thread = threading.get_ident()
         try:
             self.result.append(self.election.run())
         except BaseException as e:  # surfaced by stop()
@@ -94,8 +101,36 @@ def test_leads_when_the_key_is_free_and_says_so():
         assert consul.key.session in consul.sessions and consul.key.flags == LOCK_FLAG
         assert consul.key.value == "node-a"
         wait_for(lambda: "leader: holding service/pg/leader as node-a" in r.recorder.statuses())
-        assert r.recorder.messages.index("READY=1") < len(r.recorder.messages)
     assert r.result == [Outcome.STOPPED]
+
+
+@pytest.mark.parametrize("reachable", [True, False], ids=["reached", "unreachable"])
+def test_ready_is_sent_once_the_first_attempt_to_reach_consul_has_finished(reachable):
+    """SPEC §6: READY=1 after the configuration is valid and the first Consul attempt."""
+    consul = FakeConsul()
+    consul.reachable = reachable
+    with Running(consul) as r:
+        wait_for(lambda: "READY=1" in r.recorder.messages, what="READY=1")
+    ready_at = r.recorder.ready_after_calls
+    assert ready_at is not None and ready_at >= 1, "READY=1 came before any Consul request"
+    assert consul.calls[0] == "read_key"
+    statuses_before = r.recorder.messages[:r.recorder.messages.index("READY=1")]
+    assert any(m.startswith("STATUS=leader" if reachable else "STATUS=waiting for Consul")
+               for m in statuses_before), statuses_before
+
+
+def test_stop_ends_within_its_budget_when_consul_hangs():
+    """A silent Consul: the release and the destroy wait for nothing past the stop budget."""
+    consul = FakeConsul()
+    with Running(consul) as r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        consul.hang = True
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        assert r.stop() == Outcome.STOPPED
+        took = time.monotonic() - t0
+    assert took < FAST.stop_budget + 0.3, f"stop took {took:.2f}s with a hanging Consul"
+    assert consul.count("delete_if_unchanged") + consul.count("read_key") >= 1
 
 
 def test_ready_is_sent_even_when_consul_is_unreachable_and_retries_back_off():

@@ -22,7 +22,6 @@ import uuid
 import pytest
 
 from consul_agent import free_ports, wait_for
-from helpers import NotifySocket
 
 pytestmark = pytest.mark.consul
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 import collections
 import enum
 import logging
-import os
 import random
 import select
 import signal

@@ -7,7 +7,7 @@ export VIP_ELECTOR_CACHE := $(CACHE)
 PYTEST  := $(PYTHON) -m pytest -ra -p no:cacheprovider
 OTHER_LIBS := $(CACHE)/python3-consul/usr/lib/python3/dist-packages $(CACHE)/py-consul
 
-.PHONY: all deps rootfs test unit compat demo demo-vip bench deb clean
+.PHONY: all deps rootfs test unit compat demo demo-vip bench chaos deb clean
 
 all: test
 
@@ -50,6 +50,14 @@ demo-vip: deps
 
 bench: deps
 	$(PYTHON) tests/tools/bench
+
+# Random faults of SPEC §9.6 on the three-server cluster lab for MINUTES
+# minutes, invariants checked throughout (not part of `make test`).
+# FENCE=1: every elector with the example fencing hook.
+MINUTES ?= 10
+FENCE   ?=
+chaos: deps
+	$(PYTHON) tests/tools/chaos --minutes $(MINUTES) $(if $(filter 1 yes true,$(FENCE)),--fence)
 
 # Build the Debian package into the parent directory and check it with lintian.
 # A clean PATH: a pyenv/virtualenv python3 first in PATH would make pybuild

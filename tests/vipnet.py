@@ -290,11 +290,17 @@ class VipMonitor:
 
     SENTINEL = "192.0.2.254"
 
-    def __init__(self, netns, vip, log_path):
+    def __init__(self, netns, vip, log_path, shared=None):
+        """shared: the VipMonitor of another namespace; this one adds its events
+        to that one's record, so either answers for all namespaces (the cluster
+        lab, tests/cluster.py, has one namespace per node)."""
         self.vip = vip
-        self.events = []           # (t, ifname, added) for the VIP, in order
-        self._holders = set()
-        self._cond = threading.Condition()
+        if shared is None:
+            self.events = []           # (t, ifname, added) for the VIP, in arrival order
+            self._holders = set()
+            self._cond = threading.Condition()
+        else:
+            self.events, self._holders, self._cond = shared.events, shared._holders, shared._cond
         self._sentinel_seen = False
         self.proc = Proc("ip-monitor", ["ip", "-ts", "-o", "monitor", "address"],
                          log_path, netns=netns, on_line=self._on_line)
@@ -333,7 +339,7 @@ class VipMonitor:
                 raise TimeoutError("VIP on %s, expected on %s after %.1fs"
                                    % (sorted(self._holders) or "no interface",
                                       sorted(expected) or "no interface", timeout))
-            return self.events[-1][0] if self.events else 0.0
+            return max((e[0] for e in self.events), default=0.0)
 
     def first_add(self, ifname, since):
         """Time the VIP was first added to ifname at or after `since`, or None."""
@@ -360,7 +366,7 @@ class VipMonitor:
 
     def overlaps(self, start=0.0, end=None):
         with self._cond:
-            return overlaps(list(self.events), start, end)
+            return overlaps(sorted(self.events, key=lambda e: e[0]), start, end)
 
     def longest_overlap(self, start=0.0, end=None):
         """(seconds, interval) of the longest time two interfaces held the VIP at once."""

@@ -103,6 +103,11 @@ def electors(request):
     if failed:
         for e in started:
             print("----- %s (exit %s) stderr -----\n%s" % (e.name, e.proc.returncode, e.log()))
+    # SPEC §9.1: a bug in a step is logged and retried, never fatal — and never
+    # silent in a test: any daemon that took that path fails the test that ran it.
+    buggy = [e for e in started if "internal error" in e.log()]
+    if buggy and not failed:
+        pytest.fail("%s logged an internal error:\n%s" % (buggy[0].name, buggy[0].log()))
 
 
 @pytest.fixture

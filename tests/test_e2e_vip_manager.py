@@ -54,6 +54,10 @@ def lab(request):
             capture = request.config.pluginmanager.getplugin("capturemanager")
             with capture.global_and_fixture_disabled():
                 report_overlap(lab, request.config.pluginmanager.getplugin("terminalreporter"))
+        buggy = [p for p in list(lab.electors.values()) + lab._retired
+                 if p.find_line("internal error")]
+        if buggy:  # SPEC §9.1: logged and retried, but a test that saw it fails
+            pytest.fail("%s logged an internal error:\n%s" % (buggy[0].name, buggy[0].tail(40)))
 
 
 def report_overlap(lab, terminal=None):

@@ -96,12 +96,14 @@ class FakeConsul:
         with self.cond:
             self.cond.notify_all()
 
+    def reset_abort(self) -> None:
+        self._aborted.discard(threading.get_ident())
+
     def _hang_if_asked(self) -> None:
         """hang=True: a call waits (as a silent agent would) until its time limit or an abort."""
         if not self.hang:
             return
         me = threading.get_ident()
-        self._aborted.discard(me)
         deadline = getattr(self._local, "deadline", None) or time.monotonic() + 30
         with self.cond:
             self.cond.wait_for(lambda: me in self._aborted or not self.hang

@@ -426,3 +426,16 @@ def test_reload_applies_the_units_current_options_and_environment(consul, key, s
 def test_reload_pid_of_no_daemon_says_so(tmp_path):
     res = run_elector(["--reload-pid", "999999"], env={"RUNTIME_DIRECTORY": str(tmp_path)})
     assert res.returncode == 1 and "cannot signal the daemon (PID 999999)" in res.stderr, res.stderr
+
+
+def test_planned_stop_releases_every_time(consul, key, start):
+    """The stop aborts whatever request is in flight; never the release that follows
+    (a race between the two once made a stop leave the key to the TTL)."""
+    for i in range(8):
+        a = start(consul, key, "node-a")
+        lead(consul, key, a, "node-a")
+        a.terminate()
+        assert a.wait(10) == 0
+        assert a.find_line("LOCK RELEASED"), "run %d:\n%s" % (i, a.log())
+        assert consul.kv_get(key) is None
+        no_internal_error(a)

@@ -325,8 +325,10 @@ def test_stop_hands_over_and_ends_clean(installed, consul, key):
     wait_for(lambda: held_by(consul, key, NAME), 45, message=f'{NAME} to hold {key}')
     ct.systemctl('stop', UNIT)
     assert consul.kv_get(key) is None, 'a planned stop deletes the key at once'
-    p = props(ct, 'ActiveState', 'Result', 'ExecMainStatus', 'ExecMainCode')
+    p = props(ct, 'ActiveState', 'Result', 'ExecMainStatus', 'ExecMainCode', 'StatusText')
     assert (p['ActiveState'], p['Result'], p['ExecMainStatus']) == ('inactive', 'success', '0'), p
+    # The last word (issue 10, point 5): never a stale "leader: holding …" after the exit.
+    assert p['StatusText'] in ('', 'stopped'), p
     released = [e for e in journal_entries(ct) if e.get('MESSAGE_ID') == MSG_RELEASED]
     assert released and 'LOCK RELEASED' in released[-1]['MESSAGE'], released
 
@@ -341,6 +343,9 @@ def test_configuration_error_fails_once_without_restart(installed, consul, key):
     # A restart would show as activating/auto-restart right after the exit.
     assert (p['ActiveState'], p['SubState'], p['ExecMainStatus']) == ('failed', 'failed', '78'), p
     assert p['NRestarts'] == '0', p
+    # Not the stale "starting: connecting to Consul…" (issue 10, point 5).
+    status = props(ct, 'StatusText')['StatusText']
+    assert status == '' or status.startswith('stopped: configuration error: '), status
     logged = journal_entries(ct, this_run(ct))
     errors = [e for e in logged if e.get('MESSAGE_ID') == MSG_CONFIG]
     assert len(errors) == 1, logged

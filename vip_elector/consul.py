@@ -190,10 +190,17 @@ class _Transport:
             state.deadline = old
 
     def abort(self, thread_id: int) -> None:
-        """End the request that thread has in flight (safe from any thread or a signal handler)."""
+        """End the request that thread has in flight, and refuse its next ones, until
+        that thread calls ``reset_abort()`` (safe from any thread)."""
         state = self._threads.get(thread_id)
         if state is not None:
             state.abort()
+
+    def reset_abort(self) -> None:
+        """This thread's requests may go out again, on a fresh connection."""
+        state = self._state()
+        state.aborted = False
+        state.drop()
 
     def _state(self) -> "_ThreadState":
         ident = threading.get_ident()
@@ -246,9 +253,10 @@ class _Transport:
         target = self._target(path, params)
         for attempt in (1, 2):
             read_timeout = self._read_timeout(state, params)
+            if state.aborted:
+                raise ConsulUnreachable("request abandoned")
             conn = self._connection(state, min(CONNECT_TIMEOUT, read_timeout))
             reused = conn.sock is not None
-            state.aborted = False
             try:
                 if conn.sock is None:
                     conn.connect()
@@ -498,8 +506,13 @@ class ConsulClient:
         return self.transport.time_limit(seconds)
 
     def abort(self, thread_id: int) -> None:
-        """End at once the request ``thread_id`` has in flight (from any thread or a signal handler)."""
+        """End at once the request ``thread_id`` has in flight, and refuse its next
+        ones until it calls ``reset_abort()`` (from any thread)."""
         self.transport.abort(thread_id)
+
+    def reset_abort(self) -> None:
+        """After an abort: this thread's requests may go out again."""
+        self.transport.reset_abort()
 
     def close(self) -> None:
         self.transport.close()

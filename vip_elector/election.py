@@ -314,9 +314,11 @@ class Election:
 
     def request_stop(self) -> None:
         """Ask the loop to stop (from the signal relay or another thread)."""
-        self.events.put(Stop(time.monotonic()))
-        # A request in flight would hold the stop for its whole timeout: end it.
+        at = time.monotonic()
+        # A request in flight would hold the stop for its whole timeout: end it,
+        # and any the loop starts before it sees the stop; _shutdown lifts that.
         self.consul.abort(self.main_thread)
+        self.events.put(Stop(at))
 
     def request_reload(self) -> None:
         self.events.put(RELOAD)
@@ -873,6 +875,7 @@ class Election:
 
     def _shutdown(self, requested_at: float) -> Outcome:
         deadline = requested_at + self.timing.stop_budget
+        self.consul.reset_abort()
         holds = self.role == Role.LEADER or self._holds_key()
         self.notifier.stopping()
         self._become(Role.STOPPING, "stopping", "planned stop")

@@ -155,9 +155,13 @@ def _rmdir_tree(path):
 class Container:
     """One booted throwaway container. See the module docstring."""
 
-    def __init__(self, rootfs=None, prefix='vipe', boot_timeout=120, suite='bookworm'):
+    def __init__(self, rootfs=None, prefix='vipe', boot_timeout=120, suite='bookworm',
+                 nspawn_args=()):
+        """nspawn_args: more systemd-nspawn options, e.g. --capability=CAP_NET_ADMIN
+        (which nspawn withholds from a container sharing the host's network)."""
         self.rootfs = rootfs
         self.suite = suite
+        self.nspawn_args = list(nspawn_args)
         self.name = f'{prefix}-{os.getpid()}-{secrets.token_hex(3)}'
         self.boot_timeout = boot_timeout
         self.tmpdir = None
@@ -201,7 +205,7 @@ class Container:
         nspawn = ['systemd-nspawn', '--quiet', '--register=no', '--keep-unit',
                   '--console=pipe', '--link-journal=no', '--timezone=off',
                   '--resolv-conf=off', '--boot', '--machine', self.name,
-                  '--directory', f'{t}/root']
+                  '--directory', f'{t}/root'] + self.nspawn_args
         outer = ['unshare', '--mount', '--propagation', 'private']
         if _host_has_systemd():
             # A scope unit of its own keeps containers apart; systemd-run
@@ -422,7 +426,7 @@ def _kill(pid):
         pass
 
 
-def container_fixture(request, suite='bookworm'):
+def container_fixture(request, suite='bookworm', nspawn_args=()):
     """Body for a pytest fixture (any scope) that yields a booted Container
     of the Debian release `suite`:
 
@@ -436,7 +440,7 @@ def container_fixture(request, suite='bookworm'):
     reason = container_unavailable()
     if reason:
         pytest.skip(reason)
-    ct = Container(suite=suite)
+    ct = Container(suite=suite, nspawn_args=nspawn_args)
     request.addfinalizer(ct.stop)
     ct.boot()
     yield ct

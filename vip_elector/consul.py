@@ -197,10 +197,8 @@ class _Transport:
             state.abort()
 
     def reset_abort(self) -> None:
-        """This thread's requests may go out again, on a fresh connection."""
-        state = self._state()
-        state.aborted = False
-        state.drop()
+        """This thread's requests may go out again (an aborted request dropped its connection)."""
+        self._state().aborted = False
 
     def _state(self) -> "_ThreadState":
         ident = threading.get_ident()
@@ -303,7 +301,7 @@ class _ThreadState:
 
     def abort(self) -> None:
         self.aborted = True
-        sock = self.in_flight or (self.conn.sock if self.conn is not None else None)
+        sock = self.in_flight  # an idle kept-alive connection stays: the stop's release uses it
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv() at once

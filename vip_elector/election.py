@@ -91,7 +91,7 @@ class Timing:
     lock_delay_retry: float = 0.05  # an acquire refused by lock-delay is retried this often
     watch_wait: float = 60.0        # blocking-query wait: few requests while nothing happens
     renew_retry: float = 1.0        # a failed renewal is tried again this often (§8.7)
-    leader_renew: float = 1.0       # a leader confirms its session this often (§9.3)
+    leader_renew: float = 1.5       # a leader confirms at most this far apart, and 3 times a claim window (§9.3)
     claim_margin: float = 3.0       # claim window = min(TTL, lock-delay + this); see claim_window
     turn_budget: float = 6.0        # all requests of one step: well inside WatchdogSec/2 (15 s)
     stop_budget: float = 4.5        # signal to exit, whatever is in flight (§4.5: 5 s)

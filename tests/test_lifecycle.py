@@ -439,3 +439,15 @@ def test_planned_stop_releases_every_time(consul, key, start):
         assert a.find_line("LOCK RELEASED"), "run %d:\n%s" % (i, a.log())
         assert consul.kv_get(key) is None
         no_internal_error(a)
+
+
+def test_stale_state_naming_a_session_consul_no_longer_has(consul, key, start, tmp_path):
+    gone = "0b6e7c6d-1111-2222-3333-444455556666"
+    (tmp_path / "state.json").write_text(json.dumps({
+        "format": 1, "session": gone, "node": "", "name": "vip-elector-node-a", "key": key,
+        "value": "node-a", "checks": ["serfHealth"], "ttl": 10.0, "lock_delay": 1.0}))
+    a = start(consul, key, "node-a", state_dir=tmp_path)
+    a.wait_for_line("session %s from the previous run is gone; starting afresh" % gone, 20)
+    entry = lead(consul, key, a, "node-a")
+    assert json.loads((tmp_path / "state.json").read_text())["session"] == entry["Session"]
+    no_internal_error(a)

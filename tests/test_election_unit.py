@@ -482,3 +482,22 @@ def test_every_step_runs_within_the_turn_budget():
     with Running(consul) as r:
         wait_for(lambda: r.election.role == Role.LEADER)
     assert consul.time_limits and max(consul.time_limits) <= FAST.turn_budget
+
+
+def test_leader_cut_off_while_its_check_fails_stops_claiming_within_half_a_lock_delay(caplog):
+    """A partition during a check flap: the servers free the key at once (the agent told
+    them), the key's watch cannot see it, a renewal hangs — only the local agent knows."""
+    consul = FakeConsul()
+    consul.checks["vip-http"] = "passing"
+    with caplog.at_level(logging.INFO, logger="vip_elector"), Running(consul, check_id="vip-http") as r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        consul.hang = True                       # cut off: the loop's requests hang
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        consul.checks["vip-http"] = "critical"   # the local agent still answers about its checks
+        wait_for(lambda: r.election.role != Role.LEADER, timeout=2, what="the claim to end")
+        took = time.monotonic() - t0
+        assert took < 0.2 / 2 + 0.1, f"{took:.3f}s: later than half the lock-delay (0.2 s)"
+        assert any("check 'vip-http' is critical on this node" in s for s in r.recorder.statuses())
+        consul.hang = False
+    assert any("LOCK LOST" in rec.getMessage() for rec in caplog.records)

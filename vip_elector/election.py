@@ -120,6 +120,11 @@ class Stop:
     at: float                    # time.monotonic() of the request: the stop budget starts here
 
 
+@dataclass(frozen=True)
+class CheckCritical:
+    check_id: str                # the bound check the local agent says is critical
+
+
 RELOAD = "reload"
 
 # How long the watcher lets the loop act on a change (an acquire, when the key
@@ -188,6 +193,42 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+class HealthWatch:
+    """While this node leads: the local agent's view of the bound check, every ``interval``.
+
+    The agent tells the servers the moment the check turns critical, and they
+    invalidate the session and free the key at once: another node may hold it
+    one lock-delay later. The key's watch shows that within milliseconds —
+    unless this node is cut off from the servers at the same moment, when only
+    the local agent (which still answers) knows. So a critical check ends the
+    claim here within ``interval`` (half the lock-delay at most), even while
+    the loop waits on a request that hangs: ``on_critical`` aborts it.
+    """
+
+    def __init__(self, consul: ConsulClient, check_id: str, interval: float,
+                 on_critical: Callable[[str], None]):
+        self.consul, self.check_id, self.interval = consul, check_id, interval
+        self.on_critical = on_critical
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="health", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                state = self.consul.check_states([self.check_id]).get(self.check_id)
+            except ConsulError:
+                continue  # the renewals judge Consul's health; this reads the check only
+            except Exception:
+                log.exception("internal error in the health watch; retrying")
+                continue
+            if state == "critical" and not self._stop.is_set():
+                self.on_critical(self.check_id)
+                return
 
 
 class KeyWatcher:
@@ -302,6 +343,7 @@ class Election:
         self.trouble: Optional[str] = None       # the last Consul error, logged once
         self.note = ""                           # appended to the status (a failed reload)
         self.warned_unseen = False
+        self.health: Optional[HealthWatch] = None  # runs while this node leads, with --check-id
         # Timers (clock times).
         self.retry_at = 0.0                      # no session: next attempt
         self.renew_at = 0.0
@@ -349,6 +391,9 @@ class Election:
                 if self._reload():
                     return Outcome.REEXEC
                 continue
+            if isinstance(event, CheckCritical):
+                self.consul.reset_abort()
+                self._turn(self._on_check_critical, event)
             if isinstance(event, (KeyChanged, WatchFailed)):
                 try:
                     self._turn(self._on_watch, event)
@@ -452,6 +497,20 @@ class Election:
         self._become(Role.WAITING, f"waiting: {k} is not a lock key ({key.value!r} written "
                                    f"by another program)", "the key was overwritten by a plain write")
         return False
+
+    def _on_check_critical(self, event: CheckCritical) -> None:
+        if self.role != Role.LEADER:
+            return
+        why = (f"check '{event.check_id}' is critical on this node: Consul invalidates the "
+               f"session and frees the key")
+        self._become(Role.CUT_OFF, f"cut off: check '{event.check_id}' is critical on this node; "
+                                   f"not claiming {self.settings.trigger_key}", why)
+        self.renew_at = self.clock()  # learn now whether Consul has the session still
+
+    def _critical_seen(self, check_id: str) -> None:
+        """From the health watch's thread: end the claim now, even mid-request."""
+        self.events.put(CheckCritical(check_id))
+        self.consul.abort(self.main_thread)
 
     def _holder(self, key: KeyState) -> str:
         """Words for the session holding a key: its name and node, if Consul tells."""
@@ -827,6 +886,13 @@ class Election:
         previous = self.role
         self.role = role
         self.context.role = role.value
+        if role == Role.LEADER and self.health is None and self.settings.check_id:
+            interval = max(0.1, min(0.5, self.settings.lock_delay / 2))
+            self.health = HealthWatch(self.consul, self.settings.check_id, interval,
+                                      self._critical_seen)
+        elif role != Role.LEADER and self.health is not None:
+            self.health.stop()
+            self.health = None
         if previous != Role.LEADER and role == Role.LEADER:
             log.info("LOCK ACQUIRED: this node (%s) now holds %s", self.settings.value,
                      self.settings.trigger_key, extra={"MESSAGE_ID": MESSAGE_ACQUIRED})

@@ -502,3 +502,25 @@ def test_leader_cut_off_while_its_check_fails_stops_claiming_within_half_a_lock_
         # that the claim ended within half the lock-delay, not the 0.6 s window, is the point.)
         consul.hang = False
     assert any("LOCK LOST" in rec.getMessage() for rec in caplog.records)
+
+
+def test_health_watch_that_meets_a_consul_error_keeps_the_claim_and_tries_again(caplog):
+    """The local agent answering 500 (or nothing) to the check read is no reason to stop claiming:
+    the renewals judge Consul; the watch reads the check again next time."""
+    from vip_elector.consul import ConsulError
+    consul = FakeConsul()
+    consul.checks["vip-http"] = "passing"
+    real, reads = consul.check_states, []
+
+    def flaky(ids):
+        if threading.get_ident() != consul.main_thread:
+            reads.append(ids)
+            if len(reads) <= 3:
+                raise ConsulError("HTTP 500: rpc error")
+        return real(ids)
+    consul.check_states = flaky
+    with caplog.at_level(logging.INFO, logger="vip_elector"), Running(consul, check_id="vip-http") as r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        wait_for(lambda: len(reads) >= 5, what="the health watch reading again after errors")
+        assert r.election.role == Role.LEADER and r.election.health is not None
+    assert not [rec for rec in caplog.records if "internal error" in rec.getMessage()]

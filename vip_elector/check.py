@@ -20,7 +20,7 @@ from typing import Callable, Optional, TextIO
 
 from .config import Settings, format_duration
 from .consul import (CheckNotPassing, ConsulClient, ConsulError, KeyState, PermissionDenied,
-                     untested_library)
+                     describe_holder, untested_library)
 
 POLICY_EXAMPLE = "/usr/share/doc/vip-elector/examples/consul-acl-policy.hcl"
 
@@ -66,18 +66,6 @@ def _probe_session(settings: Settings, consul: ConsulClient, checks: Optional[li
     except ConsulError:
         pass  # it has a TTL: Consul removes it anyway
     return probe
-
-
-def describe_holder(consul: ConsulClient, key: KeyState) -> str:
-    """'session NAME on node NODE' for the session holding the key, in words."""
-    try:
-        info = consul.session_info(key.session) if key.session else None
-    except ConsulError:
-        info = None
-    if not info:
-        return f"session {key.session} (the token may not read it: session:read on its node)"
-    name, node = info.name or "(no name)", info.node or "?"
-    return f"session '{name}' ({key.session}) on node {node}"
 
 
 def key_lines(settings: Settings, consul: ConsulClient, key: Optional[KeyState]) -> tuple[bool, str]:

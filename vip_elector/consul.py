@@ -593,6 +593,18 @@ def _key_state(data: Any) -> Optional[KeyState]:
                     modify_index=int(data.get("ModifyIndex") or 0))
 
 
+def describe_holder(consul: ConsulClient, key: KeyState) -> str:
+    """'session NAME (ID) on node NODE' for the session holding the key, in words."""
+    try:
+        info = consul.session_info(key.session) if key.session else None
+    except ConsulError:
+        info = None
+    if not info:
+        return f"session {key.session} (the token may not read it: session:read on its node)"
+    name, node = info.name or "(no name)", info.node or "?"
+    return f"session '{name}' ({key.session}) on node {node}"
+
+
 def library_name() -> str:
     """Which Consul library is in use (distribution, version, path), for ``--version``."""
     from .library import describe
@@ -607,6 +619,6 @@ def untested_library() -> Optional[str]:
 
 __all__ = [
     "ConsulClient", "ConsulError", "ConsulUnreachable", "PermissionDenied", "InvalidSession",
-    "CheckNotPassing", "InvalidSessionTTL", "KeyState", "SessionInfo", "library_name",
+    "CheckNotPassing", "InvalidSessionTTL", "KeyState", "SessionInfo", "library_name", "describe_holder",
     "LOCK_FLAG", "SESSION_BEHAVIOR", "SERF_HEALTH",
 ]

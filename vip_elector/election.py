@@ -56,7 +56,7 @@ from typing import Callable, Optional
 
 from .config import ConfigError, Settings
 from .consul import (CheckNotPassing, ConsulClient, ConsulError, ConsulUnreachable, InvalidSession,
-                     KeyState, PermissionDenied, SESSION_BEHAVIOR)
+                     KeyState, PermissionDenied, SESSION_BEHAVIOR, describe_holder)
 from .hooks import LEADER, STANDBY, Hooks
 from .state import SavedSession, StateStore
 from .systemd import (MESSAGE_ACQUIRED, MESSAGE_CONFIG_ERROR, MESSAGE_LOST, MESSAGE_RELEASED,
@@ -482,7 +482,7 @@ class Election:
             return True
         k = self.settings.trigger_key
         if key.session:
-            message = (f"trigger-key {k} in Consul is held by another program ({self._holder(key)}) "
+            message = (f"trigger-key {k} in Consul is held by another program ({describe_holder(self.consul, key)}) "
                        f"without vip-elector's lock flag (flags {key.flags}, value {key.value!r}); "
                        f"vip-elector never touches it: choose another trigger-key for both "
                        f"vip-manager and vip-elector")
@@ -511,16 +511,6 @@ class Election:
         """From the health watch's thread: end the claim now, even mid-request."""
         self.events.put(CheckCritical(check_id))
         self.consul.abort(self.main_thread)
-
-    def _holder(self, key: KeyState) -> str:
-        """Words for the session holding a key: its name and node, if Consul tells."""
-        try:
-            info = self.consul.session_info(key.session)
-        except ConsulError:
-            info = None
-        if info is None:
-            return f"session {key.session}"
-        return f"session {key.session} named {info.name!r} on node {info.node}"
 
     def _consul_trouble(self, error: ConsulError) -> None:
         """§4.8: log it (once per distinct reason), say it in the status, back off."""

@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from . import signals
 from .config import ConfigError
 
 log = logging.getLogger("vip_elector")
@@ -240,7 +241,7 @@ class Hooks:
             proc = subprocess.Popen(
                 [path, call.state, self.key, self.value], stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._environment(call),
-                cwd="/", close_fds=True, start_new_session=True, preexec_fn=_unblock_signals)
+                cwd="/", close_fds=True, start_new_session=True, preexec_fn=signals.unblock)
         except OSError as e:
             log.error("%s: cannot run %s: %s", what, path, e.strerror or e)
             return
@@ -383,11 +384,6 @@ class _OutputLog:
 
 def _catchable_signals() -> set:
     return set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
-
-
-def _unblock_signals() -> None:
-    """In the child before exec: the hook starts with no blocked signal."""
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:

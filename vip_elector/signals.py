@@ -29,8 +29,8 @@ def block() -> None:
 
 
 def unblock() -> None:
-    """For a child process between fork and exec: the ordinary signal mask."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+    """For a child process between fork and exec: it starts with no blocked signal."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 class SignalRelay:

@@ -524,3 +524,39 @@ def test_health_watch_that_meets_a_consul_error_keeps_the_claim_and_tries_again(
         wait_for(lambda: len(reads) >= 5, what="the health watch reading again after errors")
         assert r.election.role == Role.LEADER and r.election.health is not None
     assert not [rec for rec in caplog.records if "internal error" in rec.getMessage()]
+
+
+def test_stop_before_the_saved_session_is_resumed_releases_it(caplog):
+    """A SIGTERM that reaches a re-executed daemon while it is still connecting (SPEC §4.5, §8.3)."""
+    from vip_elector.state import SavedSession
+    consul = FakeConsul()
+    consul.sessions.add("session-old")
+    consul.set_key(KeyState("node-a", LOCK_FLAG, "session-old", 0))
+    saved = SavedSession("session-old", "node1", "vip-elector-node-a", "service/pg/leader", "node-a",
+                         ("serfHealth",), 0.6, 0.2)
+    consul.hang = True                           # its first read of the key hangs
+    r = Running(consul)
+    r.election.saved = saved
+    with caplog.at_level(logging.DEBUG, logger="vip_elector"), r:
+        wait_for(lambda: "read_key" in consul.calls, what="the first request")
+        consul.hang = False                      # the stop's own requests are answered
+        assert r.stop() == Outcome.STOPPED
+    assert consul.key is None, "the key is still held by the previous run's session"
+    assert "session-old" not in consul.sessions
+    assert "create_session" not in consul.calls
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.WARNING]
+    assert not warnings, warnings                # a request ended by the stop is not trouble
+    assert any("LOCK RELEASED" in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_reload_and_a_stop_together_stop(caplog):
+    consul = FakeConsul()
+    r = Running(consul)
+    r.election.reload_settings = lambda: None
+    with r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        r.election.request_reload()
+        r.election.request_stop()
+        r.thread.join(5)
+    assert r.result == [Outcome.STOPPED]
+    assert consul.key is None and not consul.sessions

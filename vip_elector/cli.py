@@ -215,7 +215,9 @@ def _run_daemon(args: argparse.Namespace, settings: Settings, consul, notifier: 
         notifier.final_status("stopped")
         return EXIT_OK
     # Signals that arrive from now on stay pending for the new program (SPEC §8.3).
-    relay.hand_over()
+    if not relay.hand_over():
+        log.warning("the signal thread did not stop before the reload's exec; a signal sent "
+                    "this very moment may be lost")
     for signum in election.pending_signals():
         os.kill(os.getpid(), signum)
     saved_now = election.saved_session()

@@ -324,6 +324,7 @@ class Election:
         self.hooks = hooks or Hooks(None, 0, settings.trigger_key, settings.value)
         self.state = state or StateStore(None)
         self.saved = saved                       # a session to resume (§8.2)
+        self.stop_requested = False              # set once, from the signal thread
         self.reload_settings = reload_settings
         self.events = Inbox()
         self.watcher = KeyWatcher(consul, self.events, timing, rng)
@@ -357,6 +358,7 @@ class Election:
     def request_stop(self) -> None:
         """Ask the loop to stop (from the signal relay or another thread)."""
         at = time.monotonic()
+        self.stop_requested = True  # first: the loop then knows why its request ends
         # A request in flight would hold the stop for its whole timeout: end it,
         # and any the loop starts before it sees the stop; _shutdown lifts that.
         self.consul.abort(self.main_thread)
@@ -388,6 +390,9 @@ class Election:
             if isinstance(event, Stop):
                 return self._shutdown(event.at)
             if event == RELOAD:
+                if self.stop_requested:  # the stop is on its way: no point starting a new program
+                    log.info("reload requested, but a stop was asked for too: stopping instead")
+                    continue
                 if self._reload():
                     return Outcome.REEXEC
                 continue
@@ -421,6 +426,9 @@ class Election:
         except ConfigError:
             raise
         except ConsulError as e:
+            if self.stop_requested:  # abandoned for the stop: not trouble to report
+                log.debug("%s ended by the stop: %s", step.__name__, e)
+                return
             self._consul_trouble(e)
         except Exception as e:  # a bug must not end the node's election: log it, retry
             log.exception("internal error in the election loop (%s); retrying", step.__name__)
@@ -608,10 +616,7 @@ class Election:
             log.info("session %s from the previous run is gone; starting afresh", saved.session)
             self._forget_saved()
             return False
-        node = self.node or saved.node
-        ours = (info.node == node and info.name == saved.name and info.id in ("", saved.session)
-                and saved.name.startswith("vip-elector-"))
-        if not ours:
+        if not self._saved_is_ours(saved, info):
             log.warning("the saved state names session %s (%r on node %s), which is not this "
                         "daemon's: leaving it alone and starting afresh", saved.session,
                         info.name, info.node or "?")
@@ -627,7 +632,7 @@ class Election:
                      "%s, ttl %gs, lock-delay %gs): releasing it and starting afresh",
                      saved.session, saved.key, saved.value, "+".join(saved.checks), saved.ttl,
                      saved.lock_delay)
-            self._release_old(saved)
+            self._release_old(saved, "held by the session of the previous configuration")
             self._forget_saved()
             return False
         sent = self.clock()
@@ -650,17 +655,23 @@ class Election:
         self._on_key(key)
         return True
 
+    def _saved_is_ours(self, saved: SavedSession, info) -> bool:
+        """The session the state file names is one this daemon made on this node."""
+        node = self.node or saved.node
+        return (info.node == node and info.name == saved.name and info.id in ("", saved.session)
+                and saved.name.startswith("vip-elector-"))
+
     def _forget_saved(self) -> None:
         self.saved = None
         self.state.clear()
 
-    def _release_old(self, saved: SavedSession) -> None:
-        """A session of ours made for another configuration: as a planned stop would (§8.2)."""
+    def _release_old(self, saved: SavedSession, why: str) -> None:
+        """A session of ours we will not take up: release it as a planned stop would (§8.2)."""
         _, key = self.consul.read_key(key=saved.key)
         if key is not None and key.session == saved.session:
             if self.consul.delete_if_unchanged(key.modify_index, key=saved.key):
-                log.info("LOCK RELEASED: deleted %s, held by the session of the previous "
-                         "configuration", saved.key, extra={"MESSAGE_ID": MESSAGE_RELEASED})
+                log.info("LOCK RELEASED: deleted %s, %s", saved.key, why,
+                         extra={"MESSAGE_ID": MESSAGE_RELEASED})
         self.consul.destroy_session(saved.session)
 
     def _wait_for_health(self, check_id: str, state: Optional[str]) -> None:
@@ -939,6 +950,8 @@ class Election:
         self.hooks.finish(deadline - self.timing.release_reserve)
         left = lambda: max(0.05, deadline - time.monotonic())  # noqa: E731
         with self.consul.time_limit(left()):
+            if self.session is None and self.saved is not None:
+                self._release_saved(self.saved)  # stopped before it could resume
             if holds and self.session is not None:
                 self._release()
             if self.session is not None:
@@ -952,6 +965,26 @@ class Election:
         self.hooks.close()
         log.info("stopped")
         return Outcome.STOPPED
+
+    def _release_saved(self, saved: SavedSession) -> None:
+        """A stop before the previous run's session was taken up: release it as that run would have.
+
+        Clearing the state alone would leave the key held by a session nobody
+        renews: no handover until its TTL ends (SPEC §4.5).
+        """
+        try:
+            info = self.consul.session_info(saved.session)
+            if info is None:
+                return
+            if not self._saved_is_ours(saved, info):
+                log.warning("the saved state names session %s (%r on node %s), which is not this "
+                            "daemon's: leaving it alone", saved.session, info.name, info.node or "?")
+                return
+            self._release_old(saved, "held by the previous run's session (stopped before resuming it)")
+        except ConsulError as e:
+            log.warning("could not release session %s of the previous run: %s; Consul deletes "
+                        "%s when that session's TTL (%gs) ends", saved.session, e,
+                        saved.key, saved.ttl)
 
     def _release(self) -> None:
         """Delete our own write with CAS: vip-manager drops the VIP, a standby takes over at once."""

@@ -58,7 +58,9 @@ class FaultResult:
     t_heal: float = 0.0
     t_settled: Optional[float] = None
     old_session: Optional[str] = None         # the session holding the key before the fault
-    detection: Optional[float] = None         # s from the fault to the key leaving the old session
+    old_value: Optional[str] = None           # the node it named
+    detection: Optional[float] = None         # s from the fault to the key leaving the old node (freed or renamed)
+    replaced: Optional[float] = None          # s from the fault to the leader moving the key to a new session of its own
     new_holder: Optional[str] = None          # the next node the key named with a session
     t_new_holder: Optional[float] = None      # s from the fault
     old_stops: Optional[float] = None         # s from the fault to the old leader's claim ending
@@ -99,7 +101,7 @@ class Faults:
         lab = self.lab
         leader = lab.settle(SETTLE_BOUND + LOAD_SLACK)
         r = FaultResult(kind, leader, time.time())
-        r.old_session = (lab.watcher.current() or (None, None, None))[2]
+        _, r.old_value, r.old_session = (lab.watcher.current() or (None, None, None))[:3]
         getattr(self, "_" + kind)(r, **options)
         self._finish(r)
         return r
@@ -115,9 +117,18 @@ class Faults:
             r.errors.append("not settled within %.0fs of the heal: %s" % (SETTLE_BOUND + LOAD_SLACK, e))
         end = time.time()
         for t, value, session, _ in lab.watcher.history:
-            if t >= r.t_fault and r.detection is None and session != r.old_session:
-                r.detection = t - r.t_fault
-            if r.detection is not None and t >= r.t_fault and session and session != r.old_session:
+            if t < r.t_fault:
+                continue
+            if r.detection is None:
+                if session is None or value != r.old_value:
+                    r.detection = t - r.t_fault
+                elif session != r.old_session and r.replaced is None:
+                    # The leader replaced its session after Consul trouble: the key moved to the
+                    # new session in one step, never free, its value unchanged (not a move).
+                    r.replaced = t - r.t_fault
+                    r.notes.append("the leader's session replaced %.1fs after the fault, the key "
+                                   "unchanged" % r.replaced)
+            if r.detection is not None and session:
                 r.new_holder, r.t_new_holder = lab.node_of_value(value), t - r.t_fault
                 break
         ends = [b for a, b in lab.claim_intervals(end)[r.leader] if r.t_fault <= b < end]

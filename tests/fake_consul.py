@@ -169,6 +169,15 @@ class FakeConsul:
             self.key = KeyState(self.value, LOCK_FLAG, sid, self.index)
             return True
 
+    def move_lock(self, old: str, new: str) -> bool:
+        self._call("move_lock")
+        with self.cond:
+            if self.key is None or self.key.session != old or new not in self.sessions:
+                return False
+            self._bump()
+            self.key = KeyState(self.key.value, self.key.flags, new, self.index)
+            return True
+
     def delete_if_unchanged(self, modify_index: int, key=None) -> bool:
         self._call("delete_if_unchanged")
         with self.cond:

@@ -86,10 +86,12 @@ def test_partition_of_leader_node(faults):
 
 
 def stayed(r):
-    """SPEC §8: leadership survives what is not a fault of the leader node."""
+    """SPEC §8: leadership survives what is not a fault of the leader node — the key is
+    never free and never names another node (the leader may move it to a new session
+    of its own, see README "Faults")."""
     assert r.detection is None, (
-        "the key left the leader's session %.1fs after the fault; next held by a new session of %s at %.1fs"
-        % (r.detection, r.new_holder, r.t_new_holder or float("nan")))
+        "the key left node-%s %.1fs after the fault; next held by %s at %.1fs"
+        % (r.leader, r.detection, r.new_holder, r.t_new_holder or float("nan")))
 
 
 def test_sigkill_raft_leader(faults):

@@ -253,3 +253,26 @@ def test_token_not_in_error_messages(serve):
             call()
         except ConsulError as e:
             assert TOKEN not in str(e), name
+
+
+@pytest.mark.consul
+def test_move_lock_hands_the_key_to_another_session_in_one_step(consul):
+    """The swap a session replacement relies on: value and flags kept, never free, all or nothing."""
+    client = ConsulClient(settings_for(consul.http_addr))
+    old = client.create_session(["serfHealth"])
+    assert client.acquire(old)
+    _, before = client.read_key()
+    new = client.create_session(["serfHealth"])
+    try:
+        assert client.move_lock(old, new) is True
+        _, after = client.read_key()
+        assert (after.session, after.value, after.flags) == (new, before.value, LOCK_FLAG)
+        # Nothing changes when the old session no longer holds it, or the new one is not valid.
+        assert client.move_lock(old, new) is False
+        assert client.move_lock(new, "00000000-0000-0000-0000-000000000000") is False
+        _, unchanged = client.read_key()
+        assert unchanged == after
+    finally:
+        for sid in (old, new):
+            client.destroy_session(sid)
+        client.close()

@@ -331,7 +331,8 @@ def test_backoff_grows_jittered_between_one_and_thirty_seconds():
 
 # --- SPEC §8, §9: honest claims, the guard, resume, reload -----------------------
 
-def test_cut_off_leader_stops_claiming_then_resumes_without_touching_the_key(caplog):
+def test_cut_off_leader_stops_claiming_then_leads_again_with_the_key_unchanged(caplog):
+    """§8.7 and the stray destroys of a troubled Consul: same key value, never free, a new session."""
     consul = FakeConsul()
     with caplog.at_level(logging.INFO, logger="vip_elector"), Running(consul) as r:
         wait_for(lambda: r.election.role == Role.LEADER)
@@ -339,13 +340,53 @@ def test_cut_off_leader_stops_claiming_then_resumes_without_touching_the_key(cap
         consul.renew_fails = True
         wait_for(lambda: r.election.role == Role.CUT_OFF, what="cut off")
         assert any(s.startswith("cut off: ") for s in r.recorder.statuses())
-        assert r.election.session == key_before.session, "the session is kept (§8.7)"
+        assert r.election.session == key_before.session, "the session is kept while Consul fails (§8.7)"
+        assert consul.count("create_session") == 1, "never a second session while Consul fails"
         consul.renew_fails = False
         wait_for(lambda: r.election.role == Role.LEADER, what="leading again")
-        assert consul.key == key_before and consul.count("acquire") == 1
-        assert consul.count("create_session") == 1, "never a second session while the first lives"
+        new = r.election.session
+        assert new != key_before.session and consul.key.session == new
+        assert (consul.key.value, consul.key.flags) == (key_before.value, key_before.flags)
+        assert consul.count("acquire") == 1 and consul.count("delete_if_unchanged") == 0, \
+            "the key moved to the new session in one step, never free"
+        assert consul.sessions == {new}, "the old session destroyed"
     messages = [rec.getMessage() for rec in caplog.records]
     assert any("LOCK LOST" in m and "cannot confirm" in m for m in messages)
+    assert any(f"replaced by {new}" in m for m in messages)
+
+
+def test_a_slow_renewal_replaces_the_session_of_a_follower_too():
+    consul = FakeConsul()
+    consul.key_name = "service/pg/leader"
+    consul.set_key(KeyState("node-b", LOCK_FLAG, "session-b", 0))
+    consul.sessions.add("session-b")
+    timing = Timing(**{**FAST.__dict__, "doubt_latency": 0.0})  # every renewal counts as slow
+    r = Running(consul)
+    r.election.timing = timing
+    with r:
+        wait_for(lambda: r.election.role == Role.FOLLOWER)
+        first = r.election.session
+        wait_for(lambda: r.election.session != first, what="a replaced session")
+        assert consul.key.session == "session-b", "a follower's replacement never touches the key"
+        assert first not in consul.sessions
+
+
+def test_a_replacement_refused_the_lock_keeps_the_old_session():
+    """Consul will not give the lock to the new session (its check failed just then): keep the old."""
+    consul = FakeConsul()
+    with Running(consul) as r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        old = r.election.session
+        real_move = consul.move_lock
+        consul.move_lock = lambda a, b: False
+        r.election.doubt = "a test"
+        r.election.renew_at = 0.0
+        wait_for(lambda: consul.count("destroy_session") >= 1, what="the refused replacement destroyed")
+        assert r.election.session == old and consul.key.session == old
+        assert r.election.replacement is None
+        consul.move_lock = real_move
+        wait_for(lambda: r.election.session != old, what="the replacement at the next renewal")
+        assert consul.key.session == r.election.session
 
 
 def test_claim_window_ends_before_another_node_could_hold_the_key():

@@ -360,11 +360,14 @@ def test_unusable_state_dir_warns_once_and_runs(consul, key, start, tmp_path, ki
 
 # ---------------------------------------------------------------- outage
 
-def test_outage_longer_than_the_ttl_that_consul_survives_resumes_the_same_session(
+def test_outage_longer_than_the_ttl_that_consul_survives_keeps_the_key_on_this_node(
         fresh_consul, key, start, tmp_path):
-    """Agent frozen 13 s > TTL 10 s (Consul expires after 2×TTL): the same session, untouched."""
+    """Agent frozen 13 s > TTL 10 s (Consul expires after 2×TTL): the session is confirmed
+    again, then replaced, the key moving to the new session in one step: never free, its
+    value unchanged (README "Faults": a server may still destroy a session it saw expire)."""
     a = start(fresh_consul, key, "node-a")
     entry = lead(fresh_consul, key, a, "node-a")
+    watcher = KeyWatcher(fresh_consul, key)
     n = len(a.lines)
     os.kill(fresh_consul.proc.pid, signal.SIGSTOP)
     try:
@@ -372,10 +375,20 @@ def test_outage_longer_than_the_ttl_that_consul_survives_resumes_the_same_sessio
         time.sleep(13 - 4)
     finally:
         os.kill(fresh_consul.proc.pid, signal.SIGCONT)
-    a.wait_for_line("Consul confirms session %s again" % entry["Session"], 30, since=n)
-    a.wait_for_line("LOCK ACQUIRED", 10, since=n)
-    now = fresh_consul.kv_get(key)
-    assert (now["Session"], now["ModifyIndex"]) == (entry["Session"], entry["ModifyIndex"])
+    try:
+        a.wait_for_line("Consul confirms session %s again" % entry["Session"], 30, since=n)
+        _, line = a.wait_for_line("replaced by", 10, since=n)
+        a.wait_for_line("LOCK ACQUIRED", 10, since=n)
+        now = fresh_consul.kv_get(key)
+        wait_for(lambda: watcher.current()[2] == now["Session"], 10, message="the watcher caught up")
+    finally:
+        watcher.close()
+    assert now["Session"] != entry["Session"] and now["Session"] in line, line
+    assert (now["Value"], now["Flags"]) == (entry["Value"], entry["Flags"])
+    states = [(value, session) for _, value, session, _ in watcher.history]
+    assert states == [("node-a", entry["Session"]), ("node-a", now["Session"])], (
+        "the key was free, or named another node, on its way to the new session: %s" % states)
+    assert fresh_consul.session_info(entry["Session"]) is None, "the old session destroyed"
     assert len(sessions_named(fresh_consul, "vip-elector-node-a")) == 1
     no_internal_error(a)
 

@@ -21,6 +21,7 @@ import base64
 import contextlib
 import functools
 import http.client
+import json
 import os
 import re
 import socket
@@ -482,6 +483,30 @@ class ConsulClient:
     def acquire(self, session_id: str) -> bool:
         """Take the lock and write our name in one step; False if someone holds it."""
         return bool(self._lib.kv.put(self.key, self.settings.value, acquire=session_id, flags=LOCK_FLAG))
+
+    @_translated
+    def move_lock(self, old_session: str, new_session: str) -> bool:
+        """Hand our lock from one of our sessions to another in one transaction.
+
+        The key keeps its value and flags (vip-manager sees no change) and is
+        never free in between (no other node can take it); Consul applies the
+        unlock and the lock together or not at all. False, with nothing
+        changed, when ``old_session`` no longer holds the key or
+        ``new_session`` is not valid.
+        """
+        value = base64.b64encode(self.settings.value.encode("utf-8")).decode("ascii")
+
+        def op(verb: str, session: str) -> dict:
+            return {"KV": {"Verb": verb, "Key": self.key, "Value": value, "Flags": LOCK_FLAG,
+                           "Session": session}}
+        try:
+            self.transport.put(lambda response: response, "/v1/txn",
+                               data=json.dumps([op("unlock", old_session), op("lock", new_session)]))
+        except ConsulError:
+            if self.transport.last_status == 409:  # rolled back: one of the operations failed
+                return False
+            raise
+        return True
 
     @_translated
     def delete_if_unchanged(self, modify_index: int, key: Optional[str] = None) -> bool:

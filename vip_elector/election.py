@@ -23,6 +23,17 @@ And the promises of §9 on top of Consul's:
   leads again without the key having been touched (§8.7).
 * One session per daemon (§9.4): a session is abandoned only when Consul
   says it is gone, never because Consul is unreachable.
+* A session that outlived Consul trouble is replaced (``_replace_session``).
+  A Consul server that found the session expired while it could not commit
+  (a quorum loss, a frozen raft leader) keeps retrying the destroy for
+  minutes (10, 30, 70, 150, 310 s later) without looking at the session
+  again, and applies it if it leads at that moment: the key is deleted
+  out of the blue, any time, even while the leader node is cut off and
+  cannot learn it — another node then holds the key one lock-delay later,
+  sooner than our claim window allows. So once Consul confirms a session
+  again after failed or slow renewals (or a gap of a TTL), we make a new
+  session and move the lock to it in one transaction (the key's value never
+  changes: vip-manager does not move the VIP), then destroy the old one.
 * Nothing but a signal ends the loop (§9.1): every step runs under one guard
   (``_turn``); a Consul error is handled where it happens, an unexpected
   exception is logged as an internal error and retried with backoff.
@@ -98,6 +109,7 @@ class Timing:
     release_reserve: float = 1.7    # of the stop budget, kept for the CAS delete and the destroy
     shutdown_timeout: float = 0.8   # per request on the way out
     reload_hook_wait: float = 5.0   # a reload lets a running hook finish for this long
+    doubt_latency: float = 1.0      # a renewal this slow (Consul in trouble) replaces the session
 
 
 # Events the loop receives ---------------------------------------------------
@@ -341,6 +353,8 @@ class Election:
         self.key_index = 0                       # Consul index of self.key: older news is stale
         self.confirmed_at: Optional[float] = None  # send time of the last request Consul confirmed the session by
         self.renew_failing: Optional[str] = None   # why the last renewal failed
+        self.doubt: Optional[str] = None         # why the session is to be replaced (Consul trouble)
+        self.replacement: Optional[str] = None   # the session replacing it, made but not yet ours
         self.trouble: Optional[str] = None       # the last Consul error, logged once
         self.note = ""                           # appended to the status (a failed reload)
         self.warned_unseen = False
@@ -741,14 +755,76 @@ class Election:
             if self.role != Role.LEADER:  # a leader keeps its claim until the window ends
                 self._cut_off(reason)
             return
+        now = self.clock()
         was_failing = self.renew_failing is not None or self.role == Role.CUT_OFF
+        doubt = self._doubt(was_failing, sent, now)
         self.confirmed_at = sent
         self.renew_failing = None
         self.renew_at = sent + self._renew_interval()
         self._recovered()
         if was_failing:
             log.info("Consul confirms session %s again", self.session)
+        if doubt is not None or self.doubt is not None:
+            self.doubt = self.doubt or doubt
+            self._replace_session()
+        elif was_failing:
             self._decide()
+
+    def _doubt(self, was_failing: bool, sent: float, now: float) -> Optional[str]:
+        """Why a server may hold a stray destroy of the session just confirmed, or None."""
+        if was_failing:
+            return f"renewals failed: {self.renew_failing or 'no answer in time'}"
+        if self.confirmed_at is not None and now - self.confirmed_at >= self.settings.ttl:
+            return f"not confirmed for {now - self.confirmed_at:.0f}s"
+        if now - sent >= self.timing.doubt_latency:
+            return f"a renewal took {now - sent:.1f}s"
+        return None
+
+    def _replace_session(self) -> None:
+        """A new session for one that Consul had trouble with; the lock moves with it (see above).
+
+        On a Consul error nothing is lost: the old session stays ours, the new
+        one is kept in ``replacement`` and the move is tried again after the
+        next good renewal (a move that went unanswered may have been applied:
+        the key says).
+        """
+        old, why = self.session, self.doubt
+        if self.replacement is None:
+            try:
+                self.replacement = self.consul.create_session(self.settings.checks)
+            except CheckNotPassing as e:  # the old session is being invalidated too: let that happen
+                log.debug("cannot replace session %s yet: %s", old, e)
+                return
+        new = self.replacement
+        sent = self.clock()
+        index, key = self.consul.read_key()
+        if key is not None and key.session == old:
+            try:
+                self.consul.move_lock(old, new)
+            except ConsulUnreachable:
+                pass  # no answer is not "no": the key tells what Consul did
+            index, key = self.consul.read_key()
+            if key is not None and key.session == old:  # refused: the new session is not valid
+                self.replacement = None
+                self._destroy_quietly(new, "the replacement Consul would not give the lock to")
+                return
+        moved = key is not None and key.session == new
+        self.replacement = self.doubt = None
+        self._adopt(new, sent)
+        log.info("session %s replaced by %s: Consul had trouble (%s), and a Consul server may "
+                 "still destroy a session it saw expire then%s", old, new, why,
+                 f"; {self.settings.trigger_key} moved to the new session, its value unchanged"
+                 if moved else "")
+        self._destroy_quietly(old, "the replaced session (it holds nothing)")
+        self.key_index, self.key = index, key
+        self._on_key(key)
+
+    def _destroy_quietly(self, session: str, what: str) -> None:
+        try:
+            self.consul.destroy_session(session)
+        except ConsulError as e:
+            log.warning("could not destroy %s %s: %s (not renewed, Consul ends it within %gs)",
+                        what, session, e, 2 * self.settings.ttl)
 
     def _check_claim(self) -> None:
         """End a claim Consul has not confirmed within the window (§9.3)."""
@@ -768,6 +844,10 @@ class Election:
     def _session_gone(self, why: str) -> None:
         log.warning("session %s is gone: %s", self.session, why)
         self.session = None
+        self.doubt = None
+        if self.replacement is not None:  # a fresh start makes its own
+            self._destroy_quietly(self.replacement, "the replacement session")
+            self.replacement = None
         self.confirmed_at = None
         self.renew_failing = None
         self.context.session = ""
@@ -961,6 +1041,8 @@ class Election:
                 except ConsulError as e:
                     log.warning("could not destroy session %s: %s (Consul will expire it)",
                                 self.session, e)
+            if self.replacement is not None:
+                self._destroy_quietly(self.replacement, "the replacement session")
         self.state.clear()
         self.hooks.close()
         log.info("stopped")

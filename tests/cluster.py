@@ -272,14 +272,18 @@ class ClusterLab(Lab):
     each Consul in a network namespace of its own on a bridge."""
 
     def __init__(self, nodes="abc", key="service/cluster/leader", vip=SUBNET + "100", interval_ms=1000,
-                 vip_manager=True, hook=None, elector_args=(), workdir=None):
+                 vip_manager=True, hook=None, elector_args=(), workdir=None, consul_log_level=None):
         """interval_ms: vip-manager's `interval` (its default, 1000, unless told).
         hook: the example fencing hook (SPEC §10.5); each elector runs it through
-        a wrapper with its node's settings (hook_for)."""
+        a wrapper with its node's settings (hook_for).
+        consul_log_level: every Consul agent's `log_level` (default: the
+        environment's VIP_ELECTOR_LAB_CONSUL_LOG_LEVEL, else info); `debug` also
+        logs the servers' serf/memberlist probes, session timers and HTTP requests."""
         super().__init__(nodes=nodes, key=key, vip=vip, interval_ms=interval_ms, vip_manager=vip_manager,
                          workdir=workdir, private_netns=True)
         self.hook = hook
         self.elector_args = list(elector_args)
+        self.consul_log_level = consul_log_level or os.environ.get("VIP_ELECTOR_LAB_CONSUL_LOG_LEVEL") or "info"
         self.hub = None
         self.servers: Dict[str, Member] = {}
         self.agents: Dict[str, Member] = {}
@@ -382,7 +386,7 @@ class ClusterLab(Lab):
             "addresses": {"http": "127.0.0.1 unix://" + sock},
             "ports": {"dns": -1, "grpc": -1},
             "retry_join": [SUBNET + str(i + 1) for i in range(len(SERVERS))], "retry_interval": "1s",
-            "disable_host_node_id": True, "log_level": "info",
+            "disable_host_node_id": True, "log_level": self.consul_log_level,
         }
         if server:
             config.update(server=True, bootstrap_expect=len(SERVERS), performance={"raft_multiplier": 1})

@@ -6,7 +6,8 @@
 #   consul acl token create -description "vip-elector on node-a" -policy-name vip-elector-node-a
 #
 # Found by experiment on Consul 1.8.7; each rule is needed:
-#   key     write: read, watch, acquire and delete (?cas=) the trigger key
+#   key     write: read, watch, acquire and delete (?cas=) the trigger key, and
+#                  move its lock to a new session (/v1/txn) after Consul trouble
 #   session write: create, renew and destroy the session on this node
 #   node    read:  see this node's health checks (serfHealth and --check-id);
 #                  without it Consul silently hides them (an empty list, not

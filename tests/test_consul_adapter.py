@@ -276,3 +276,19 @@ def test_move_lock_hands_the_key_to_another_session_in_one_step(consul):
         for sid in (old, new):
             client.destroy_session(sid)
         client.close()
+
+
+@pytest.mark.consul
+def test_move_lock_needs_no_more_than_the_documented_acl_policy(consul_factory):
+    """examples/consul-acl-policy.hcl (key write, session write, node read) allows the move."""
+    from consul_agent import elector_rules
+    agent = consul_factory(acl=True)
+    client = ConsulClient(settings_for(agent.http_addr, token=agent.create_token(elector_rules(KEY, agent.node))))
+    try:
+        old = client.create_session(["serfHealth"])
+        assert client.acquire(old)
+        new = client.create_session(["serfHealth"])
+        assert client.move_lock(old, new) is True
+        assert client.read_key()[1].session == new
+    finally:
+        client.close()

@@ -109,7 +109,7 @@ class Timing:
     release_reserve: float = 1.7    # of the stop budget, kept for the CAS delete and the destroy
     shutdown_timeout: float = 0.8   # per request on the way out
     reload_hook_wait: float = 5.0   # a reload lets a running hook finish for this long
-    doubt_latency: float = 1.0      # a renewal this slow (Consul in trouble) replaces the session
+    doubt_latency: float = 2.0      # a renewal this slow (Consul in trouble) replaces the session
 
 
 # Events the loop receives ---------------------------------------------------
@@ -1012,6 +1012,9 @@ class Election:
             return False
         self.note = ""
         self.watcher.stop()
+        if self.replacement is not None:  # the new program starts from the session it resumes
+            with self.consul.time_limit(self.timing.shutdown_timeout):
+                self._destroy_quietly(self.replacement, "the replacement session")
         self.hooks.finish(time.monotonic() + self.timing.reload_hook_wait)
         self.state.save(self.saved_session()) if self.session else self.state.clear()
         self._show_status("reloading: starting the new program")

@@ -601,3 +601,23 @@ def test_a_reload_and_a_stop_together_stop(caplog):
         r.thread.join(5)
     assert r.result == [Outcome.STOPPED]
     assert consul.key is None and not consul.sessions
+
+
+def test_a_move_applied_but_unanswered_is_recognised_from_the_key():
+    """REFERENCE §8: no answer is not "no". The key says the move happened: the new session is ours."""
+    from vip_elector.consul import ConsulUnreachable
+    consul = FakeConsul()
+    with Running(consul) as r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        old = r.election.session
+        real_move = consul.move_lock
+
+        def applied_then_lost(a, b):
+            real_move(a, b)
+            raise ConsulUnreachable("no answer (timed out)")
+        consul.move_lock = applied_then_lost
+        r.election.doubt = "a test"
+        r.election.renew_at = 0.0
+        wait_for(lambda: r.election.session != old, what="the replacement adopted")
+        assert consul.key.session == r.election.session and consul.sessions == {r.election.session}
+        assert r.election.role == Role.LEADER

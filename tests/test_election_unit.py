@@ -371,6 +371,12 @@ def test_a_slow_renewal_replaces_the_session_of_a_follower_too():
         assert first not in consul.sessions
 
 
+def replace_soon(election):
+    """As if Consul had had trouble: the session is replaced after the next renewal, due now."""
+    election.doubt = "a test"
+    election.renew_at = 0.0
+
+
 def test_a_replacement_refused_the_lock_keeps_the_old_session():
     """Consul will not give the lock to the new session (its check failed just then): keep the old."""
     consul = FakeConsul()
@@ -379,8 +385,7 @@ def test_a_replacement_refused_the_lock_keeps_the_old_session():
         old = r.election.session
         real_move = consul.move_lock
         consul.move_lock = lambda a, b: False
-        r.election.doubt = "a test"
-        r.election.renew_at = 0.0
+        replace_soon(r.election)
         wait_for(lambda: consul.count("destroy_session") >= 1, what="the refused replacement destroyed")
         assert r.election.session == old and consul.key.session == old
         assert r.election.replacement is None
@@ -616,8 +621,7 @@ def test_a_move_applied_but_unanswered_is_recognised_from_the_key():
             real_move(a, b)
             raise ConsulUnreachable("no answer (timed out)")
         consul.move_lock = applied_then_lost
-        r.election.doubt = "a test"
-        r.election.renew_at = 0.0
+        replace_soon(r.election)
         wait_for(lambda: r.election.session != old, what="the replacement adopted")
         assert consul.key.session == r.election.session and consul.sessions == {r.election.session}
         assert r.election.role == Role.LEADER

@@ -40,6 +40,7 @@ class FakeConsul:
         self._next_session = 0
         self.checks_of: dict[str, tuple] = {}
         self.ttl, self.lock_delay = 0.6, 0.2
+        self.leader = "10.0.0.1:8300"     # the raft leader
 
     # helpers for tests
     def _call(self, name: str) -> None:
@@ -168,6 +169,10 @@ class FakeConsul:
             self._bump()
             self.key = KeyState(self.value, LOCK_FLAG, sid, self.index)
             return True
+
+    def raft_leader(self) -> str:
+        self._call("raft_leader")
+        return self.leader
 
     def move_lock(self, old: str, new: str) -> bool:
         self._call("move_lock")

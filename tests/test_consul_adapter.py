@@ -53,6 +53,8 @@ def good_consul(seen):
         ("PUT", "/v1/session/destroy/" + SESSION): True,
         ("GET", "/v1/agent/self"): {"Config": {"NodeName": "node-1"}},
         ("GET", "/v1/agent/checks"): {"vip-http": {"CheckID": "vip-http", "Status": "passing"}},
+        ("PUT", "/v1/txn"): {"Results": [], "Errors": None},
+        ("GET", "/v1/status/leader"): "10.0.0.1:8300",
     }
     body = routes.get((seen.method, seen.path))
     if body is None:
@@ -73,6 +75,8 @@ def every_call(client):
         ("node_name", lambda: client.node_name()),
         ("check_states", lambda: client.check_states(["vip-http"])),
         ("can_write_key", lambda: client.can_write_key()),
+        ("move_lock", lambda: client.move_lock(SESSION, SESSION)),
+        ("raft_leader", lambda: client.raft_leader()),
     ]
 
 
@@ -292,3 +296,13 @@ def test_move_lock_needs_no_more_than_the_documented_acl_policy(consul_factory):
         assert client.read_key()[1].session == new
     finally:
         client.close()
+
+
+@pytest.mark.consul
+def test_raft_leader_of_a_real_agent(consul):
+    client = ConsulClient(settings_for(consul.http_addr))
+    try:
+        leader = client.raft_leader()
+    finally:
+        client.close()
+    assert leader and ":" in leader, leader   # "address:port"

@@ -595,7 +595,7 @@ def test_stop_before_the_saved_session_is_resumed_releases_it(caplog):
     assert any("LOCK RELEASED" in rec.getMessage() for rec in caplog.records)
 
 
-def test_a_reload_and_a_stop_together_stop(caplog):
+def test_a_reload_and_a_stop_together_stop_or_pass_the_stop_on(caplog):
     consul = FakeConsul()
     r = Running(consul)
     r.election.reload_settings = lambda: None
@@ -604,8 +604,12 @@ def test_a_reload_and_a_stop_together_stop(caplog):
         r.election.request_reload()
         r.election.request_stop()
         r.thread.join(5)
-    assert r.result == [Outcome.STOPPED]
-    assert consul.key is None and not consul.sessions
+    if r.result == [Outcome.REEXEC]:  # the reload began first: the stop goes to the new program
+        import signal
+        assert signal.SIGTERM in r.election.pending_signals()
+    else:
+        assert r.result == [Outcome.STOPPED]
+        assert consul.key is None and not consul.sessions
 
 
 def test_a_move_applied_but_unanswered_is_recognised_from_the_key():
@@ -625,3 +629,20 @@ def test_a_move_applied_but_unanswered_is_recognised_from_the_key():
         wait_for(lambda: r.election.session != old, what="the replacement adopted")
         assert consul.key.session == r.election.session and consul.sessions == {r.election.session}
         assert r.election.role == Role.LEADER
+
+
+def test_a_raft_leader_change_replaces_the_session_in_place():
+    """A frozen raft leader can go unnoticed by renewals; its change of leader cannot."""
+    consul = FakeConsul()
+    with Running(consul) as r:
+        r.election.timing = Timing(**{**FAST.__dict__, "raft_poll": 0.05})
+        wait_for(lambda: r.election.role == Role.LEADER)
+        wait_for(lambda: r.election.raft_leader == consul.leader, what="the raft leader read")
+        old, key = r.election.session, consul.key
+        consul.leader = "10.0.0.2:8300"
+        wait_for(lambda: r.election.session != old, what="the session replaced")
+        assert consul.key.session == r.election.session and consul.key.value == key.value
+        assert consul.count("acquire") == 1 and r.election.role == Role.LEADER
+        sessions, reads = consul.count("create_session"), consul.count("raft_leader")
+        wait_for(lambda: consul.count("raft_leader") >= reads + 3, what="more reads of the raft leader")
+        assert consul.count("create_session") == sessions, "an unchanged leader replaced the session"

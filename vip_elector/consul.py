@@ -429,6 +429,18 @@ class ConsulClient:
             raise ConsulError("the address does not answer like a Consul agent")
         return {cid: (checks.get(cid) or {}).get("Status") for cid in check_ids}
 
+    @_translated
+    def raft_leader(self) -> str:
+        """The Consul servers' raft leader ("address:port"; "" while there is none).
+
+        Needs no ACL. A change means a server lost its leadership: one that did
+        while holding expired session timers retries their destroys for minutes.
+        """
+        leader = self._lib.status.leader()
+        if not isinstance(leader, str):
+            raise ConsulError("unexpected answer to a raft leader query (is this a Consul agent?)")
+        return leader
+
     # Sessions -----------------------------------------------------------
 
     @_translated

@@ -31,9 +31,10 @@ And the promises of §9 on top of Consul's:
   out of the blue, any time, even while the leader node is cut off and
   cannot learn it — another node then holds the key one lock-delay later,
   sooner than our claim window allows. So once Consul confirms a session
-  again after failed or slow renewals (or a gap of a TTL), we make a new
-  session and move the lock to it in one transaction (the key's value never
-  changes: vip-manager does not move the VIP), then destroy the old one.
+  again after failed or slow renewals (or a gap of a TTL), or after the raft
+  leader changed (a frozen raft leader may go unnoticed otherwise), we make
+  a new session and move the lock to it in one transaction (the key's value
+  never changes: vip-manager does not move the VIP), then destroy the old one.
 * Nothing but a signal ends the loop (§9.1): every step runs under one guard
   (``_turn``); a Consul error is handled where it happens, an unexpected
   exception is logged as an internal error and retried with backoff.
@@ -110,6 +111,7 @@ class Timing:
     shutdown_timeout: float = 0.8   # per request on the way out
     reload_hook_wait: float = 5.0   # a reload lets a running hook finish for this long
     doubt_latency: float = 2.0      # a renewal this slow (Consul in trouble) replaces the session
+    raft_poll: float = 5.0          # the raft leader is read this often (with a renewal): a change replaces the session
 
 
 # Events the loop receives ---------------------------------------------------
@@ -355,6 +357,8 @@ class Election:
         self.renew_failing: Optional[str] = None   # why the last renewal failed
         self.doubt: Optional[str] = None         # why the session is to be replaced (Consul trouble)
         self.replacement: Optional[str] = None   # the session replacing it, made but not yet ours
+        self.raft_leader: Optional[str] = None   # the servers' raft leader when last read
+        self.raft_read_at: Optional[float] = None
         self.trouble: Optional[str] = None       # the last Consul error, logged once
         self.note = ""                           # appended to the status (a failed reload)
         self.warned_unseen = False
@@ -757,7 +761,7 @@ class Election:
             return
         now = self.clock()
         was_failing = self.renew_failing is not None or self.role == Role.CUT_OFF
-        doubt = self._doubt(was_failing, sent, now)
+        doubt = self._doubt(was_failing, sent, now) or self._raft_leader_changed(now)
         self.confirmed_at = sent
         self.renew_failing = None
         self.renew_at = sent + self._renew_interval()
@@ -778,6 +782,23 @@ class Election:
             return f"not confirmed for {now - self.confirmed_at:.0f}s"
         if now - sent >= self.timing.doubt_latency:
             return f"a renewal took {now - sent:.1f}s"
+        return None
+
+    def _raft_leader_changed(self, now: float) -> Optional[str]:
+        """Read the raft leader now and then; a change (since we last read it) is a doubt."""
+        if self.raft_read_at is not None and now - self.raft_read_at < self.timing.raft_poll:
+            return None
+        self.raft_read_at = now
+        try:
+            leader = self.consul.raft_leader()
+        except ConsulError as e:  # only a precaution: the renewal decides about the session
+            log.debug("cannot read the raft leader: %s", e)
+            return None
+        if not leader:
+            return None
+        before, self.raft_leader = self.raft_leader, leader
+        if before is not None and leader != before:
+            return f"the Consul servers' raft leader changed from {before} to {leader}"
         return None
 
     def _replace_session(self) -> None:
@@ -810,6 +831,7 @@ class Election:
                 return
         moved = key is not None and key.session == new
         self.replacement = self.doubt = None
+        self.raft_leader = self.raft_read_at = None  # read afresh as the baseline for the new session
         self._adopt(new, sent)
         log.info("session %s replaced by %s: Consul had trouble (%s), and a Consul server may "
                  "still destroy a session it saw expire then%s", old, new, why,

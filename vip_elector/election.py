@@ -111,7 +111,8 @@ class Timing:
     shutdown_timeout: float = 0.8   # per request on the way out
     reload_hook_wait: float = 5.0   # a reload lets a running hook finish for this long
     doubt_latency: float = 2.0      # a renewal this slow (Consul in trouble) replaces the session
-    raft_poll: float = 5.0          # the raft leader is read this often (with a renewal): a change replaces the session
+    raft_poll: float = 5.0          # a leader reads the raft leader this often (with a renewal): a change replaces the session
+    raft_poll_follower: float = 30.0  # a follower: before most of a woken server's retries, at 2 requests a minute
 
 
 # Events the loop receives ---------------------------------------------------
@@ -786,7 +787,9 @@ class Election:
 
     def _raft_leader_changed(self, now: float) -> Optional[str]:
         """Read the raft leader now and then; a change (since we last read it) is a doubt."""
-        if self.raft_read_at is not None and now - self.raft_read_at < self.timing.raft_poll:
+        every = (self.timing.raft_poll if self.role in (Role.LEADER, Role.CUT_OFF)
+                 else self.timing.raft_poll_follower)
+        if self.raft_read_at is not None and now - self.raft_read_at < every:
             return None
         self.raft_read_at = now
         try:

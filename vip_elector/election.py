@@ -635,10 +635,7 @@ class Election:
             log.info("session %s from the previous run is gone; starting afresh", saved.session)
             self._forget_saved()
             return False
-        if not self._saved_is_ours(saved, info):
-            log.warning("the saved state names session %s (%r on node %s), which is not this "
-                        "daemon's: leaving it alone and starting afresh", saved.session,
-                        info.name, info.node or "?")
+        if not self._saved_is_ours(saved, info, " and starting afresh"):
             self._forget_saved()
             return False
         s = self.settings
@@ -674,11 +671,15 @@ class Election:
         self._on_key(key)
         return True
 
-    def _saved_is_ours(self, saved: SavedSession, info) -> bool:
-        """The session the state file names is one this daemon made on this node."""
+    def _saved_is_ours(self, saved: SavedSession, info, then: str = "") -> bool:
+        """The session the state file names is one this daemon made on this node; else say so."""
         node = self.node or saved.node
-        return (info.node == node and info.name == saved.name and info.id in ("", saved.session)
-                and saved.name.startswith("vip-elector-"))
+        if (info.node == node and info.name == saved.name and info.id in ("", saved.session)
+                and saved.name.startswith("vip-elector-")):
+            return True
+        log.warning("the saved state names session %s (%r on node %s), which is not this "
+                    "daemon's: leaving it alone%s", saved.session, info.name, info.node or "?", then)
+        return False
 
     def _forget_saved(self) -> None:
         self.saved = None
@@ -844,6 +845,12 @@ class Election:
         self.key_index, self.key = index, key
         self._on_key(key)
 
+    def _drop_replacement(self) -> None:
+        """A replacement made but never taken up (a stop, a reload, the old session gone)."""
+        if self.replacement is not None:
+            self._destroy_quietly(self.replacement, "the replacement session")
+            self.replacement = None
+
     def _destroy_quietly(self, session: str, what: str) -> None:
         try:
             self.consul.destroy_session(session)
@@ -870,9 +877,7 @@ class Election:
         log.warning("session %s is gone: %s", self.session, why)
         self.session = None
         self.doubt = None
-        if self.replacement is not None:  # a fresh start makes its own
-            self._destroy_quietly(self.replacement, "the replacement session")
-            self.replacement = None
+        self._drop_replacement()  # a fresh start makes its own
         self.confirmed_at = None
         self.renew_failing = None
         self.context.session = ""
@@ -1037,9 +1042,8 @@ class Election:
             return False
         self.note = ""
         self.watcher.stop()
-        if self.replacement is not None:  # the new program starts from the session it resumes
-            with self.consul.time_limit(self.timing.shutdown_timeout):
-                self._destroy_quietly(self.replacement, "the replacement session")
+        with self.consul.time_limit(self.timing.shutdown_timeout):
+            self._drop_replacement()  # the new program starts from the session it resumes
         self.hooks.finish(time.monotonic() + self.timing.reload_hook_wait)
         self.state.save(self.saved_session()) if self.session else self.state.clear()
         self._show_status("reloading: starting the new program")
@@ -1069,8 +1073,7 @@ class Election:
                 except ConsulError as e:
                     log.warning("could not destroy session %s: %s (Consul will expire it)",
                                 self.session, e)
-            if self.replacement is not None:
-                self._destroy_quietly(self.replacement, "the replacement session")
+            self._drop_replacement()
         self.state.clear()
         self.hooks.close()
         log.info("stopped")
@@ -1087,8 +1090,6 @@ class Election:
             if info is None:
                 return
             if not self._saved_is_ours(saved, info):
-                log.warning("the saved state names session %s (%r on node %s), which is not this "
-                            "daemon's: leaving it alone", saved.session, info.name, info.node or "?")
                 return
             self._release_old(saved, "held by the previous run's session (stopped before resuming it)")
         except ConsulError as e:

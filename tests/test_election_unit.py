@@ -646,3 +646,69 @@ def test_a_raft_leader_change_replaces_the_session_in_place():
         sessions, reads = consul.count("create_session"), consul.count("raft_leader")
         wait_for(lambda: consul.count("raft_leader") >= reads + 3, what="more reads of the raft leader")
         assert consul.count("create_session") == sessions, "an unchanged leader replaced the session"
+
+
+def fail_once(consul, name, error):
+    """Make the fake's `name` raise `error` on its next call only; returns the list of failures."""
+    real, failed = getattr(consul, name), []
+
+    def call(*args, **kwargs):
+        if not failed:
+            failed.append(name)
+            consul.calls.append(name)
+            raise error
+        return real(*args, **kwargs)
+    setattr(consul, name, call)
+    return failed
+
+
+def test_consul_errors_in_a_replacement_keep_the_lead_and_it_finishes_later(caplog):
+    """A 500 on the new session's creation, then on the move: still leading, nothing
+    leaked, the move done at a later renewal with the replacement already made."""
+    from vip_elector.consul import ConsulError
+    consul = FakeConsul()
+    with caplog.at_level(logging.DEBUG, logger="vip_elector"), Running(consul) as r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        old = r.election.session
+        created = fail_once(consul, "create_session", ConsulError("HTTP 500: rpc error"))
+        moved = fail_once(consul, "move_lock", ConsulError("HTTP 500: rpc error"))
+        replace_soon(r.election)
+        wait_for(lambda: created and moved, what="both failures")
+        wait_for(lambda: r.election.session != old, what="the replacement at a later renewal")
+        assert consul.key.session == r.election.session and consul.sessions == {r.election.session}
+        assert consul.count("create_session") == 3, "one failed, one made, and the first session"
+        wait_for(lambda: r.election.role == Role.LEADER, what="leading")
+    assert not [rec for rec in caplog.records if "internal error" in rec.getMessage()]
+
+
+def test_raft_leader_that_cannot_be_read_changes_nothing():
+    from vip_elector.consul import ConsulError
+    consul = FakeConsul()
+
+    def broken():
+        consul.calls.append("raft_leader")
+        raise ConsulError("HTTP 500")
+    consul.raft_leader = broken
+    with Running(consul) as r:
+        r.election.timing = Timing(**{**FAST.__dict__, "raft_poll": 0.05})
+        wait_for(lambda: r.election.role == Role.LEADER)
+        old = r.election.session
+        wait_for(lambda: consul.count("raft_leader") >= 3, what="reads of the raft leader")
+        assert r.election.session == old and r.election.role == Role.LEADER
+
+
+def test_stop_before_resume_with_consul_gone_exits_and_says_what_is_left(caplog):
+    from vip_elector.state import SavedSession
+    consul = FakeConsul()
+    consul.sessions.add("session-old")
+    consul.set_key(KeyState("node-a", LOCK_FLAG, "session-old", 0))
+    consul.hang = True
+    r = Running(consul)
+    r.election.saved = SavedSession("session-old", "node1", "vip-elector-node-a", "service/pg/leader",
+                                    "node-a", ("serfHealth",), 0.6, 0.2)
+    with caplog.at_level(logging.INFO, logger="vip_elector"), r:
+        wait_for(lambda: "read_key" in consul.calls, what="the first request")
+        consul.hang, consul.reachable = False, False   # Consul refuses everything from now on
+        assert r.stop() == Outcome.STOPPED
+    assert any("could not release session session-old of the previous run" in rec.getMessage()
+               for rec in caplog.records)

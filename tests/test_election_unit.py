@@ -61,14 +61,16 @@ def wait_for(predicate, timeout=5.0, what="condition"):
 class Running:
     """An Election running in a thread, stopped and joined at the end."""
 
-    def __init__(self, consul: FakeConsul, env=None, **kw):
+    def __init__(self, consul: FakeConsul, env=None, timing: Timing = FAST, saved=None,
+                 reload_settings=None, **kw):
         self.consul = consul
         self.recorder = Recorder()
         self.recorder.calls = consul.calls
         env = {"NOTIFY_SOCKET": "/fake"} if env is None else env
         self.notifier = Notifier(env=env, send=self.recorder)
         self.context = ElectionContext("service/pg/leader", consul.value)
-        self.election = Election(settings(value=consul.value, **kw), consul, self.notifier, self.context, FAST)
+        self.election = Election(settings(value=consul.value, **kw), consul, self.notifier, self.context,
+                                 timing, saved=saved, reload_settings=reload_settings)
         self.result: list = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -241,7 +243,8 @@ def test_planned_stop_deletes_our_key_by_cas_then_destroys_the_session():
     consul = FakeConsul()
     with Running(consul) as r:
         wait_for(lambda: r.election.role == Role.LEADER)
-        wait_for(lambda: r.election.key is not None and r.election.key.session == r.election.session)
+        wait_for(lambda: r.election.key.held_by(r.election.session) and r.election.key.state.modify_index,
+                 what="the key read after the acquire")
         consul.calls.clear()
         assert r.stop() == Outcome.STOPPED
     assert consul.key is None and not consul.sessions
@@ -361,9 +364,7 @@ def test_a_slow_renewal_replaces_the_session_of_a_follower_too():
     consul.set_key(KeyState("node-b", LOCK_FLAG, "session-b", 0))
     consul.sessions.add("session-b")
     timing = Timing(**{**FAST.__dict__, "doubt_latency": 0.0})  # every renewal counts as slow
-    r = Running(consul)
-    r.election.timing = timing
-    with r:
+    with Running(consul, timing=timing) as r:
         wait_for(lambda: r.election.role == Role.FOLLOWER)
         first = r.election.session
         wait_for(lambda: r.election.session != first, what="a replaced session")
@@ -371,24 +372,30 @@ def test_a_slow_renewal_replaces_the_session_of_a_follower_too():
         assert first not in consul.sessions
 
 
-def replace_soon(election):
-    """As if Consul had had trouble: the session is replaced after the next renewal, due now."""
-    election.doubt = "a test"
-    election.renew_at = 0.0
+#: A leader reads the raft leader with every renewal: a change of it replaces the session.
+RAFT_FAST = Timing(**{**FAST.__dict__, "raft_poll": 0.05})
+
+
+def replace_soon(consul):
+    """Consul has had trouble (its raft leader changed): a leader on RAFT_FAST replaces its session
+    after its next renewal. Waits for two reads first, so the first one set the baseline."""
+    wait_for(lambda: consul.count("raft_leader") >= 2, what="the raft leader read as a baseline")
+    host, port = consul.leader.rsplit(":", 1)
+    consul.leader = f"{host}{consul.count('raft_leader')}:{port}"
 
 
 def test_a_replacement_refused_the_lock_keeps_the_old_session():
     """Consul will not give the lock to the new session (its check failed just then): keep the old."""
     consul = FakeConsul()
-    with Running(consul) as r:
+    with Running(consul, timing=RAFT_FAST) as r:
         wait_for(lambda: r.election.role == Role.LEADER)
         old = r.election.session
         real_move = consul.move_lock
         consul.move_lock = lambda a, b: False
-        replace_soon(r.election)
+        replace_soon(consul)
         wait_for(lambda: consul.count("destroy_session") >= 1, what="the refused replacement destroyed")
         assert r.election.session == old and consul.key.session == old
-        assert r.election.replacement is None
+        assert r.election.lease.replacement is None
         consul.move_lock = real_move
         wait_for(lambda: r.election.session != old, what="the replacement at the next renewal")
         assert consul.key.session == r.election.session
@@ -399,13 +406,12 @@ def test_claim_window_ends_before_another_node_could_hold_the_key():
     consul = FakeConsul()
     with Running(consul) as r:
         wait_for(lambda: r.election.role == Role.LEADER)
-        assert r.election.claim_window() == pytest.approx(0.6)
-        assert r.election._claim_until() == pytest.approx(r.election.confirmed_at + 0.6)
+        lease = r.election.lease
+        assert lease.claim_window == pytest.approx(0.6)
+        assert lease.claim_until == pytest.approx(lease.confirmed_at + 0.6)
         # A leader confirms at least three times per window.
-        assert r.election._renew_interval() <= 0.6 / 3 + 1e-9
-    big = Election(settings(ttl=10.0, lock_delay=1.0), consul, Notifier(env={}),
-                   ElectionContext(), FAST)
-    assert big.claim_window() == pytest.approx(1.0 + FAST.claim_margin)
+        assert lease.renew_interval(leading=True) <= 0.6 / 3 + 1e-9
+    assert FAST.claim_window(ttl=10.0, lock_delay=1.0) == pytest.approx(1.0 + FAST.claim_margin)
 
 
 def test_an_unexpected_exception_is_logged_as_internal_error_and_retried(caplog):
@@ -442,7 +448,7 @@ def test_watcher_survives_a_bug_and_an_index_of_zero(caplog):
         n0 = state["n"]
         time.sleep(0.5)
         assert state["n"] - n0 < 25, "the watch spins on an index of 0"
-        assert r.election.watcher._thread is not None and r.election.watcher._thread.is_alive()
+        assert r.election.watcher.alive
 
 
 def test_follower_whose_session_vanishes_says_so_at_once():
@@ -467,9 +473,7 @@ def test_resume_of_a_saved_session_leads_without_writing_the_key():
     before = consul.key
     saved = SavedSession("session-old", "node1", "vip-elector-node-a", "service/pg/leader", "node-a",
                          ("serfHealth",), 0.6, 0.2)
-    r = Running(consul)
-    r.election.saved = saved
-    with r:
+    with Running(consul, saved=saved) as r:
         wait_for(lambda: r.election.role == Role.LEADER)
         assert r.election.session == "session-old"
         assert consul.key == before and consul.count("acquire") == 0
@@ -484,9 +488,7 @@ def test_resume_of_a_session_for_another_configuration_releases_it():
     consul.set_key(KeyState("node-a", LOCK_FLAG, "session-old", 0))
     saved = SavedSession("session-old", "node1", "vip-elector-node-a", "service/pg/leader", "node-a",
                          ("serfHealth", "old-check"), 0.6, 0.2)
-    r = Running(consul)
-    r.election.saved = saved
-    with r:
+    with Running(consul, saved=saved) as r:
         wait_for(lambda: r.election.role == Role.LEADER and r.election.session != "session-old")
         assert "session-old" not in consul.sessions
         assert consul.calls.index("delete_if_unchanged") < consul.calls.index("destroy_session")
@@ -494,12 +496,9 @@ def test_resume_of_a_session_for_another_configuration_releases_it():
 
 def test_reload_with_a_bad_configuration_keeps_running():
     consul = FakeConsul()
-    r = Running(consul)
-
     def bad():
         raise ConfigError("/etc/vip-manager.yml sets dcs-type to 'etcd'")
-    r.election.reload_settings = bad
-    with r:
+    with Running(consul, reload_settings=bad) as r:
         wait_for(lambda: r.election.role == Role.LEADER)
         r.election.request_reload()
         wait_for(lambda: "RELOADING=1" in r.recorder.messages)
@@ -510,8 +509,7 @@ def test_reload_with_a_bad_configuration_keeps_running():
 
 def test_valid_reload_returns_reexec_without_releasing():
     consul = FakeConsul()
-    r = Running(consul)
-    r.election.reload_settings = lambda: None
+    r = Running(consul, reload_settings=lambda: None)
     with r:
         wait_for(lambda: r.election.role == Role.LEADER)
         key = consul.key
@@ -568,7 +566,7 @@ def test_health_watch_that_meets_a_consul_error_keeps_the_claim_and_tries_again(
     with caplog.at_level(logging.INFO, logger="vip_elector"), Running(consul, check_id="vip-http") as r:
         wait_for(lambda: r.election.role == Role.LEADER)
         wait_for(lambda: len(reads) >= 5, what="the health watch reading again after errors")
-        assert r.election.role == Role.LEADER and r.election.health is not None
+        assert r.election.role == Role.LEADER and r.election.reporter.watching_health
     assert not [rec for rec in caplog.records if "internal error" in rec.getMessage()]
 
 
@@ -581,8 +579,7 @@ def test_stop_before_the_saved_session_is_resumed_releases_it(caplog):
     saved = SavedSession("session-old", "node1", "vip-elector-node-a", "service/pg/leader", "node-a",
                          ("serfHealth",), 0.6, 0.2)
     consul.hang = True                           # its first read of the key hangs
-    r = Running(consul)
-    r.election.saved = saved
+    r = Running(consul, saved=saved)
     with caplog.at_level(logging.DEBUG, logger="vip_elector"), r:
         wait_for(lambda: "read_key" in consul.calls, what="the first request")
         consul.hang = False                      # the stop's own requests are answered
@@ -597,8 +594,7 @@ def test_stop_before_the_saved_session_is_resumed_releases_it(caplog):
 
 def test_a_reload_and_a_stop_together_stop_or_pass_the_stop_on(caplog):
     consul = FakeConsul()
-    r = Running(consul)
-    r.election.reload_settings = lambda: None
+    r = Running(consul, reload_settings=lambda: None)
     with r:
         wait_for(lambda: r.election.role == Role.LEADER)
         r.election.request_reload()
@@ -616,7 +612,7 @@ def test_a_move_applied_but_unanswered_is_recognised_from_the_key():
     """REFERENCE §8: no answer is not "no". The key says the move happened: the new session is ours."""
     from vip_elector.consul import ConsulUnreachable
     consul = FakeConsul()
-    with Running(consul) as r:
+    with Running(consul, timing=RAFT_FAST) as r:
         wait_for(lambda: r.election.role == Role.LEADER)
         old = r.election.session
         real_move = consul.move_lock
@@ -625,7 +621,7 @@ def test_a_move_applied_but_unanswered_is_recognised_from_the_key():
             real_move(a, b)
             raise ConsulUnreachable("no answer (timed out)")
         consul.move_lock = applied_then_lost
-        replace_soon(r.election)
+        replace_soon(consul)
         wait_for(lambda: r.election.session != old, what="the replacement adopted")
         assert consul.key.session == r.election.session and consul.sessions == {r.election.session}
         assert r.election.role == Role.LEADER
@@ -634,12 +630,10 @@ def test_a_move_applied_but_unanswered_is_recognised_from_the_key():
 def test_a_raft_leader_change_replaces_the_session_in_place():
     """A frozen raft leader can go unnoticed by renewals; its change of leader cannot."""
     consul = FakeConsul()
-    with Running(consul) as r:
-        r.election.timing = Timing(**{**FAST.__dict__, "raft_poll": 0.05})
+    with Running(consul, timing=RAFT_FAST) as r:
         wait_for(lambda: r.election.role == Role.LEADER)
-        wait_for(lambda: r.election.raft_leader == consul.leader, what="the raft leader read")
         old, key = r.election.session, consul.key
-        consul.leader = "10.0.0.2:8300"
+        replace_soon(consul)
         wait_for(lambda: r.election.session != old, what="the session replaced")
         assert consul.key.session == r.election.session and consul.key.value == key.value
         assert consul.count("acquire") == 1 and r.election.role == Role.LEADER
@@ -667,12 +661,12 @@ def test_consul_errors_in_a_replacement_keep_the_lead_and_it_finishes_later(capl
     leaked, the move done at a later renewal with the replacement already made."""
     from vip_elector.consul import ConsulError
     consul = FakeConsul()
-    with caplog.at_level(logging.DEBUG, logger="vip_elector"), Running(consul) as r:
+    with caplog.at_level(logging.DEBUG, logger="vip_elector"), Running(consul, timing=RAFT_FAST) as r:
         wait_for(lambda: r.election.role == Role.LEADER)
         old = r.election.session
         created = fail_once(consul, "create_session", ConsulError("HTTP 500: rpc error"))
         moved = fail_once(consul, "move_lock", ConsulError("HTTP 500: rpc error"))
-        replace_soon(r.election)
+        replace_soon(consul)
         wait_for(lambda: created and moved, what="both failures")
         wait_for(lambda: r.election.session != old, what="the replacement at a later renewal")
         assert consul.key.session == r.election.session and consul.sessions == {r.election.session}
@@ -689,8 +683,7 @@ def test_raft_leader_that_cannot_be_read_changes_nothing():
         consul.calls.append("raft_leader")
         raise ConsulError("HTTP 500")
     consul.raft_leader = broken
-    with Running(consul) as r:
-        r.election.timing = Timing(**{**FAST.__dict__, "raft_poll": 0.05})
+    with Running(consul, timing=RAFT_FAST) as r:
         wait_for(lambda: r.election.role == Role.LEADER)
         old = r.election.session
         wait_for(lambda: consul.count("raft_leader") >= 3, what="reads of the raft leader")
@@ -703,12 +696,222 @@ def test_stop_before_resume_with_consul_gone_exits_and_says_what_is_left(caplog)
     consul.sessions.add("session-old")
     consul.set_key(KeyState("node-a", LOCK_FLAG, "session-old", 0))
     consul.hang = True
-    r = Running(consul)
-    r.election.saved = SavedSession("session-old", "node1", "vip-elector-node-a", "service/pg/leader",
-                                    "node-a", ("serfHealth",), 0.6, 0.2)
+    r = Running(consul, saved=SavedSession("session-old", "node1", "vip-elector-node-a", "service/pg/leader",
+                                           "node-a", ("serfHealth",), 0.6, 0.2))
     with caplog.at_level(logging.INFO, logger="vip_elector"), r:
         wait_for(lambda: "read_key" in consul.calls, what="the first request")
         consul.hang, consul.reachable = False, False   # Consul refuses everything from now on
         assert r.stop() == Outcome.STOPPED
     assert any("could not release session session-old of the previous run" in rec.getMessage()
                for rec in caplog.records)
+
+
+# --- The parts alone: the lease, the key, the reporter, the inbox, the timing rules ------------
+
+from vip_elector.election.key import HeldByOther, RefusedByLockDelay, Release, TriggerKey, Won  # noqa: E402
+from vip_elector.election.lease import Confirmed, Created, Failing, Gone, Lease, Replaced  # noqa: E402
+from vip_elector.election import Inbox, KeyChanged, Reporter, Stop  # noqa: E402
+from vip_elector.hooks import Hooks  # noqa: E402
+from vip_elector.state import StateStore  # noqa: E402
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def a_lease(consul, clock, **kw) -> Lease:
+    return Lease(consul, settings(**kw), FAST, clock, StateStore(None), on_session=lambda sid: None)
+
+
+def test_lease_renewals_answer_confirmed_failing_or_gone_and_the_claim_counts_from_one_timestamp():
+    consul, clock = FakeConsul(), Clock()
+    lease = a_lease(consul, clock)
+    created = lease.create()
+    assert isinstance(created, Created)
+    lease.adopt(created.session, created.sent, created=True)
+    assert lease.claim_until == pytest.approx(1000.0 + 0.6)
+
+    clock.now = 1000.1
+    assert lease.renew(leading=True, cut_off=False) == Confirmed(recovered=False, replace=False)
+    assert lease.claim_until == pytest.approx(1000.1 + 0.6)
+
+    consul.renew_fails, clock.now = True, 1000.2
+    assert lease.renew(leading=True, cut_off=False) == Failing("connection refused")
+    assert lease.claim_until == pytest.approx(1000.1 + 0.6), "a failed renewal confirms nothing"
+    assert lease.renew_due(leading=True) == pytest.approx(1000.2 + FAST.renew_retry)
+
+    consul.renew_fails, clock.now = False, 1000.3
+    assert lease.renew(leading=True, cut_off=False) == Confirmed(recovered=True, replace=True), \
+        "a session that went through failed renewals is replaced (§9.4)"
+    assert lease.doubt.startswith("renewals failed")
+
+    consul.invalidate(lease.session)
+    assert isinstance(lease.renew(leading=True, cut_off=False), Gone)
+
+
+def test_lease_replaced_in_place_moves_the_lock_and_destroys_the_old_session():
+    consul, clock = FakeConsul(), Clock()
+    lease = a_lease(consul, clock)
+    created = lease.create()
+    lease.adopt(created.session, created.sent)
+    key = TriggerKey(consul, settings(), FAST, clock)
+    key.read()
+    assert isinstance(key.acquire(created.session), Won)
+    consul.renew_fails = True
+    lease.renew(leading=True, cut_off=False)
+    consul.renew_fails = False
+    assert lease.renew(leading=True, cut_off=False).replace
+    before = consul.key
+    replaced = lease.replace()
+    assert isinstance(replaced, Replaced) and replaced.key.session == lease.session != created.session
+    assert (consul.key.value, consul.key.flags) == (before.value, before.flags)
+    assert consul.sessions == {lease.session} and lease.doubt is None
+    assert consul.count("delete_if_unchanged") == 0 and consul.count("acquire") == 1
+
+
+def test_key_ignores_older_news_and_answers_acquires_in_types():
+    consul, clock = FakeConsul(), Clock()
+    key = TriggerKey(consul, settings(), FAST, clock)
+    key.read()
+    assert key.observe(key.index + 5, None)
+    assert not key.observe(key.index - 1, KeyState("node-b", LOCK_FLAG, "x", 3)), "older news is stale"
+    assert key.state is None
+
+    session = consul.create_session(["serfHealth"])
+    consul.refuse_acquires = 1
+    refused = key.acquire(session)
+    assert isinstance(refused, RefusedByLockDelay)
+    assert refused.retry_at == key.retry_at == pytest.approx(clock.now + FAST.lock_delay_retry)
+    assert isinstance(key.acquire(session), Won) and key.retry_at is None
+    key.read()
+    assert key.held_by(session)
+    assert key.release(session) == Release.RELEASED and consul.key is None
+
+    consul.sessions.add("other")
+    consul.set_key(KeyState("node-b", LOCK_FLAG, "other", 0))
+    key.read()
+    assert key.acquire(session) == HeldByOther(key.state)
+    assert key.release(session) == Release.NOT_OURS and consul.key.session == "other"
+
+
+def test_key_that_is_not_a_lock_key_is_named_foreign():
+    consul = FakeConsul()
+    key = TriggerKey(consul, settings(), FAST, Clock())
+    plain = KeyState("10.0.0.1", 0, None, 4)
+    assert "consul kv delete service/pg/leader" in key.foreign(plain)
+    assert key.foreign(KeyState("node-a", LOCK_FLAG, None, 4)) is None and key.foreign(None) is None
+
+
+def test_reporter_says_each_situation_once_without_reading_its_status_back(caplog):
+    recorder = Recorder()
+    context = ElectionContext("service/pg/leader", "node-a")
+    reporter = Reporter(settings(), Notifier(env={"NOTIFY_SOCKET": "/fake"}, send=recorder), context,
+                        Hooks(None, 0, "service/pg/leader", "node-a"), FakeConsul(), lambda check: None)
+    plain, b, c = (KeyState("x", 0, None, 1), KeyState("node-b", LOCK_FLAG, "sb", 1),
+                   KeyState("node-c", LOCK_FLAG, "sc", 1))
+    with caplog.at_level(logging.INFO, logger="vip_elector"):
+        reporter.not_a_lock_key(plain, "trigger-key is not a lock key")
+        reporter.not_a_lock_key(plain, "trigger-key is not a lock key")
+        reporter.consul_trouble("waiting for Consul at 127.0.0.1:8500: refused", "refused", False)
+        reporter.not_a_lock_key(plain, "trigger-key is not a lock key")
+        reporter.follows(b)
+        reporter.follows(b)
+        reporter.follows(c)
+        reporter.leads()
+        reporter.follows(b)
+    messages = [rec.getMessage() for rec in caplog.records]
+    assert messages.count("trigger-key is not a lock key.") == 2, "once per situation"
+    assert [m for m in messages if m.startswith("following")] == [
+        "following: node-b holds service/pg/leader", "following: node-c holds service/pg/leader",
+        "following: node-b holds service/pg/leader"]
+    acquired = [rec for rec in caplog.records if "LOCK ACQUIRED" in rec.getMessage()]
+    lost = [rec for rec in caplog.records if "LOCK LOST" in rec.getMessage()]
+    assert len(acquired) == 1 and acquired[0].MESSAGE_ID == "5167235c50a3439b965b74c3cb0102bc"
+    assert len(lost) == 1 and "node-b holds it now" in lost[0].getMessage()
+    assert context.role == "follower" and recorder.statuses()[-1] == "follower: leader is node-b"
+
+
+def test_inbox_takes_events_while_other_threads_post():
+    """The watcher, the health watch and the signal relay post while the loop reads."""
+    inbox, posters, each = Inbox(), 3, 20000
+    for i in range(20000):
+        inbox.put(KeyChanged(0, i, None))
+
+    def post(n):
+        for i in range(each):
+            inbox.put(KeyChanged(n, i, None))
+    threads = [threading.Thread(target=post, args=(n + 1,)) for n in range(posters)]
+    for t in threads:
+        t.start()
+    got: dict[int, list[int]] = {}
+    deadline = time.monotonic() + 30
+    while sum(map(len, got.values())) < 20000 + posters * each and time.monotonic() < deadline:
+        event = inbox.get(0.01)
+        if event is not None:
+            got.setdefault(event.generation, []).append(event.index)
+    for t in threads:
+        t.join()
+    assert {n: len(v) for n, v in got.items()} == {0: 20000, **{n + 1: each for n in range(posters)}}
+    assert all(v == sorted(v) for v in got.values()), "each thread's events in the order posted"
+    inbox.put(KeyChanged(9, 1, None))
+    inbox.put(Stop(1.0))
+    assert inbox.get(0) == Stop(1.0) and inbox.get(0) is None, "a stop overtakes the rest"
+
+
+def test_a_bug_in_a_step_is_an_internal_error_not_consul_trouble(caplog):
+    """Logged with its traceback and tried again; the role and the status stay what they are."""
+    consul = FakeConsul()
+    with caplog.at_level(logging.INFO, logger="vip_elector"), Running(consul) as r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        wait_for(lambda: r.recorder.statuses()[-1].startswith("leader: "))
+        shown = len(r.recorder.statuses())
+        failed = fail_once(consul, "renew_session", RuntimeError("a bug"))
+        wait_for(lambda: failed, what="the bug")
+        renewals = consul.count("renew_session")
+        wait_for(lambda: consul.count("renew_session") >= renewals + 3, what="renewals after the bug")
+        assert r.election.role == Role.LEADER
+        assert r.recorder.statuses()[shown:] == [], "the status changed for a bug"
+    errors = [rec for rec in caplog.records if "internal error" in rec.getMessage()]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert not [rec for rec in caplog.records if "Consul at" in rec.getMessage() and
+                rec.levelno >= logging.WARNING], "a bug reported as Consul trouble"
+
+
+def test_the_stop_is_timed_on_the_loops_own_clock():
+    clock = Clock(5.0)
+    election = Election(settings(), FakeConsul(), Notifier(env={}), ElectionContext(), FAST, clock=clock)
+    election.request_stop()
+    assert election.events.drain() == [Stop(5.0)]
+
+
+def test_a_stop_keeps_its_budget_on_a_clock_that_is_not_time_monotonic():
+    consul = FakeConsul()
+    r = Running(consul)
+    r.election = Election(settings(), consul, r.notifier, r.context, FAST,
+                          clock=lambda: time.monotonic() + 1e6)
+    with r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        consul.hang = True
+        t0 = time.monotonic()
+        assert r.stop() == Outcome.STOPPED
+    assert time.monotonic() - t0 < FAST.stop_budget + 0.3
+
+
+@pytest.mark.parametrize("bad", [dict(stop_budget=5.0), dict(release_reserve=1.0, stop_budget=1.0),
+                                 dict(shutdown_timeout=1.0), dict(turn_budget=8.0), dict(claim_margin=4.0),
+                                 dict(health_poll=2.5), dict(backoff_min=0.0), dict(backoff_min=40.0),
+                                 dict(renew_retry=-1.0)])
+def test_timing_rules_are_checked_where_timing_is_built(bad):
+    with pytest.raises(ValueError, match="inconsistent Timing"):
+        Timing(**bad)
+
+
+def test_the_shipped_and_the_test_timings_keep_the_rules():
+    Timing()
+    assert FAST.stop_budget < 5.0 and RAFT_FAST.raft_poll < FAST.raft_poll

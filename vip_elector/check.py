@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional, TextIO
 
 from .config import Settings, format_duration
-from .consul import (CheckNotPassing, ConsulClient, ConsulError, KeyState, PermissionDenied,
-                     describe_holder, untested_library)
+from .consul import (SERF_HEALTH, CheckNotPassing, ConsulClient, ConsulError, KeyState,
+                     PermissionDenied, describe_holder, untested_library)
 
 POLICY_EXAMPLE = "/usr/share/doc/vip-elector/examples/consul-acl-policy.hcl"
 
@@ -102,7 +102,7 @@ def check_lines(settings: Settings, consul: ConsulClient, check_id: str, node: O
             catalog = consul.catalog_checks(node)
         except ConsulError:
             catalog = None
-    node_visible = catalog is not None and "serfHealth" in catalog
+    node_visible = catalog is not None and SERF_HEALTH in catalog
     missing_in_catalog = isinstance(probe.error, CheckNotPassing) and probe.error.state is None
 
     if check_id in agent:
@@ -179,7 +179,7 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
     node = node or probe.node
     if node is None and isinstance(probe.error, CheckNotPassing):
         # Without agent:read, a session bound to serfHealth alone tells the node's name.
-        node = _probe_session(settings, consul, ["serfHealth"]).node
+        node = _probe_session(settings, consul, [SERF_HEALTH]).node
     if node:
         report(True, f"Consul at {settings.address} answers (agent node {node})")
     else:
@@ -202,9 +202,7 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
         where = f"session \"{node}\"" if node else "session_prefix \"\""
         report(False, f"{who} may not create sessions: {e}; add {where} {{ policy = \"write\" }} "
                       f"({POLICY_EXAMPLE})")
-    elif isinstance(e, CheckNotPassing):
-        report(False, f"a session cannot be created: {e}")
-    elif e is not None:
+    elif e is not None:  # CheckNotPassing (its message names the check), or Consul erring
         report(False, f"a session cannot be created: {e}")
 
     print("all checks passed" if not failures else f"{failures} problem(s) found", file=out)

@@ -182,11 +182,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.check:
         from .check import run_check
         return EXIT_OK if run_check(settings, consul) else EXIT_FAILURE
-    return _run_daemon(args, settings, consul, notifier, context)
+    return _run_daemon(settings, consul, notifier, context)
 
 
-def _run_daemon(args: argparse.Namespace, settings: Settings, consul, notifier: Notifier,
-                context: ElectionContext) -> int:
+def _run_daemon(settings: Settings, consul, notifier: Notifier, context: ElectionContext) -> int:
     from .election import Election, Outcome
     from .hooks import Hooks
     from .reexec import REEXEC_VAR, Reloader

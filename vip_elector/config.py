@@ -27,6 +27,10 @@ MIN_TTL, MAX_TTL = 10.0, 24 * 3600.0  # Consul refuses anything else
 MAX_LOCK_DELAY = 60.0  # Consul silently caps lock-delay at 60 s
 
 
+#: The check every session carries: the node's gossip health (SPEC §4.1).
+SERF_HEALTH = "serfHealth"
+
+
 class ConfigError(Exception):
     """A configuration problem the user can fix; the message is one sentence."""
 
@@ -76,7 +80,7 @@ class Settings:
 
     @property
     def checks(self) -> list[str]:
-        return ["serfHealth"] + ([self.check_id] if self.check_id else [])  # serfHealth: consul.SERF_HEALTH
+        return [SERF_HEALTH] + ([self.check_id] if self.check_id else [])
 
 
 # --------------------------------------------------------------------------

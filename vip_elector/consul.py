@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional
 import consul as consul_lib
 import consul.base as consul_base
 
-from .config import ConfigError, Settings, format_duration, parse_duration
+from .config import SERF_HEALTH, ConfigError, Settings, format_duration, parse_duration
 
 # Consul's protocol, as vip-elector uses it ------------------------------------
 
@@ -46,9 +46,6 @@ LOCK_FLAG = 0x2DDCCBC058A50C18
 #: Session behaviour: when the session is invalidated Consul deletes the key it
 #: holds, so vip-manager drops the VIP at once.
 SESSION_BEHAVIOR = "delete"
-#: The check every session carries: the node's gossip health.
-SERF_HEALTH = "serfHealth"
-
 CONNECT_TIMEOUT = 3.0
 REQUEST_TIMEOUT = 5.0
 
@@ -142,6 +139,7 @@ class _Transport:
     """
 
     def __init__(self, settings: Settings):
+        self.address = settings.address
         self.scheme, self.host, self.port = settings.scheme, settings.host, settings.port
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.base_uri = f"{self.scheme}://{host}:{self.port}"
@@ -287,7 +285,11 @@ class _Transport:
         if 300 <= status < 400:
             raise ConsulError(f"unexpected redirect ({status}) for {path}")
         fields = {"code": status, "headers": response.headers, "body": text, "content": content}
-        return callback(consul_base.Response(**{f: fields[f] for f in self._response_fields}))
+        try:  # the library decodes the body here: Consul's JSON, or not
+            return callback(consul_base.Response(**{f: fields[f] for f in self._response_fields}))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise ConsulError(f"unexpected answer (is {self.address} a Consul agent?): "
+                              f"{type(e).__name__}") from None
 
 
 class _ThreadState:
@@ -360,17 +362,17 @@ def _without_consul_environment() -> Iterator[None]:
 
 
 def _translated(method):
-    """Library exceptions (they differ between the three) become our ConsulError."""
+    """Library exceptions (they differ between the three) become our ConsulError.
+
+    Anything else is a bug of ours and goes up as it is (the loop logs it as
+    an internal error): an answer that is not Consul's is caught where it is
+    decoded, in the transport's callback and in the parsers below.
+    """
     def call(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except ConsulError:
-            raise
         except consul_base.ConsulException as e:
             raise ConsulError(f"unexpected answer from Consul: {type(e).__name__}: {e}"[:300]) from None
-        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not Consul's JSON
-            raise ConsulError(f"unexpected answer (is {self.settings.address} a Consul agent?): "
-                              f"{type(e).__name__}") from None
     return functools.wraps(method)(call)
 
 
@@ -413,9 +415,12 @@ class ConsulClient:
         except PermissionDenied:  # agent:read is not part of the least-privilege policy
             return None
         try:
-            return data["Config"]["NodeName"]
+            name = data["Config"]["NodeName"]
         except (TypeError, KeyError):
-            raise ConsulError("the address does not answer like a Consul agent") from None
+            name = None
+        if not isinstance(name, str):
+            raise ConsulError("the address does not answer like a Consul agent")
+        return name
 
     @_translated
     def check_states(self, check_ids: list[str]) -> dict[str, Optional[str]]:
@@ -427,7 +432,8 @@ class ConsulClient:
         checks = self._lib.agent.checks()
         if not isinstance(checks, dict):
             raise ConsulError("the address does not answer like a Consul agent")
-        return {cid: (checks.get(cid) or {}).get("Status") for cid in check_ids}
+        return {cid: (checks.get(cid) if isinstance(checks.get(cid), dict) else {}).get("Status")
+                for cid in check_ids}
 
     @_translated
     def raft_leader(self) -> str:
@@ -446,9 +452,12 @@ class ConsulClient:
     @_translated
     def create_session(self, checks: list[str]) -> str:
         s = self.settings
-        return self._lib.session.create(
+        session = self._lib.session.create(
             name=s.session_name, checks=checks, behavior=SESSION_BEHAVIOR,
             ttl=_whole(s.ttl), lock_delay=_whole(s.lock_delay))
+        if not isinstance(session, str) or not session:
+            raise _malformed("a session create", self.settings)
+        return session
 
     @_translated
     def session_info(self, session_id: str) -> Optional["SessionInfo"]:
@@ -489,6 +498,8 @@ class ConsulClient:
         if index:
             kwargs = {"index": index, "wait": format_duration(round(wait or 60, 3))}
         new_index, data = self._lib.kv.get(key or self.key, **kwargs)
+        if data is not None and not isinstance(data, dict):
+            raise _malformed("a key read", self.settings)
         return _index(new_index), _key_state(data)
 
     @_translated
@@ -552,7 +563,7 @@ class ConsulClient:
     def close(self) -> None:
         self.transport.close()
 
-    # --- Added by the ops branch (issue 10: --check's explanations). -----
+    # --check's explanations --------------------------------------------
 
     @_translated
     def visible_checks(self) -> dict[str, str]:
@@ -564,7 +575,7 @@ class ConsulClient:
         checks = self._lib.agent.checks()
         if not isinstance(checks, dict):
             raise ConsulError("the address does not answer like a Consul agent")
-        return {cid: str((c or {}).get("Status")) for cid, c in checks.items()}
+        return {cid: str(c.get("Status") if isinstance(c, dict) else None) for cid, c in checks.items()}
 
     @_translated
     def catalog_checks(self, node: str) -> dict[str, str]:
@@ -588,11 +599,13 @@ class SessionInfo:
 
 
 def _session_info(data: dict) -> SessionInfo:
-    checks = set(data.get("Checks") or [])
-    checks.update(data.get("NodeChecks") or [])
-    checks.update(c.get("ID", "") for c in (data.get("ServiceChecks") or []) if isinstance(c, dict))
+    checks = set(_strings(data.get("Checks")))
+    checks.update(_strings(data.get("NodeChecks")))
+    service_checks = data.get("ServiceChecks")
+    checks.update(str(c.get("ID", "")) for c in (service_checks if isinstance(service_checks, list) else [])
+                  if isinstance(c, dict))
     try:
-        ttl = parse_duration(data["TTL"]) if data.get("TTL") else None
+        ttl = parse_duration(data["TTL"]) if isinstance(data.get("TTL"), str) and data["TTL"] else None
     except ValueError:
         ttl = None
     try:
@@ -602,6 +615,15 @@ def _session_info(data: dict) -> SessionInfo:
     return SessionInfo(id=str(data.get("ID") or ""), name=str(data.get("Name") or ""),
                        node=str(data.get("Node") or ""), checks=frozenset(checks), ttl=ttl,
                        lock_delay=lock_delay, behavior=str(data.get("Behavior") or ""))
+
+
+def _strings(value: Any) -> list[str]:
+    """A JSON list of strings, or nothing (a malformed answer names no check)."""
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def _malformed(what: str, settings: Settings) -> ConsulError:
+    return ConsulError(f"unexpected answer to {what} (is {settings.address} a Consul agent?)")
 
 
 def _whole(seconds: float):
@@ -615,7 +637,8 @@ def _index(value: Any) -> int:
         return 0
 
 
-def _key_state(data: Any) -> Optional[KeyState]:
+def _key_state(data: Optional[dict]) -> Optional[KeyState]:
+    """The key from Consul's JSON; fields of the wrong type read as absent."""
     if not data:
         return None
     raw = data.get("Value")
@@ -625,9 +648,10 @@ def _key_state(data: Any) -> Optional[KeyState]:
         except ValueError:
             raw = raw.encode()
     value = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else ""
-    return KeyState(value=value, flags=int(data.get("Flags") or 0),
-                    session=data.get("Session") or None,
-                    modify_index=int(data.get("ModifyIndex") or 0))
+    session = data.get("Session")
+    return KeyState(value=value, flags=_index(data.get("Flags")),
+                    session=session if isinstance(session, str) and session else None,
+                    modify_index=_index(data.get("ModifyIndex")))
 
 
 def describe_holder(consul: ConsulClient, key: KeyState) -> str:

@@ -1,0 +1,26 @@
+"""The election: one session, one lock, one key (SPEC §4, §8, §9).
+
+    loop.py          the Election loop: asks its parts what is due, maps their answers to roles
+    lease.py         the session: create, renew, replace in place, destroy; the claim window
+    key.py           the trigger-key: watch index rule, pre-flight, acquire, CAS release
+    previous_run.py  the previous run's session (§8.2): resume it, or release it
+    role.py          the role, and the Reporter: logs, STATUS, journal fields, hooks, health watch
+    watch.py         the key's watcher thread, and a leader's health watch
+    events.py        the Inbox and the events it carries
+    timing.py        Timing (its rules checked when built) and Backoff
+
+The contract is at the top of loop.py.
+"""
+
+from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, WatchFailed
+from .key import TriggerKey
+from .lease import Lease
+from .loop import Election, Outcome
+from .previous_run import PreviousRun
+from .role import Reporter, Role
+from .timing import Backoff, Timing
+from .watch import HANDOFF_WAIT, HealthWatch, KeyWatcher
+
+__all__ = ["Election", "Role", "Outcome", "Timing", "Backoff", "KeyWatcher", "HealthWatch", "Inbox",
+           "Stop", "Reload", "RELOAD", "KeyChanged", "WatchFailed", "CheckCritical", "Lease",
+           "TriggerKey", "PreviousRun", "Reporter", "HANDOFF_WAIT"]

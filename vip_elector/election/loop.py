@@ -1,0 +1,530 @@
+"""The election loop: one session, one lock, one key (SPEC §4, §8, §9).
+
+Contract, in the order SPEC §1 ranks the invariants:
+
+1. The key is only ever written with ``?acquire=<our session>``, so Consul
+   guarantees at most one holder.
+2. The session carries ``serfHealth`` and ``--check-id``: no session is made
+   while a check is critical or missing (§4.7), and Consul invalidates it,
+   deleting the key (behaviour ``delete``), the moment a check fails.
+3. We never write or delete a key we do not hold, nor one that is not a lock
+   key (§4.6): the only deletes are ``?cas=<ModifyIndex of our own write>``.
+4. On a planned stop the leader deletes the key before destroying the session
+   (§4.5), so a standby acquires at once, without lock-delay.
+
+And the promises of §9 on top of Consul's:
+
+* Honest claims (§9.3): the role is LEADER only while the session holds the
+  key *and* Consul confirmed the session less than the claim window ago
+  (``Lease.claim_until``). A leader that cannot confirm becomes CUT_OFF: it
+  stops claiming, keeps its session's ID and keeps renewing at its normal
+  cadence; if Consul still has the session, it leads again without the key
+  having been touched (§8.7).
+* One session per daemon (§9.4): a session is abandoned only when Consul
+  says it is gone, never because Consul is unreachable; one that outlived
+  Consul trouble is replaced in place (``Lease.replace``).
+* Nothing but a signal ends the loop (§9.1): every step runs under one guard
+  (``_turn``); a Consul error is handled where it happens, a bug is logged
+  with its traceback as an internal error and what was due is tried again
+  after a backoff, without changing the role.
+* Time budgets (§9.2): every step's requests share one budget, well inside
+  ``WatchdogSec``/2; a stop aborts whatever request is in flight.
+
+Shape: the main thread waits on one inbox and then does whatever is due. A
+watcher thread keeps a blocking query open on the key and posts every
+change; the signal relay posts stops and reloads. Only the main thread
+decides anything, and it is the one that renews the session and pings the
+systemd watchdog, so a stuck loop stops the pings. The loop asks its parts
+what is due and maps their answers to roles: the ``Lease`` (the session),
+the ``TriggerKey``, the ``PreviousRun`` (§8.2), and the ``Reporter``, which
+alone says and announces what the node is.
+
+Timing-critical paths: key released → watcher wakes → acquire (one request);
+SIGTERM → hook ``standby`` → CAS delete → destroy (two requests).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import signal
+import threading
+import time
+from typing import Callable, Optional
+
+from ..config import ConfigError, Settings
+from ..consul import ConsulClient, ConsulError, ConsulUnreachable, InvalidSession, KeyState, PermissionDenied
+from ..hooks import Hooks
+from ..state import SavedSession, StateStore
+from ..systemd import MESSAGE_CONFIG_ERROR, ElectionContext, Notifier
+from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, WatchFailed
+from .key import HeldByOther, Release, TriggerKey, Won
+from .lease import Confirmed, Failing, Gone, Lease, Replaced, Unhealthy
+from .previous_run import PreviousRun
+from .role import Reporter, Role
+from .timing import Backoff, Timing
+from .watch import KeyWatcher
+
+log = logging.getLogger("vip_elector")
+
+#: Steps one turn may chain (a start: session, read, acquire, read again).
+MAX_STEPS = 8
+
+
+class Outcome(enum.Enum):
+    STOPPED = 0                  # a planned stop: exit 0
+    REEXEC = 1                   # a reload with a valid configuration: re-execute
+
+
+class Election:
+    """The state machine of SPEC §4. ``run()`` returns an Outcome."""
+
+    def __init__(self, settings: Settings, consul: ConsulClient, notifier: Notifier,
+                 context: ElectionContext, timing: Timing = Timing(),
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: Callable[[], float] = random.random,
+                 hooks: Optional[Hooks] = None,
+                 state: Optional[StateStore] = None,
+                 saved: Optional[SavedSession] = None,
+                 reload_settings: Optional[Callable[[], Settings]] = None):
+        self.settings, self.consul, self.notifier = settings, consul, notifier
+        self.timing, self.clock = timing, clock
+        self.reload_settings = reload_settings
+        self.state = state or StateStore(None)
+        self.events = Inbox()
+        self.watcher = KeyWatcher(consul, self.events, timing, rng)
+        self.reporter = Reporter(settings, notifier, context,
+                                 hooks or Hooks(None, 0, settings.trigger_key, settings.value),
+                                 consul, self._critical_seen)
+        self.lease = Lease(consul, settings, timing, clock, self.state, self.reporter.use_session)
+        self.key = TriggerKey(consul, settings, timing, clock)
+        self.previous = PreviousRun(consul, settings, clock, self.state, self.reporter, saved)
+        self.backoff = Backoff(timing.backoff_min, timing.backoff_max, rng)      # Consul trouble (§4.8)
+        self.bug_backoff = Backoff(timing.backoff_min, timing.backoff_max, rng)  # internal errors
+        self.main_thread = threading.get_ident()
+        self.stop_requested = False              # set once, from the signal thread
+        self.connected = False                   # the first read of the key passed pre-flight
+        self.trouble: Optional[str] = None       # the last Consul error, logged once
+        # What is due, on the loop's clock (the lease and the key keep their own).
+        self.retry_at = float("-inf")            # no session: the next attempt to get one
+        self.read_at: Optional[float] = None     # read the key again, then act on it
+        self.act_at: Optional[float] = None      # act on the key as last seen
+        self.paused_until = float("-inf")        # after an internal error, nothing is due before this
+
+    @property
+    def role(self) -> Role:
+        return self.reporter.role
+
+    @property
+    def session(self) -> Optional[str]:
+        return self.lease.session
+
+    def saved_session(self) -> Optional[SavedSession]:
+        """What a restart needs to resume our session, or None without one."""
+        return self.lease.saved()
+
+    # ------------------------------------------------------------------
+    # Signals (from the relay's thread)
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop (from the signal relay or another thread)."""
+        at = self.clock()
+        self.stop_requested = True  # first: the loop then knows why its request ends
+        # A request in flight would hold the stop for its whole timeout: end it,
+        # and any the loop starts before it sees the stop; _shutdown lifts that.
+        self.consul.abort(self.main_thread)
+        self.events.put(Stop(at))
+
+    def request_reload(self) -> None:
+        self.events.put(RELOAD)
+
+    def on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            self.request_reload()
+        else:
+            self.request_stop()
+
+    def pending_signals(self) -> list[int]:
+        """Stops and reloads asked for but not acted on, as signals (re-raised across an exec)."""
+        return [signal.SIGTERM if isinstance(e, Stop) else signal.SIGHUP
+                for e in self.events.drain() if isinstance(e, (Stop, Reload))]
+
+    # ------------------------------------------------------------------
+    # The loop
+
+    def run(self) -> Outcome:
+        """Start (resume, or connect), tell systemd we are ready, then follow events."""
+        self.main_thread = threading.get_ident()
+        self.reporter.starting()
+        self._turn(self._advance)                # the first attempt to reach Consul (§6: then READY)
+        self.notifier.ready()
+        while True:
+            event = self.events.get(timeout=max(0.0, self._next_deadline() - self.clock()))
+            self.notifier.watchdog()
+            if isinstance(event, Stop):
+                return self._shutdown(event.at)
+            if isinstance(event, Reload):
+                if self.stop_requested:  # the stop is on its way: no point starting a new program
+                    log.info("reload requested, but a stop was asked for too: stopping instead")
+                    continue
+                if self._reload():
+                    return Outcome.REEXEC
+                continue
+            if isinstance(event, CheckCritical):
+                self.consul.reset_abort()
+                self._turn(self._on_check_critical, event)
+            if isinstance(event, (KeyChanged, WatchFailed)):
+                try:
+                    self._turn(self._on_watch, event)
+                finally:
+                    self.watcher.handled.set()
+            self._turn(self._advance)
+
+    def _next_deadline(self) -> float:
+        """The one place that knows when the loop must be awake next."""
+        now = self.clock()
+        due = [self.retry_at if self.lease.session is None else self.lease.renew_due(self._leading())]
+        due += [t for t in (self.read_at, self.act_at, self.key.retry_at) if t is not None]
+        wake = max(min(due), self.paused_until)
+        until = self.lease.claim_until
+        if self.role == Role.LEADER and until is not None:
+            wake = min(wake, until)
+        ping = self.notifier.next_ping()
+        if ping is not None:
+            wake = min(wake, ping)
+        return max(now, wake)
+
+    def _due(self, now: float) -> Optional[Callable[[], None]]:
+        """The step due now, if any, in the order of SPEC §4: session, renewal, key, acquire."""
+        if now < self.paused_until:
+            return None
+        if self.lease.session is None:
+            return self._start if now >= self.retry_at else None
+        if now >= self.lease.renew_due(self._leading()):
+            return self._renew
+        if self.read_at is not None and now >= self.read_at:
+            return self._read_key
+        if self.act_at is not None and now >= self.act_at:
+            return self._act
+        if self.key.retry_at is not None and now >= self.key.retry_at:
+            return self._acquire
+        return None
+
+    def _advance(self) -> None:
+        """Do whatever is due, step after step."""
+        for _ in range(MAX_STEPS):
+            step = self._due(self.clock())
+            if step is None:
+                return
+            step()
+
+    def _turn(self, step: Callable, *args) -> None:
+        """One step under the guard and within the time budget (§9.1, §9.2)."""
+        self._check_claim()  # a claim that ran out while we slept (or were frozen) ends first
+        try:
+            with self.consul.time_limit(self._budget()):
+                step(*args)
+        except ConfigError:
+            raise
+        except ConsulError as e:
+            if self.stop_requested:  # abandoned for the stop: not trouble to report
+                log.debug("%s ended by the stop: %s", step.__name__, e)
+                return
+            self._consul_trouble(e)
+        except Exception:  # a bug must not end the node's election, nor pass for Consul's trouble
+            delay = self.bug_backoff.next()
+            log.exception("internal error in the election loop (%s); retrying in %.1fs",
+                          step.__name__, delay)
+            self.paused_until = self.clock() + delay
+        else:
+            self.bug_backoff.reset()
+        self._check_claim()
+
+    def _budget(self) -> float:
+        """How long this step's requests may take: the turn budget, and a leader's claim window."""
+        budget = self.timing.turn_budget
+        until = self.lease.claim_until
+        if until is not None and self.role == Role.LEADER:
+            budget = min(budget, max(0.05, until - self.clock()))
+        return budget
+
+    def _leading(self) -> bool:
+        """The session holds the key, or claims (or claimed) it: a leader's cadence."""
+        return self.key.held_by(self.lease.session) or self.role in (Role.LEADER, Role.CUT_OFF)
+
+    # ------------------------------------------------------------------
+    # §4.6, §4.8, §8.2: reaching Consul, and a session
+
+    def _start(self) -> None:
+        """Reach Consul; resume the session we had, else get one. Again after any failure."""
+        if not self.connected:
+            self._connect()
+        if self.previous.pending:
+            resumed = self.previous.resume(self.lease.node)
+            if resumed is not None:
+                self._take_up(resumed.session, resumed.confirmed_at, resumed.node)
+                return
+        self._create_session()
+
+    def _connect(self) -> None:
+        self.key.preflight()
+        self.connected = True
+        try:
+            self.lease.node = self.consul.node_name()
+        except ConsulError as e:  # for messages only; the session is made on the agent's node anyway
+            log.debug("cannot read the agent's node name: %s", e)
+        log.info("connected to Consul at %s%s", self.settings.address,
+                 f" (node {self.lease.node})" if self.lease.node else "")
+        self.watcher.restart()
+        self._recovered()
+
+    def _take_up(self, session: str, confirmed_at: float, node: str) -> None:
+        """The previous run's session is ours again (§8.2): lead at once if it holds the key."""
+        self.lease.node = self.lease.node or node
+        self.lease.adopt(session, confirmed_at)
+        key = self.key.read()
+        log.info("resumed session %s%s", session,
+                 f": it still holds {self.settings.trigger_key}, leading without touching the key"
+                 if key is not None and key.session == session else "")
+        self._act()
+
+    def _create_session(self) -> None:
+        created = self.lease.create()
+        if isinstance(created, Unhealthy):
+            self.reporter.check_not_passing(created.check_id, created.state, self.timing.health_poll)
+            self.retry_at = self.clock() + self.timing.health_poll
+            return
+        self._recovered()
+        self.lease.adopt(created.session, created.sent, created=True)
+        self._read_key()
+
+    def _consul_trouble(self, error: ConsulError) -> None:
+        """§4.8: log it (once per distinct reason), say it in the status, back off."""
+        delay = self.backoff.next()
+        self.retry_at = self.clock() + delay
+        reason = str(error)
+        s = self.settings
+        if isinstance(error, PermissionDenied):
+            status = f"waiting: Consul refused the ACL token ({s.token_words}): {error}"
+            text = (f"Consul at {s.address} refused the ACL token ({s.token_words}): {error}; give "
+                    f"a token with key write on {s.trigger_key}, session write and node read (see "
+                    f"examples/consul-acl-policy.hcl); retrying in {delay:.0f}s")
+        else:
+            status = f"waiting for Consul at {s.address}: {error}"
+            text = f"cannot use Consul at {s.address}: {error}; retrying in {delay:.0f}s"
+        if reason != self.trouble:
+            log.warning("%s", text)
+        self.trouble = reason
+        with_session = self.lease.session is not None
+        if with_session:  # keep renewing on the lease's own clock; read the key again later
+            self.read_at = self.retry_at
+            self.key.retry_at = None
+        self.reporter.consul_trouble(status, reason, with_session)
+
+    def _recovered(self) -> None:
+        if self.trouble is not None:
+            log.info("Consul at %s answers again", self.settings.address)
+            self.watcher.restart()  # its query in flight may sit on a dead connection
+        self.trouble = None
+        self.backoff.reset()
+
+    # ------------------------------------------------------------------
+    # §4.3, §8.7, §9.3, §9.4: keeping the session, and knowing we still have it
+
+    def _renew(self) -> None:
+        renewal = self.lease.renew(self._leading(), cut_off=self.role == Role.CUT_OFF)
+        if isinstance(renewal, Gone):
+            self._session_gone(renewal.reason)
+        elif isinstance(renewal, Failing):
+            if self.role != Role.LEADER:  # a leader keeps its claim until the window ends
+                self._cut_off(renewal.reason)
+        elif isinstance(renewal, Confirmed):
+            self._recovered()
+            if renewal.recovered:
+                log.info("Consul confirms session %s again", self.lease.session)
+            if renewal.replace:
+                self._replace()
+            elif renewal.recovered:
+                self.read_at = self.clock()
+
+    def _replace(self) -> None:
+        replaced = self.lease.replace()
+        if isinstance(replaced, Replaced):
+            self.key.seen(replaced.index, replaced.key)
+            self.act_at = self.clock()
+
+    def _check_claim(self) -> None:
+        """End a claim Consul has not confirmed within the window (§9.3)."""
+        until = self.lease.claim_until
+        if self.role == Role.LEADER and until is not None and self.clock() >= until:
+            self._cut_off(self.lease.failing or self.trouble or "no answer in time")
+
+    def _cut_off(self, reason: str) -> None:
+        confirmed = self.lease.confirmed_at
+        self.reporter.cut_off(self.clock() - confirmed if confirmed is not None else 0.0, reason)
+
+    def _on_check_critical(self, event: CheckCritical) -> None:
+        if self.role != Role.LEADER:
+            return
+        self.reporter.check_critical(event.check_id)
+        self.lease.renew_now()  # learn now whether Consul has the session still
+
+    def _critical_seen(self, check_id: str) -> None:
+        """From the health watch's thread: end the claim now, even mid-request."""
+        self.events.put(CheckCritical(check_id))
+        self.consul.abort(self.main_thread)
+
+    def _session_gone(self, why: str) -> None:
+        self.lease.forget(why)
+        self.key.stop_retrying()
+        self.read_at = self.act_at = None
+        self.reporter.session_gone(why)
+        self.retry_at = self.clock()
+
+    # ------------------------------------------------------------------
+    # §4.2-§4.4: the key
+
+    def _on_watch(self, event) -> None:
+        if event.generation != self.watcher.generation:
+            return
+        if isinstance(event, WatchFailed):
+            log.debug("watch on %s failed: %s", self.settings.trigger_key, event.error)
+            return
+        now = self.clock()
+        if self.trouble is not None:
+            # The watcher got an answer: Consul is back. Try now, not at the end of the backoff.
+            self.retry_at = now
+            if self.lease.session is not None:
+                self.read_at = now
+        if not self.key.observe(event.index, event.state):
+            self.read_at = now  # older than what we read ourselves: read afresh
+            return
+        if self.lease.session is not None:
+            self._act()
+
+    def _read_key(self) -> None:
+        """Act on the key as it is now, not as the (perhaps reconnecting) watcher last saw it."""
+        self.read_at = None
+        self.key.read()
+        self._act()
+
+    def _act(self) -> None:
+        """The key as last seen → what this node is (§4.3, §4.4, §4.6)."""
+        self.act_at = None
+        key: Optional[KeyState] = self.key.state
+        foreign = self.key.foreign(key)
+        if foreign is not None:
+            self.reporter.not_a_lock_key(key, foreign)
+        elif key is None or key.session is None:
+            if self.role == Role.LEADER:
+                self.reporter.key_deleted()
+                self._renew()  # find out now whether our session still lives
+                if self.lease.session is None:
+                    return
+            self._acquire()
+        elif key.session == self.lease.session:
+            if self.lease.failing is not None:
+                return  # claimed again once a renewal confirms the session
+            if not self.lease.confirmed_now(leading=True):
+                self._renew()  # confirm first: we claim only what Consul has just confirmed
+            if self.lease.session is not None and self.lease.confirmed_now(leading=True):
+                self.reporter.leads()
+        else:
+            self._follow(key)
+
+    def _acquire(self) -> None:
+        if self.lease.failing is not None:
+            self.key.retry_at = None
+            return  # it would not be confirmed anyway; a good renewal decides again
+        try:
+            acquired = self.key.acquire(self.lease.session)
+        except InvalidSession:
+            self._session_gone("Consul says it is invalid")
+            return
+        except ConsulUnreachable:
+            # No answer is not "no": Consul may have applied it (REFERENCE §8). Read again.
+            self.read_at = self.clock()
+            raise
+        if isinstance(acquired, Won):
+            self.lease.confirm(acquired.sent)  # a won acquire proves the session valid
+            self.reporter.leads()
+            self.read_at = self.clock()  # learn our write's ModifyIndex (for the CAS delete)
+        elif isinstance(acquired, HeldByOther):
+            self._follow(acquired.holder)
+        else:
+            self.reporter.waits_for_lock_delay()
+
+    def _follow(self, holder: KeyState) -> None:
+        self.key.stop_retrying()
+        self.reporter.follows(holder)
+
+    # ------------------------------------------------------------------
+    # §8.3: a reload
+
+    def _reload(self) -> bool:
+        """True: re-execute now (the configuration is valid). False: keep running as before."""
+        self.notifier.reloading()
+        log.info("reload requested: reading the configuration again")
+        try:
+            if self.reload_settings is not None:
+                self.reload_settings()
+        except ConfigError as e:
+            log.error("reload failed, still running with the previous configuration: %s", e,
+                      extra={"MESSAGE_ID": MESSAGE_CONFIG_ERROR})
+            self.reporter.reload_failed(str(e))
+            self.notifier.ready()
+            return False
+        except Exception:
+            log.exception("internal error while reloading; still running as before")
+            self.notifier.ready()
+            return False
+        self.reporter.reload_applies()
+        self.watcher.stop()
+        with self.consul.time_limit(self.timing.shutdown_timeout):
+            self.lease.drop_replacement()  # the new program starts from the session it resumes
+        self.reporter.finish_hooks(self.timing.reload_hook_wait)
+        self.state.save(self.lease.saved()) if self.lease.session else self.state.clear()
+        self.reporter.reloading()
+        return True
+
+    # ------------------------------------------------------------------
+    # §4.5: a planned stop
+
+    def _shutdown(self, requested_at: float) -> Outcome:
+        deadline = requested_at + self.timing.stop_budget
+        self.consul.reset_abort()
+        holds = self.role == Role.LEADER or self.key.held_by(self.lease.session)
+        self.notifier.stopping()
+        self.reporter.stopping()
+        self.watcher.stop()
+        self.reporter.finish_hooks(deadline - self.timing.release_reserve - self.clock())
+        left = lambda: max(0.05, deadline - self.clock())  # noqa: E731
+        with self.consul.time_limit(left()):
+            if self.lease.session is None and self.previous.pending:
+                self.previous.release_on_stop(self.lease.node)  # stopped before it could resume
+            if holds and self.lease.session is not None:
+                self._release()
+            if self.lease.session is not None:
+                with self.consul.time_limit(min(self.timing.shutdown_timeout, left())):
+                    self.lease.destroy()
+            self.lease.drop_replacement()
+        self.state.clear()
+        self.reporter.close()
+        log.info("stopped")
+        return Outcome.STOPPED
+
+    def _release(self) -> None:
+        """Delete our own write with CAS: vip-manager drops the VIP, a standby takes over at once."""
+        try:
+            released = self.key.release(self.lease.session)
+        except ConsulError as e:
+            log.warning("could not release %s: %s; Consul deletes it when our session ends",
+                        self.settings.trigger_key, e)
+            return
+        if released == Release.RELEASED:
+            self.reporter.released_on_stop()
+        elif released == Release.NOT_OURS:
+            self.reporter.lost_before_stop()
+        else:
+            log.warning("could not release %s: it kept changing", self.settings.trigger_key)

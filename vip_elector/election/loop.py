@@ -87,10 +87,12 @@ class Election:
                  hooks: Optional[Hooks] = None,
                  state: Optional[StateStore] = None,
                  saved: Optional[SavedSession] = None,
-                 reload_settings: Optional[Callable[[], Settings]] = None):
+                 reload_settings: Optional[Callable[[], Optional[Settings]]] = None,
+                 reload_verdict: Callable[[Optional[str]], None] = lambda error: None):
         self.settings, self.consul, self.notifier = settings, consul, notifier
         self.timing, self.clock = timing, clock
-        self.reload_settings = reload_settings
+        self.reload_settings = reload_settings  # the validated new configuration, or ConfigError
+        self.reload_verdict = reload_verdict    # told None (applied) or why a reload was refused
         self.state = state or StateStore(None)
         self.events = Inbox()
         self.watcher = KeyWatcher(consul, self.events, timing, rng)
@@ -287,16 +289,19 @@ class Election:
         log.info("resumed session %s%s", session,
                  f": it still holds {self.settings.trigger_key}, leading without touching the key"
                  if key is not None and key.session == session else "")
-        self._act()
+        self._act(resumed=True)
 
     def _create_session(self) -> None:
         created = self.lease.create()
         if isinstance(created, Unhealthy):
-            self.reporter.check_not_passing(created.check_id, created.state, self.timing.health_poll)
+            self.reporter.check_not_passing(created.check_id, created.state, created.output,
+                                            self.timing.health_poll)
             self.retry_at = self.clock() + self.timing.health_poll
             return
         self._recovered()
         self.lease.adopt(created.session, created.sent, created=True)
+        if self.lease.node is None:
+            self.lease.learn_node()
         self._read_key()
 
     def _consul_trouble(self, error: ConsulError) -> None:
@@ -409,8 +414,11 @@ class Election:
         self.key.read()
         self._act()
 
-    def _act(self) -> None:
-        """The key as last seen → what this node is (§4.3, §4.4, §4.6)."""
+    def _act(self, resumed: bool = False) -> None:
+        """The key as last seen → what this node is (§4.3, §4.4, §4.6).
+
+        ``resumed``: the session was just taken up from the previous run; if it
+        holds the key, the node leads on without a new leadership (§8.2)."""
         self.act_at = None
         key: Optional[KeyState] = self.key.state
         foreign = self.key.foreign(key)
@@ -429,7 +437,7 @@ class Election:
             if not self.lease.confirmed_now(leading=True):
                 self._renew()  # confirm first: we claim only what Consul has just confirmed
             if self.lease.session is not None and self.lease.confirmed_now(leading=True):
-                self.reporter.leads()
+                self.reporter.leads(resumed=resumed)
         else:
             self._follow(key)
 
@@ -467,19 +475,23 @@ class Election:
         self.notifier.reloading()
         log.info("reload requested: reading the configuration again")
         try:
-            if self.reload_settings is not None:
-                self.reload_settings()
+            new = self.reload_settings() if self.reload_settings is not None else None
+            if new is not None and self.lease.session is not None:
+                with self.consul.time_limit(self.timing.turn_budget):
+                    self.lease.carry_over(new)
         except ConfigError as e:
-            log.error("reload failed, still running with the previous configuration: %s", e,
-                      extra={"MESSAGE_ID": MESSAGE_CONFIG_ERROR})
-            self.reporter.reload_failed(str(e))
-            self.notifier.ready()
-            return False
-        except Exception:
+            return self._reload_refused(str(e))
+        except ConsulError as e:
+            return self._reload_refused(
+                f"cannot make the session the new configuration needs ({e}), so the key stays "
+                f"with the current one; try the reload again once Consul answers")
+        except Exception as e:
             log.exception("internal error while reloading; still running as before")
             self.notifier.ready()
+            self.reload_verdict(f"internal error ({type(e).__name__}); see journalctl -u vip-elector")
             return False
         self.reporter.reload_applies()
+        self.reload_verdict(None)
         self.watcher.stop()
         with self.consul.time_limit(self.timing.shutdown_timeout):
             self.lease.drop_replacement()  # the new program starts from the session it resumes
@@ -487,6 +499,14 @@ class Election:
         self.state.save(self.lease.saved()) if self.lease.session else self.state.clear()
         self.reporter.reloading()
         return True
+
+    def _reload_refused(self, why: str) -> bool:
+        log.error("reload failed, still running with the previous configuration: %s", why,
+                  extra={"MESSAGE_ID": MESSAGE_CONFIG_ERROR})
+        self.reporter.reload_refused(why)
+        self.notifier.ready()
+        self.reload_verdict(why)
+        return False
 
     # ------------------------------------------------------------------
     # §4.5: a planned stop

@@ -99,8 +99,7 @@ class Lease:
         self.replacement: Optional[str] = None   # the session replacing it, made but not yet ours
         self._failed_at = 0.0
         self._renew_now = False
-        self._raft_leader: Optional[str] = None  # the servers' raft leader when last read
-        self._raft_read_at: Optional[float] = None
+        self._doubts = Doubts(consul, settings, timing)
         self._warned_unseen = False
 
     # ------------------------------------------------------------------ §9.3: the claim window
@@ -230,39 +229,11 @@ class Lease:
             return Failing(reason)
         now = self.clock()
         recovered = self.failing is not None or cut_off
-        doubt = self._doubt(recovered, sent, now) or self._raft_leader_changed(now, leading)
+        doubt = self._doubts.after_renewal(recovered, self.failing, self.confirmed_at, sent, now, leading)
         self.confirmed_at = sent
         self.failing = None
         self.doubt = self.doubt or doubt
         return Confirmed(recovered, self.doubt is not None)
-
-    def _doubt(self, recovered: bool, sent: float, now: float) -> Optional[str]:
-        """Why a server may hold a stray destroy of the session just confirmed, or None."""
-        if recovered:
-            return f"renewals failed: {self.failing or 'no answer in time'}"
-        if self.confirmed_at is not None and now - self.confirmed_at >= self.settings.ttl:
-            return f"not confirmed for {now - self.confirmed_at:.0f}s"
-        if now - sent >= self.timing.doubt_latency:
-            return f"a renewal took {now - sent:.1f}s"
-        return None
-
-    def _raft_leader_changed(self, now: float, leading: bool) -> Optional[str]:
-        """Read the raft leader now and then; a change (since we last read it) is a doubt."""
-        every = self.timing.raft_poll if leading else self.timing.raft_poll_follower
-        if self._raft_read_at is not None and now - self._raft_read_at < every:
-            return None
-        self._raft_read_at = now
-        try:
-            leader = self.consul.raft_leader()
-        except ConsulError as e:  # only a precaution: the renewal decides about the session
-            log.debug("cannot read the raft leader: %s", e)
-            return None
-        if not leader:
-            return None
-        before, self._raft_leader = self._raft_leader, leader
-        if before is not None and leader != before:
-            return f"the Consul servers' raft leader changed from {before} to {leader}"
-        return None
 
     # ------------------------------------------------------------------ §9.4: replace in place
 
@@ -291,7 +262,7 @@ class Lease:
         index, key = moved
         moved = key is not None and key.session == new
         self.replacement = self.doubt = None
-        self._raft_leader = self._raft_read_at = None  # read afresh as the baseline for the new session
+        self._doubts = Doubts(self.consul, self.settings, self.timing)  # a fresh baseline for the new session
         self.adopt(new, sent)
         log.info("session %s replaced by %s: Consul had trouble (%s), and a Consul server may "
                  "still destroy a session it saw expire then%s", old, new, why,
@@ -391,3 +362,46 @@ class Lease:
         except ConsulError as e:
             log.warning("could not destroy %s %s: %s (not renewed, Consul ends it within %gs)",
                         what, session, e, 2 * self.settings.ttl)
+
+
+class Doubts:
+    """Consul trouble a session may have been through, though Consul confirms it now.
+
+    Failed or slow renewals, a gap of a TTL, or a change of the servers' raft
+    leader (read now and then: a frozen raft leader may go unnoticed otherwise).
+    """
+
+    def __init__(self, consul: ConsulClient, settings: Settings, timing: Timing):
+        self.consul, self.settings, self.timing = consul, settings, timing
+        self._raft_leader: Optional[str] = None  # the servers' raft leader when last read
+        self._raft_read_at: Optional[float] = None
+
+    def after_renewal(self, recovered: bool, failing: Optional[str], confirmed_at: Optional[float],
+                      sent: float, now: float, leading: bool) -> Optional[str]:
+        """Why a server may hold a stray destroy of the session just confirmed (a renewal sent
+        at ``sent`` answered at ``now``, after the confirmation at ``confirmed_at``), or None."""
+        if recovered:
+            return f"renewals failed: {failing or 'no answer in time'}"
+        if confirmed_at is not None and now - confirmed_at >= self.settings.ttl:
+            return f"not confirmed for {now - confirmed_at:.0f}s"
+        if now - sent >= self.timing.doubt_latency:
+            return f"a renewal took {now - sent:.1f}s"
+        return self._raft_leader_changed(now, leading)
+
+    def _raft_leader_changed(self, now: float, leading: bool) -> Optional[str]:
+        """Read the raft leader now and then; a change (since we last read it) is a doubt."""
+        every = self.timing.raft_poll if leading else self.timing.raft_poll_follower
+        if self._raft_read_at is not None and now - self._raft_read_at < every:
+            return None
+        self._raft_read_at = now
+        try:
+            leader = self.consul.raft_leader()
+        except ConsulError as e:  # only a precaution: the renewal decides about the session
+            log.debug("cannot read the raft leader: %s", e)
+            return None
+        if not leader:
+            return None
+        before, self._raft_leader = self._raft_leader, leader
+        if before is not None and leader != before:
+            return f"the Consul servers' raft leader changed from {before} to {leader}"
+        return None

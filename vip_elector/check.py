@@ -9,7 +9,7 @@ A line that fails says why and what to do. Consul hides from a token what it
 may not read instead of refusing, so "not there" is only said once the token
 is known to be able to see it; otherwise the report names the missing right.
 The exit status is 0 when every line is ok and 1 otherwise, a configuration
-error included (``print_config_error``): the report is what an operator reads.
+error included (``cli._check_config_error``): the report is what an operator reads.
 """
 
 from __future__ import annotations
@@ -31,13 +31,6 @@ def token_advice(settings: Settings) -> str:
         return ("set a token with the rights in " + POLICY_EXAMPLE + ": CONSUL_HTTP_TOKEN in "
                 "/etc/default/vip-elector, or --token-file")
     return f"give that token the rights in {POLICY_EXAMPLE}"
-
-
-def print_config_error(message: str, out: Optional[TextIO] = None) -> None:
-    """A configuration error as a --check report: one FAIL line and the summary."""
-    out = out or sys.stdout
-    print(f"FAIL  configuration: {message}", file=out)
-    print("1 problem(s) found", file=out)
 
 
 @dataclass

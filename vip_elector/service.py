@@ -26,7 +26,7 @@ SERVICE_USER = "vip-elector"
 CONDITION_FLAG = "--service-condition"
 #: Where the sandboxed service cannot see files (ProtectHome=yes).
 HIDDEN_FROM_SERVICE = ("/home/", "/root/", "/run/user/")
-EXAMPLE_OPTS = '"--vip-manager-config=/etc/vip-manager.yml --check-id=pg-primary"'
+EXAMPLE_OPTS = '"--vip-manager-config=/etc/vip-manager.yml --check-id=vip-haproxy"'
 #: systemd's exit status for ExecCondition=: 1..254 skip the unit, 255 fails it.
 SKIP = 1
 

@@ -10,7 +10,7 @@ the defaults file.
 import os
 import re
 
-from vip_elector import __version__, reexec
+from vip_elector import reexec
 from vip_elector.election import Timing
 
 SOURCE = os.environ.get("VIP_ELECTOR_SOURCE") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,11 +35,20 @@ def man_text():
     return " ".join(read("debian", "vip-elector.8").replace("\\-", "-").split())
 
 
+def source_version():
+    """vip_elector/__init__.py's literal: a package build replaces the imported one by its own."""
+    return re.search(r'^__version__ = "([^"]+)"', read("vip_elector", "__init__.py"), re.M).group(1)
+
+
 def test_man_page_footer_is_the_package_version_and_date():
-    version, date = changelog_top()
-    assert version == __version__, "debian/changelog %s, vip_elector/__init__.py %s" % (version, __version__)
     th = re.search(r'^\.TH VIP-ELECTOR 8 "([^"]+)" "vip-elector ([^"]+)"', read("debian", "vip-elector.8"), re.M)
-    assert th and th.groups() == (date, version), th and th.groups()
+    assert th and th.group(2) == source_version(), th and th.groups()
+    if os.environ.get("VIP_ELECTOR_IN_PACKAGE_BUILD"):
+        return  # the changelog may be bumped for this build (dch -v, a backport): not the release's
+    version, date = changelog_top()
+    assert version == source_version(), "debian/changelog %s, vip_elector/__init__.py %s" % (
+        version, source_version())
+    assert th.groups() == (date, version), th.groups()
 
 
 def poll_words(seconds):

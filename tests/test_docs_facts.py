@@ -10,6 +10,8 @@ the defaults file.
 import os
 import re
 
+import pytest
+
 from vip_elector import reexec
 from vip_elector.election import Timing
 
@@ -41,10 +43,11 @@ def source_version():
 
 
 def test_man_page_footer_is_the_package_version_and_date():
+    if os.environ.get("VIP_ELECTOR_IN_PACKAGE_BUILD"):
+        pytest.skip("a package build may be of a bumped tree (dch -v, a backport, the upgrade "
+                    "tests' builds): the release's man page stays; make unit checks the release")
     th = re.search(r'^\.TH VIP-ELECTOR 8 "([^"]+)" "vip-elector ([^"]+)"', read("debian", "vip-elector.8"), re.M)
     assert th and th.group(2) == source_version(), th and th.groups()
-    if os.environ.get("VIP_ELECTOR_IN_PACKAGE_BUILD"):
-        return  # the changelog may be bumped for this build (dch -v, a backport): not the release's
     version, date = changelog_top()
     assert version == source_version(), "debian/changelog %s, vip_elector/__init__.py %s" % (
         version, source_version())

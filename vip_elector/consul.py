@@ -31,7 +31,7 @@ import time
 import urllib.parse
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import consul as consul_lib
 import consul.base as consul_base
@@ -59,6 +59,18 @@ class ConsulError(Exception):
 
 class ConsulUnreachable(ConsulError):
     """No answer: connection refused, timed out, TLS failure, not Consul."""
+
+
+class ConsulTimeout(ConsulUnreachable):
+    """No answer in time (the request's timeout, or the step's time budget, ran out)."""
+
+
+class RequestAbandoned(ConsulUnreachable):
+    """Ended by us (a stop aborts what is in flight), not by Consul."""
+
+
+class ConsulServerError(ConsulError):
+    """Consul answered HTTP 5xx: no cluster leader, an RPC error, a server in trouble."""
 
 
 class PermissionDenied(ConsulError):
@@ -236,7 +248,7 @@ class _Transport:
         if state.deadline is not None:
             left = state.deadline - time.monotonic()
             if left <= 0.001:
-                raise ConsulUnreachable("no answer in time (this step's time budget is spent)")
+                raise ConsulTimeout("no answer in time (this step's time budget is spent)")
             timeout = min(timeout, left)
         return timeout
 
@@ -253,7 +265,7 @@ class _Transport:
         for attempt in (1, 2):
             read_timeout = self._read_timeout(state, params)
             if state.aborted:
-                raise ConsulUnreachable("request abandoned")
+                raise RequestAbandoned("request abandoned")
             conn = self._connection(state, min(CONNECT_TIMEOUT, read_timeout))
             reused = conn.sock is not None
             try:
@@ -269,11 +281,12 @@ class _Transport:
             except (OSError, http.client.HTTPException) as e:
                 state.drop()  # a half-read connection is useless
                 if state.aborted:
-                    raise ConsulUnreachable("request abandoned") from None
+                    raise RequestAbandoned("request abandoned") from None
                 # A kept-alive connection the agent had closed fails at once: one fresh try.
                 if reused and attempt == 1 and not isinstance(e, (TimeoutError, socket.timeout)):
                     continue
-                raise ConsulUnreachable(_short_reason(e)) from None
+                timeout = isinstance(e, (TimeoutError, socket.timeout))
+                raise (ConsulTimeout if timeout else ConsulUnreachable)(_short_reason(e)) from None
             finally:
                 state.in_flight = None
             if response.will_close:
@@ -346,7 +359,8 @@ def _error_for(code: int, body: str) -> ConsulError:
         return CheckNotPassing(text)
     if "invalid session" in lowered or "session" in lowered and "not found" in lowered:
         return InvalidSession(text)
-    return ConsulError(f"HTTP {code}: {text}" if text else f"HTTP {code}")
+    error = ConsulServerError if code >= 500 else ConsulError
+    return error(f"HTTP {code}: {text}" if text else f"HTTP {code}")
 
 
 @contextlib.contextmanager
@@ -371,7 +385,14 @@ def _translated(method):
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # not Consul's JSON
             raise ConsulError(f"unexpected answer (is {self.settings.address} a Consul agent?): "
                               f"{type(e).__name__}") from None
-    return functools.wraps(method)(call)
+    @functools.wraps(method)
+    def reported(self, *args, **kwargs):
+        try:
+            return call(self, *args, **kwargs)
+        except ConsulError as e:
+            self.on_error(e)  # the metrics' error counter (SPEC §11.6); never raises
+            raise
+    return reported
 
 
 class _Library(consul_lib.Consul):
@@ -398,6 +419,8 @@ class ConsulClient:
         self.transport = _Transport(settings)
         self._lib = _Library(self.transport)
         self.key = settings.trigger_key
+        #: Told of every error a call raises, from whichever thread made it (metrics.py).
+        self.on_error: Callable[[ConsulError], None] = lambda error: None
 
     # Agent and health ---------------------------------------------------
 

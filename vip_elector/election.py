@@ -70,6 +70,7 @@ from .config import ConfigError, Settings
 from .consul import (CheckNotPassing, ConsulClient, ConsulError, ConsulUnreachable, InvalidSession,
                      KeyState, PermissionDenied, SESSION_BEHAVIOR, describe_holder)
 from .hooks import LEADER, STANDBY, Hooks
+from .metrics import NullMetrics
 from .state import SavedSession, StateStore
 from .systemd import (MESSAGE_ACQUIRED, MESSAGE_CONFIG_ERROR, MESSAGE_LOST, MESSAGE_RELEASED,
                       MESSAGE_WAITING, ElectionContext, Notifier)
@@ -333,7 +334,8 @@ class Election:
                  hooks: Optional[Hooks] = None,
                  state: Optional[StateStore] = None,
                  saved: Optional[SavedSession] = None,
-                 reload_settings: Optional[Callable[[], Settings]] = None):
+                 reload_settings: Optional[Callable[[], Settings]] = None,
+                 metrics: Optional[NullMetrics] = None):
         self.settings, self.consul, self.notifier, self.context = settings, consul, notifier, context
         self.timing, self.clock = timing, clock
         self.hooks = hooks or Hooks(None, 0, settings.trigger_key, settings.value)
@@ -341,6 +343,7 @@ class Election:
         self.saved = saved                       # a session to resume (§8.2)
         self.stop_requested = False              # set once, from the signal thread
         self.reload_settings = reload_settings
+        self.metrics = metrics or NullMetrics()  # a sink: told of roles, confirmations, replacements
         self.events = Inbox()
         self.watcher = KeyWatcher(consul, self.events, timing, rng)
         self.backoff = Backoff(timing.backoff_min, timing.backoff_max, rng)
@@ -453,6 +456,7 @@ class Election:
             log.exception("internal error in the election loop (%s); retrying", step.__name__)
             self._consul_trouble(ConsulError(f"internal error ({type(e).__name__}, see the log)"))
         self._check_claim()
+        self.metrics.session_confirmed(self.confirmed_at)
 
     def _budget(self) -> float:
         """How long this step's requests may take: the turn budget, and a leader's claim window."""
@@ -841,6 +845,7 @@ class Election:
                  "still destroy a session it saw expire then%s", old, new, why,
                  f"; {self.settings.trigger_key} moved to the new session, its value unchanged"
                  if moved else "")
+        self.metrics.session_replaced()
         self._destroy_quietly(old, "the replaced session (it holds nothing)")
         self.key_index, self.key = index, key
         self._on_key(key)
@@ -996,6 +1001,7 @@ class Election:
     def _become(self, role: Role, status: str, why: str = "") -> None:
         previous = self.role
         self.role = role
+        self.metrics.role(role.value)
         self.context.role = role.value
         if role == Role.LEADER and self.health is None and self.settings.check_id:
             interval = max(0.1, min(0.5, self.settings.lock_delay / 2))

@@ -304,3 +304,27 @@ def test_ipv6_loopback_when_the_host_has_it():
         assert value(scrape(address), "vip_elector_leader") == 0
     finally:
         m.close()
+
+
+# -- a reload to another address -----------------------------------------------
+
+def test_a_reload_to_an_address_that_cannot_be_bound_is_refused(tmp_path):
+    """SPEC §8.3: found before the exec, so the running daemon carries on (cli._validate_reload)."""
+    from vip_elector.cli import _validate_reload
+    config = tmp_path / "vm.yml"
+    config.write_text("dcs-type: consul\ntrigger-key: service/pg/leader\n")
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        port = holder.getsockname()[1]
+        argv = ["--vip-manager-config", str(config), "--hostname", "a",
+                "--metrics-address", "127.0.0.1:%d" % port]
+        with pytest.raises(ConfigError) as e:
+            _validate_reload(argv, {}, bound=MetricsAddress("127.0.0.1", port + 1 if port < 65535 else 1))
+        assert "--metrics-address 127.0.0.1:%d: cannot listen there" % port in str(e.value)
+        # The address this daemon holds itself: the new program takes it over.
+        settings = _validate_reload(argv, {}, bound=MetricsAddress("127.0.0.1", port))
+        assert settings.metrics_address == MetricsAddress("127.0.0.1", port)
+    finally:
+        holder.close()

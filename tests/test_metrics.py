@@ -212,6 +212,9 @@ def test_null_metrics_take_every_call():
 def test_the_process_collector_is_there_when_asked():
     text = make(process=True).exposition().decode()
     assert value(text, "process_resident_memory_bytes") > 0
+    assert value(text, "process_open_fds") > 0
+    assert 0 < time.time() - value(text, "process_start_time_seconds") < 60
+    assert value(text, "process_cpu_seconds_total") > 0
     assert "python_gc" not in text and "python_info" not in text  # our registry, not the global one
 
 

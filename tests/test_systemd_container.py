@@ -312,9 +312,12 @@ def test_metrics_are_served_from_the_sandbox_and_through_reloads(installed, cons
             wait_for(lambda: leading in (scrape(port) or ''), 15, message='the leader gauge at 1')
             text = scrape(port)
             assert f'vip_elector_info{{key="{key}",value="{NAME}",version=' in text, text
-            assert 'process_resident_memory_bytes' in text, 'the process collector reads /proc/self'
+            assert 'process_resident_memory_bytes' in text, 'process_* under ProcSubset=pid too'
+            started = re.search(r'^process_start_time_seconds (\S+)$', text, re.M).group(1)
             ct.systemctl('reload', UNIT)
             wait_for(lambda: leading in (scrape(port) or ''), 15, message='served after a second reload')
+            again = re.search(r'^process_start_time_seconds (\S+)$', scrape(port), re.M).group(1)
+            assert float(again) > float(started), 'a reload is a new program: a new start time'
             assert props(ct, 'MainPID')['MainPID'] == pid, 'reloads re-execute in place'
             assert 'trying again' not in ct.journal('-u', UNIT, this_run(ct))
         finally:

@@ -19,9 +19,9 @@ prometheus_client is not even imported (it costs about 10 MB of RSS).
 
 The metrics live in a private ``CollectorRegistry``: nothing global, so two
 instances in one process (the tests) do not mix. Beside ours, the registry
-carries prometheus_client's process collector (``process_*``: RSS, CPU,
-open files, start time — a reload re-executes, so its start time also shows
-reloads); it reads three small files under ``/proc/self`` per scrape.
+carries ``process_*`` (RSS, CPU, open files, start time — a reload
+re-executes, so the start time also shows reloads): a statm read, a listing
+of /proc/self/fd and os.times() per scrape (see _ProcessCollector).
 
 The listening socket is bound before READY=1 (an unusable address is a
 configuration error, exit 78, naming the flag). It is created close-on-exec,
@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 import re
 import signal
 import socket
@@ -237,7 +238,6 @@ class Metrics(NullMetrics):
     def __init__(self, version: str, key: str, value: str, hooks: bool = False,
                  clock: Callable[[], float] = time.monotonic, process: bool = True):
         from prometheus_client import CollectorRegistry, Counter, Gauge
-        from prometheus_client.process_collector import ProcessCollector
         self.clock = clock
         self._failed = False
         self._role: Optional[str] = None
@@ -245,7 +245,7 @@ class Metrics(NullMetrics):
         self._server: Optional[_Server] = None
         self.registry = r = CollectorRegistry(auto_describe=True)
         if process:
-            ProcessCollector(registry=r)
+            r.register(_ProcessCollector())
         info = Gauge("vip_elector_info", "This daemon: its version, the trigger-key it competes "
                      "for and the value it writes there (always 1).",
                      ["version", "key", "value"], registry=r)
@@ -350,6 +350,39 @@ class Metrics(NullMetrics):
         server, self._server = self._server, None
         if server is not None:
             server.close()
+
+
+class _ProcessCollector:
+    """``process_*`` as Prometheus names them, read in ways the unit's sandbox allows.
+
+    prometheus_client's own ProcessCollector needs ``/proc/stat`` (the boot
+    time), which ``ProcSubset=pid`` hides: it then reports nothing. Here: RSS
+    from ``/proc/self/statm``, CPU from ``os.times()`` (every thread, ended
+    scrape threads included), open files from ``/proc/self/fd``, and the start
+    time of this program (a reload's exec starts a new one).
+    """
+
+    def __init__(self):
+        self.started = time.time()
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        times = os.times()
+        yield CounterMetricFamily("process_cpu_seconds_total", "Total user and system CPU time "
+                                  "spent in seconds.", value=times.user + times.system)
+        yield GaugeMetricFamily("process_start_time_seconds", "Start time of the process since "
+                                "unix epoch in seconds (a reload re-executes: a new start).",
+                                value=self.started)
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                rss = int(f.read().split()[1]) * self.page
+            yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in "
+                                    "bytes.", value=rss)
+            yield GaugeMetricFamily("process_open_fds", "Number of open file descriptors.",
+                                    value=len(os.listdir("/proc/self/fd")))
+        except (OSError, ValueError, IndexError):
+            pass
 
 
 def _block_signals() -> None:

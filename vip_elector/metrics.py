@@ -292,10 +292,10 @@ class Metrics(NullMetrics):
         if role == self._role:
             return
         previous, self._role = self._role, role
-        if previous is not None:
+        if previous is not None:  # the first role is where the daemon starts, not a change
             self.roles.labels(previous).set(0)
+            self.transitions.labels(role).inc()
         self.roles.labels(role).set(1)
-        self.transitions.labels(role).inc()
         self.leader.set(1 if role == "leader" else 0)
 
     @_guarded

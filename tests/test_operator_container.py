@@ -188,7 +188,7 @@ def configure_instance(ct, consul, name, key):
 
 def scrape(port):
     import urllib.request
-    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=3) as r:
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open("http://127.0.0.1:%d/metrics" % port, timeout=3) as r:
         return r.read().decode()
 
 

@@ -159,8 +159,9 @@ def check_address(address: MetricsAddress, key: Optional[str] = None) -> tuple[b
 def _served_by_elector(address: MetricsAddress, key: str) -> bool:
     """Whether a vip-elector for ``key`` answers at the address (it holds the port, rightly)."""
     import urllib.request
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never $http_proxy
     try:
-        with urllib.request.urlopen(f"http://{address}/metrics", timeout=2) as r:
+        with direct.open(f"http://{address}/metrics", timeout=2) as r:
             text = r.read(1 << 20).decode("utf-8", "replace")
     except (OSError, ValueError):
         return False

@@ -207,9 +207,22 @@ def test_configured_plain_unit_leads(ct, consul, keys):
     assert re.search(r"vip-elector %s\b" % re.escape(VERSION), started), started
 
 
+#: Each instance its own metrics port (SPEC §11.6); the container shares the host's network.
+METRICS_PORTS = {}
+
+
 def configure_instance(ct, consul, name, key):
+    from consul_agent import free_ports
+    METRICS_PORTS.setdefault(name, free_ports(1)[0])
     ct.put("/etc/vip-manager-%s.yml" % name, vip_manager_yml(consul, key), mode=0o640, group="vip-elector")
-    set_opts(ct, "/etc/default/vip-elector-%s" % name, "--vip-manager-config=/etc/vip-manager-%s.yml" % name)
+    set_opts(ct, "/etc/default/vip-elector-%s" % name, "--vip-manager-config=/etc/vip-manager-%s.yml "
+             "--metrics-address=127.0.0.1:%d" % (name, METRICS_PORTS[name]))
+
+
+def scrape(port):
+    import urllib.request
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open("http://127.0.0.1:%d/metrics" % port, timeout=3) as r:
+        return r.read().decode()
 
 
 def test_two_instances_lead_on_two_keys_apart(ct, consul, keys):
@@ -237,6 +250,9 @@ def test_two_instances_lead_on_two_keys_apart(ct, consul, keys):
         assert keys[name] not in ct.journal("-u", "vip-elector", "-o", "cat")
         if _daemon_knows_its_instance():
             assert keys[name] in ct.journal("-t", "vip-elector-%s" % name, "-o", "cat")
+        # Its own metrics port, its own key (python3-prometheus-client came with the package).
+        text = scrape(METRICS_PORTS[name])
+        assert 'key="%s"' % keys[name] in text and "vip_elector_leader 1.0" in text, text
 
 
 def _daemon_knows_its_instance():

@@ -277,6 +277,57 @@ def test_reload_with_a_broken_configuration_keeps_leading(installed, consul, key
         assert props(ct, 'MainPID')['MainPID'] == pid
 
 
+def scrape(port):
+    """The text at http://127.0.0.1:PORT/metrics (the container shares the host's network), or None."""
+    import urllib.request
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f'http://127.0.0.1:{port}/metrics', timeout=3) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
+def test_metrics_are_served_from_the_sandbox_and_through_reloads(installed, consul, key):
+    """SPEC §11.6: --metrics-address added by a reload (the unit's ExecReload= hands the new
+    VIP_ELECTOR_OPTS over) is served by the sandboxed daemon, and still after a second
+    reload (re-execution: the same port bound again); removed, the port is closed. The
+    key is untouched throughout."""
+    from consul_agent import free_ports
+    ct = installed
+    if props(ct, 'ActiveState')['ActiveState'] != 'active':
+        ct.systemctl('start', UNIT)
+    wait_for(lambda: held_by(consul, key, NAME), 45, message=f'{NAME} to hold {key}')
+    wait_for(lambda: props(ct, 'StatusText')['StatusText'] == f'leader: holding {key} as {NAME}',
+             15, message='the leader status')
+    shipped = ct.read('/etc/default/vip-elector')
+    (port,) = free_ports(1)
+    pid = props(ct, 'MainPID')['MainPID']
+    leading = 'vip_elector_leader 1.0'
+    with key_untouched(consul, key):
+        try:
+            ct.put('/etc/default/vip-elector', shipped.replace(
+                '--token-file=', f'--metrics-address=127.0.0.1:{port} --token-file=', 1),
+                mode=0o640, group='vip-elector')
+            ct.systemctl('reload', UNIT)
+            wait_for(lambda: leading in (scrape(port) or ''), 15, message='the leader gauge at 1')
+            text = scrape(port)
+            assert f'vip_elector_info{{key="{key}",value="{NAME}",version=' in text, text
+            assert 'process_resident_memory_bytes' in text, 'process_* under ProcSubset=pid too'
+            started = re.search(r'^process_start_time_seconds (\S+)$', text, re.M).group(1)
+            ct.systemctl('reload', UNIT)
+            wait_for(lambda: leading in (scrape(port) or ''), 15, message='served after a second reload')
+            again = re.search(r'^process_start_time_seconds (\S+)$', scrape(port), re.M).group(1)
+            assert float(again) > float(started), 'a reload is a new program: a new start time'
+            assert props(ct, 'MainPID')['MainPID'] == pid, 'reloads re-execute in place'
+            assert 'trying again' not in ct.journal('-u', UNIT, this_run(ct))
+        finally:
+            ct.put('/etc/default/vip-elector', shipped, mode=0o640, group='vip-elector')
+        ct.systemctl('reload', UNIT)
+        wait_for(lambda: scrape(port) is None, 15, message='the port closed once the flag is gone')
+        wait_for(lambda: props(ct, 'StatusText')['StatusText'] == f'leader: holding {key} as {NAME}',
+                 15, message='the leader status after the last reload')
+
+
 def test_waiting_and_lost_are_explained_in_the_journal(installed, consul, key):
     """--check-id: waiting while the check is missing, leader when it passes,
     LOCK LOST when it fails; each event with its MESSAGE_ID and catalog text."""

@@ -206,6 +206,9 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
                  f"{format_duration(settings.lock_delay)}, {who}")
     for warning in settings.warnings:
         print(f"warn  {warning}", file=out)
+    if settings.metrics_address is not None:
+        from .metrics import check_address
+        report(*check_address(settings.metrics_address, settings.trigger_key))
     untested = untested_library()
     if untested:
         print(f"warn  {untested}", file=out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -62,6 +63,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="run PATH leader|standby KEY VALUE whenever this node's state changes")
     p.add_argument("--hook-timeout", metavar="DURATION", default="10s",
                    help="kill a hook still running after this long (default 10s)")
+    p.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9101 "
+                        "or [::1]:9101 (default: none)")
     p.add_argument("--reload-pid", metavar="PID", type=int,
                    help="what the unit's ExecReload= runs: hand the unit's current options and "
                         "environment to the daemon PID and make it reload")
@@ -138,6 +142,10 @@ def _settings(args: argparse.Namespace, env=os.environ) -> Settings:
     if settings.hook:
         from .hooks import validate_hook
         settings = dataclasses.replace(settings, hook=validate_hook(settings.hook))
+    if args.metrics_address is not None:
+        from .metrics import parse_metrics_address
+        settings = dataclasses.replace(settings,
+                                       metrics_address=parse_metrics_address(args.metrics_address))
     return settings
 
 
@@ -203,13 +211,20 @@ def _run_daemon(settings: Settings, consul, notifier: Notifier, context: Electio
     from .state import ENV_VAR, StateStore
 
     reexec = os.environ.pop(REEXEC_VAR, None) is not None
+    try:
+        metrics = _serve_metrics(settings, reexec)
+    except ConfigError as e:
+        return _config_error(e, notifier)
+    consul.on_error = metrics.consul_error
     store = StateStore(settings.state_dir)
     saved = store.load(os.environ)
     reloader = Reloader(sys.argv[1:], os.environ)
-    hooks = Hooks(settings.hook, settings.hook_timeout, settings.trigger_key, settings.value)
+    hooks = Hooks(settings.hook, settings.hook_timeout, settings.trigger_key, settings.value,
+                  report=metrics.hook_run)
+    validate = functools.partial(_validate_reload, bound=settings.metrics_address)
     election = Election(settings, consul, notifier, context, hooks=hooks, state=store, saved=saved,
-                        reload_settings=lambda: reloader.prepare(_validate_reload),
-                        reload_verdict=reloader.verdict)
+                        reload_settings=lambda: reloader.prepare(validate),
+                        reload_verdict=reloader.verdict, metrics=metrics)
     relay = signals.SignalRelay(election.on_signal).start()
     _log_start(settings, reexec)
     try:
@@ -222,6 +237,7 @@ def _run_daemon(settings: Settings, consul, notifier: Notifier, context: Electio
         raise
     finally:
         consul.close()
+        metrics.close()  # before the exec: the new program binds the port again
     if outcome != Outcome.REEXEC:
         notifier.final_status("stopped")
         return EXIT_OK
@@ -241,13 +257,46 @@ def _run_daemon(settings: Settings, consul, notifier: Notifier, context: Electio
     return EXIT_FAILURE
 
 
-def _validate_reload(argv: list[str], env) -> Settings:
-    """The configuration a reload would start with, or ConfigError naming what is wrong."""
+def _serve_metrics(settings: Settings, reexec: bool):
+    """The metrics sink, serving already when --metrics-address is given (before READY=1).
+
+    At start an address that cannot be used is a configuration error. After a
+    reload's exec it is not: the reload checked the address, and a reload
+    never ends the daemon — it says so and keeps trying to bind.
+    """
+    from .metrics import Metrics, NullMetrics, bind
+    address = settings.metrics_address
+    if address is None:
+        return NullMetrics()
+    metrics = Metrics(__version__, settings.trigger_key, settings.value, hooks=bool(settings.hook))
+    try:
+        metrics.serve(bind(address))
+    except ConfigError as e:
+        if not reexec:
+            raise
+        log.error("%s; trying again every 5 s", e)
+        metrics.serve_later(address)
+        return metrics
+    log.info("serving metrics at http://%s/metrics", address)
+    return metrics
+
+
+def _validate_reload(argv: list[str], env, bound=None) -> Settings:
+    """The configuration a reload would start with, or ConfigError naming what is wrong.
+
+    ``bound``: the metrics address this program listens on (the new program
+    takes it over); another address must be free now, or the reload is refused.
+    """
     try:
         args = parse_args(argv)
     except (UsageError, SystemExit) as e:
         raise ConfigError(f"the options {' '.join(argv)!r}: {e}") from None
-    return _settings(args, env)
+    settings = _settings(args, env)
+    if settings.metrics_address is not None:
+        from .metrics import bind, same_address
+        if not same_address(settings.metrics_address, bound):
+            bind(settings.metrics_address).close()
+    return settings
 
 
 def run() -> None:

@@ -18,9 +18,12 @@ import pwd
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import yaml
+
+if TYPE_CHECKING:
+    from .metrics import MetricsAddress
 
 DEFAULT_ADDR = "127.0.0.1:8500"
 MIN_TTL, MAX_TTL = 10.0, 24 * 3600.0  # Consul refuses anything else
@@ -60,6 +63,8 @@ class Settings:
     #: Leadership hook (SPEC §10): run as ``HOOK STATE KEY VALUE``.
     hook: Optional[str] = None
     hook_timeout: float = 10.0
+    #: Where Prometheus metrics are served (SPEC §11.6); None: not at all. Set by cli.py.
+    metrics_address: Optional["MetricsAddress"] = None
     #: Warnings to log once logging is up (e.g. the hostname mismatch).
     warnings: tuple[str, ...] = ()
 

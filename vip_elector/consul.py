@@ -31,7 +31,7 @@ import time
 import urllib.parse
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import consul as consul_lib
 import consul.base as consul_base
@@ -56,6 +56,18 @@ class ConsulError(Exception):
 
 class ConsulUnreachable(ConsulError):
     """No answer: connection refused, timed out, TLS failure, not Consul."""
+
+
+class ConsulTimeout(ConsulUnreachable):
+    """No answer in time (the request's timeout, or the step's time budget, ran out)."""
+
+
+class RequestAbandoned(ConsulUnreachable):
+    """Ended by us (a stop aborts what is in flight), not by Consul."""
+
+
+class ConsulServerError(ConsulError):
+    """Consul answered HTTP 5xx: no cluster leader, an RPC error, a server in trouble."""
 
 
 class PermissionDenied(ConsulError):
@@ -251,7 +263,7 @@ class _Transport:
         if state.deadline is not None:
             left = state.deadline - time.monotonic()
             if left <= 0.001:
-                raise ConsulUnreachable("no answer in time (this step's time budget is spent)")
+                raise ConsulTimeout("no answer in time (this step's time budget is spent)")
             timeout = min(timeout, left)
         return timeout
 
@@ -268,7 +280,7 @@ class _Transport:
         for attempt in (1, 2):
             read_timeout = self._read_timeout(state, params)
             if state.aborted:
-                raise ConsulUnreachable("request abandoned")
+                raise RequestAbandoned("request abandoned")
             conn = self._connection(state, min(CONNECT_TIMEOUT, read_timeout))
             reused = conn.sock is not None
             try:
@@ -284,11 +296,13 @@ class _Transport:
             except (OSError, http.client.HTTPException) as e:
                 state.drop()  # a half-read connection is useless
                 if state.aborted:
-                    raise ConsulUnreachable("request abandoned") from None
+                    raise RequestAbandoned("request abandoned") from None
                 # A kept-alive connection the agent had closed fails at once: one fresh try.
                 if reused and attempt == 1 and not isinstance(e, (TimeoutError, socket.timeout)):
                     continue
-                raise ConsulUnreachable(_short_reason(e, self.address)) from None
+                timeout = isinstance(e, (TimeoutError, socket.timeout))
+                raise (ConsulTimeout if timeout else ConsulUnreachable)(
+                    _short_reason(e, self.address)) from None
             finally:
                 state.in_flight = None
             if response.will_close:
@@ -365,7 +379,8 @@ def _error_for(code: int, body: str, call: Optional[str] = None) -> ConsulError:
         return CheckNotPassing(text)
     if "invalid session" in lowered or "session" in lowered and "not found" in lowered:
         return InvalidSession(text)
-    return ConsulError(f"HTTP {code}: {text}" if text else f"HTTP {code}")
+    error = ConsulServerError if code >= 500 else ConsulError
+    return error(f"HTTP {code}: {text}" if text else f"HTTP {code}")
 
 
 @contextlib.contextmanager
@@ -390,7 +405,15 @@ def _translated(method):
             return method(self, *args, **kwargs)
         except consul_base.ConsulException as e:
             raise ConsulError(f"unexpected answer from Consul: {type(e).__name__}: {e}"[:300]) from None
-    return functools.wraps(method)(call)
+
+    @functools.wraps(method)
+    def reported(self, *args, **kwargs):
+        try:
+            return call(self, *args, **kwargs)
+        except ConsulError as e:
+            self.on_error(e)  # the metrics' error counter (SPEC §11.6); never raises
+            raise
+    return reported
 
 
 class _Library(consul_lib.Consul):
@@ -417,6 +440,8 @@ class ConsulClient:
         self.transport = _Transport(settings)
         self._lib = _Library(self.transport)
         self.key = settings.trigger_key
+        #: Told of every error a call raises, from whichever thread made it (metrics.py).
+        self.on_error: Callable[[ConsulError], None] = lambda error: None
 
     # Agent and health ---------------------------------------------------
 

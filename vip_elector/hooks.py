@@ -38,7 +38,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from . import signals
 from .config import ConfigError
@@ -110,8 +110,11 @@ class Hooks:
     its call started is skipped. With ``path`` None every method is a no-op.
     """
 
-    def __init__(self, path: Optional[str], timeout: float, key: str, value: str):
+    def __init__(self, path: Optional[str], timeout: float, key: str, value: str,
+                 report: Optional[Callable[[str, str], None]] = None):
         self.path, self.timeout, self.key, self.value = path, timeout, key, value
+        #: Told how each call ended: (state, ok|failed|killed|not_run), for the metrics.
+        self.report = report or (lambda state, result: None)
         self.name = os.path.basename(path) if path else ""
         self._cond = threading.Condition()
         self._wanted: Optional[_Call] = None   # the latest state not yet started
@@ -235,6 +238,7 @@ class Hooks:
             path = validate_hook(self.path)
         except ConfigError as e:
             log.error("%s: not run: %s", what, str(e).replace("--hook ", "", 1))
+            self.report(call.state, "not_run")
             return
         started = time.monotonic()
         try:
@@ -244,6 +248,7 @@ class Hooks:
                 cwd="/", close_fds=True, start_new_session=True, preexec_fn=signals.unblock)
         except OSError as e:
             log.error("%s: cannot run %s: %s", what, path, e.strerror or e)
+            self.report(call.state, "not_run")
             return
         with self._cond:
             self._proc = proc
@@ -260,7 +265,7 @@ class Hooks:
             _reap(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
-        self._log_exit(proc, what, started)
+        self.report(call.state, self._log_exit(proc, what, started))
 
     def _supervise(self, proc: subprocess.Popen, what: str, started: float) -> None:
         """Log its output until it exits (and its group is gone); enforce the deadlines."""
@@ -314,19 +319,22 @@ class Hooks:
                     eof = True
         out.close()
 
-    def _log_exit(self, proc: subprocess.Popen, what: str, started: float) -> None:
+    def _log_exit(self, proc: subprocess.Popen, what: str, started: float) -> str:
+        """Log how the call ended; return it in a word: ok, failed or killed."""
         ms = (time.monotonic() - started) * 1000
         code = proc.returncode
         if code == 0:
             log.info("%s: exited 0 after %.0f ms", what, ms)
-        elif code is not None and code < 0:
+            return "ok"
+        if code is not None and code < 0:
             try:
                 name = signal.Signals(-code).name
             except ValueError:
                 name = f"signal {-code}"
             log.warning("%s: killed by %s after %.0f ms", what, name, ms)
-        else:
-            log.warning("%s: exited %s after %.0f ms", what, code, ms)
+            return "killed"
+        log.warning("%s: exited %s after %.0f ms", what, code, ms)
+        return "failed"
 
 
 class _OutputLog:

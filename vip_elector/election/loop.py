@@ -60,6 +60,7 @@ from typing import Callable, Optional
 from ..config import ConfigError, Settings
 from ..consul import ConsulClient, ConsulError, ConsulUnreachable, InvalidSession, KeyState, PermissionDenied
 from ..hooks import Hooks
+from ..metrics import NullMetrics
 from ..state import SavedSession, StateStore
 from ..systemd import ElectionContext, Notifier
 from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, WatchFailed
@@ -89,8 +90,10 @@ class Election:
                  state: Optional[StateStore] = None,
                  saved: Optional[SavedSession] = None,
                  reload_settings: Optional[Callable[[], Optional[Settings]]] = None,
-                 reload_verdict: Callable[[Optional[str]], None] = lambda error: None):
+                 reload_verdict: Callable[[Optional[str]], None] = lambda error: None,
+                 metrics: Optional[NullMetrics] = None):
         self.settings, self.consul, self.notifier = settings, consul, notifier
+        self.metrics = metrics or NullMetrics()  # a sink: told of roles, confirmations, replacements
         self.timing, self.clock = timing, clock
         self.reload_settings = reload_settings  # the validated new configuration, or ConfigError
         self.reload_verdict = reload_verdict    # told None (applied) or why a reload was refused
@@ -99,7 +102,7 @@ class Election:
         self.watcher = KeyWatcher(consul, self.events, timing, rng)
         self.reporter = Reporter(settings, notifier, context,
                                  hooks or Hooks(None, 0, settings.trigger_key, settings.value),
-                                 consul, self._critical_seen)
+                                 consul, self._critical_seen, self.metrics)
         self.lease = Lease(consul, settings, timing, clock, self.state, self.reporter.use_session)
         self.key = TriggerKey(consul, settings, timing, clock)
         self.previous = PreviousRun(consul, settings, clock, self.state, self.reporter, saved)
@@ -250,6 +253,7 @@ class Election:
         else:
             self.bug_backoff.reset()
         self._check_claim()
+        self.metrics.session_confirmed(self.lease.confirmed_at)
 
     def _budget(self) -> float:
         """How long this step's requests may take: the turn budget, and a leader's claim window."""
@@ -347,6 +351,7 @@ class Election:
     def _replace(self) -> None:
         replaced = self.lease.replace()
         if isinstance(replaced, Replaced):
+            self.metrics.session_replaced()
             self.key.seen(replaced.index, replaced.key)
             self.act_at = self.clock()
 

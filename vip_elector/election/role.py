@@ -19,6 +19,7 @@ from typing import Callable, Optional
 from ..config import Settings
 from ..consul import ConsulClient, KeyState, describe_holder
 from ..hooks import LEADER, STANDBY, Hooks
+from ..metrics import NullMetrics
 from ..systemd import (MESSAGE_ACQUIRED, MESSAGE_LOST, MESSAGE_RELEASED, MESSAGE_WAITING,
                        ElectionContext, Notifier)
 from .watch import HealthWatch
@@ -41,8 +42,10 @@ class Reporter:
     """Changes the role and says so: log, STATUS, journal fields, hooks, health watch."""
 
     def __init__(self, settings: Settings, notifier: Notifier, context: ElectionContext,
-                 hooks: Hooks, consul: ConsulClient, on_critical: Callable[[str], None]):
+                 hooks: Hooks, consul: ConsulClient, on_critical: Callable[[str], None],
+                 metrics: Optional[NullMetrics] = None):
         self.settings, self.notifier, self.context, self.hooks = settings, notifier, context, hooks
+        self.metrics = metrics or NullMetrics()
         self.consul, self.on_critical = consul, on_critical
         self.role = Role.STARTING
         self.session = ""                      # the session hooks and the journal are told about
@@ -206,6 +209,7 @@ class Reporter:
         previous = self.role
         self.role = role
         self.context.role = role.value
+        self.metrics.role(role.value)
         self._watch_health(role == Role.LEADER)
         if previous != Role.LEADER and role == Role.LEADER and resumed:
             # Not a new leadership (the audit's MESSAGE_ID): the key was not touched.

@@ -142,7 +142,7 @@ def holder(consul, key):
 
 
 def led_again_in_place(consul, key, node, session, since):
-    """After Consul trouble the leader leads on a replacement session (README "Faults": a
+    """After Consul trouble the leader leads on a replacement session (tests/README.md "Faults": a
     Consul server may still destroy the old one): the lock moved to it in one transaction —
     no acquire, no delete since `since` (time.monotonic()) — the key's value unchanged, and
     the old session gone."""

@@ -364,7 +364,7 @@ def test_outage_longer_than_the_ttl_that_consul_survives_keeps_the_key_on_this_n
         fresh_consul, key, start, tmp_path):
     """Agent frozen 13 s > TTL 10 s (Consul expires after 2×TTL): the session is confirmed
     again, then replaced, the key moving to the new session in one step: never free, its
-    value unchanged (README "Faults": a server may still destroy a session it saw expire)."""
+    value unchanged (tests/README.md "Faults": a server may still destroy a session it saw expire)."""
     a = start(fresh_consul, key, "node-a")
     entry = lead(fresh_consul, key, a, "node-a")
     watcher = KeyWatcher(fresh_consul, key)

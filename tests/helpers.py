@@ -373,9 +373,18 @@ class Process:
         except subprocess.TimeoutExpired:
             raise WaitTimeout("%s still running %.1fs after wait started; log:\n%s"
                               % (self.name, timeout, self.tail(60))) from None
+        self._join_main_reader()
+        return status
+
+    def _join_main_reader(self):
+        """After the exit: let the reader see the end of the output, so that
+        `lines` is complete and `exited_at` is the precise moment the output
+        ended (tests/tools/bench times exits by it); a grandchild that keeps the
+        pipe open only delays this 5 s, then the exit as seen now counts."""
+        if self._threads and self._threads[0] is not threading.current_thread():
+            self._threads[0].join(5)
         with self._cond:
             self.exited_at = self.exited_at or time.time()
-        return status
 
     def stop(self, timeout=10, sig=signal.SIGTERM) -> Optional[int]:
         """Signal, wait up to timeout, then SIGKILL; return the exit status."""

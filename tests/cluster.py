@@ -50,10 +50,10 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from consul_agent import ConsulError, wait_for
+from consul_agent import ConsulError
 from elector_process import PYTHON, REPO, elector_env
-from helpers import NotifySocket
-from vipnet import (CONSUL, VIP_MANAGER, ConsulHTTP, KeyWatcher, Lab, Netns, Proc, VipMonitor,
+from helpers import INTERNAL_ERROR, KeyWatcher, NotifySocket, Process, wait_for
+from vipnet import (CONSUL, VIP_MANAGER, VIP_MANAGER_READY, ConsulHTTP, Lab, Netns, VipMonitor, spawn,
                     _UnixHTTPConnection, missing_prerequisite, overlaps)
 
 __all__ = ["ClusterLab", "missing_prerequisite", "claim_intervals", "gaps"]
@@ -76,7 +76,7 @@ class Member:
     sock: str                   # its HTTP API's unix socket
     config: str
     api: ConsulHTTP
-    proc: Optional[Proc] = None
+    proc: Optional[Process] = None
     paused: bool = False
     link_up: bool = True
     elector_paused: bool = False   # (nodes) its vip-elector is SIGSTOPped
@@ -84,7 +84,7 @@ class Member:
     @property
     def running(self) -> bool:
         """Alive and not stopped: able to answer."""
-        return self.proc is not None and self.proc.alive() and not self.paused
+        return self.proc is not None and self.proc.alive and not self.paused
 
 
 def find_fence_hook():
@@ -398,13 +398,13 @@ class ClusterLab(Lab):
         (self.servers if server else self.agents)[key] = m
 
     def _start_agent(self, m):
-        m.proc = Proc(m.name + "-consul", [CONSUL, "agent", "-config-file", m.config],
-                      self.log("consul-" + m.key), netns=m.netns, cwd=self.dir)
+        m.proc = spawn(m.name + "-consul", [CONSUL, "agent", "-config-file", m.config],
+                       self.log("consul-" + m.key), netns=m.netns, cwd=self.dir)
         m.paused = False
 
     def _wait_ready(self, m, timeout):
         def ready():
-            if not m.proc.alive():
+            if not m.proc.alive:
                 raise AssertionError("consul %s exited:\n%s" % (m.name, m.proc.tail()))
             if m.server:
                 return m.api.call("GET", "/v1/status/leader", timeout=1)
@@ -511,18 +511,18 @@ class ClusterLab(Lab):
     def start_vip_manager(self, node, wait=True):
         self.write_elector_config(node)
         with self._vm_lock:
-            proc = Proc("vip-manager-" + node, [VIP_MANAGER, "--config", self.vip_manager_config(node)],
-                        self.log("vip-manager-" + node), netns=self.agents[node].netns, cwd=self.dir)
+            proc = spawn("vip-manager-" + node, [VIP_MANAGER, "--config", self.vip_manager_config(node)],
+                         self.log("vip-manager-" + node), netns=self.agents[node].netns, cwd=self.dir)
             self.vip_managers[node] = proc
         if wait:
-            proc.wait_line(r"state is (true|false), desired", 30)
+            proc.wait_for_line(VIP_MANAGER_READY, 30)
         return proc
 
     def ensure_vip_manager(self, node):
         """Start node's vip-manager unless it runs (systemctl start: no wait for its work)."""
         with self._vm_lock:
             proc = self.vip_managers.get(node)
-            if proc is None or not proc.alive():
+            if proc is None or not proc.alive:
                 self.start_vip_manager(node, wait=False)
 
     def stop_vip_manager(self, node):
@@ -577,9 +577,9 @@ class ClusterLab(Lab):
         args = ["--state-dir", self.state_dir(node)] + (["--hook", self.hook_for(node)] if self.hook else [])
         env = dict(env or {}, NOTIFY_SOCKET=self.notify[node].path)
         t = self.note("start elector-%s" % node)
-        proc = Proc("elector-" + node, self.elector_argv(node, addr, args + self.elector_args + list(extra)),
-                    self.log("elector-" + node), netns=self.agents[node].netns, cwd=REPO,
-                    env=elector_env(env), on_line=on_line)
+        proc = spawn("elector-" + node, self.elector_argv(node, addr, args + self.elector_args + list(extra)),
+                     self.log("elector-" + node), netns=self.agents[node].netns, cwd=REPO,
+                     env=elector_env(env), on_line=on_line)
         self.life[node].append((t, "start"))
         self.electors[node] = proc
         return proc
@@ -635,17 +635,18 @@ class ClusterLab(Lab):
         """Electors that exited without being asked to: [(name, status, tail of log)]."""
         out = []
         for proc in self.elector_procs():
-            if not proc.alive() and id(proc) not in self._asked and (proc.exited_at or time.time()) >= since:
-                out.append((proc.name, proc.popen.returncode, proc.tail(15)))
+            if not proc.alive and id(proc) not in self._asked and (proc.exited_at or time.time()) >= since:
+                out.append((proc.name, proc.returncode, proc.tail(15)))
         return out
 
-    def log_errors(self, since=0.0, pattern=r"internal error|Traceback"):
-        """Elector log lines after `since` matching pattern: (name, line)."""
+    def log_errors(self, since=0.0):
+        """Elector log lines after `since` (a time.time()) saying `internal error` or
+        holding a traceback: (name, line), the first of each elector."""
         out = []
         for proc in self.elector_procs():
-            found = proc.find_line(pattern, since)
+            found = proc.find_line(lambda text: INTERNAL_ERROR in text or "Traceback" in text, after=since)
             if found:
-                out.append((proc.name, found[1]))
+                out.append((proc.name, found.text))
         return out
 
     # claims
@@ -688,7 +689,7 @@ class ClusterLab(Lab):
 
     def orphan_sessions(self):
         """vip-elector sessions beyond one per running elector (stale or duplicate)."""
-        running = {"vip-elector-" + self.name(n) for n, p in self.electors.items() if p.alive()}
+        running = {"vip-elector-" + self.name(n) for n, p in self.electors.items() if p.alive}
         names = self.sessions_by_name()
         return len(names) - len(running & set(names))
 
@@ -702,7 +703,7 @@ class ClusterLab(Lab):
         leader = claimers[0]
         if self.leader() != leader:
             return None, "%s claims but the key is %r" % (leader, self.watcher.current())
-        running = sorted("vip-elector-" + self.name(n) for n, p in self.electors.items() if p.alive())
+        running = sorted("vip-elector-" + self.name(n) for n, p in self.electors.items() if p.alive)
         sessions = self.sessions_by_name()
         if sessions != running:
             return None, "sessions %s, running electors %s" % (sessions, running)
@@ -739,7 +740,7 @@ class ClusterLab(Lab):
                 self.heal_link(m.key)
             if m.paused:
                 self.resume_agent(m.key)
-            if m.proc is None or not m.proc.alive():
+            if m.proc is None or not m.proc.alive:
                 self._start_agent(m)
         for m in list(self.servers.values()) + list(self.agents.values()):
             self._wait_ready(m, timeout)
@@ -747,7 +748,7 @@ class ClusterLab(Lab):
             self.pass_check(node)
             if self.agents[node].elector_paused:
                 self.resume_elector(node)
-            if node not in self.electors or not self.electors[node].alive():
+            if node not in self.electors or not self.electors[node].alive:
                 self.start_elector(node)
             if self.with_vip_manager and not self.hook:   # with the hook, the hook runs it
                 self.ensure_vip_manager(node)

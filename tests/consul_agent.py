@@ -32,11 +32,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+
+from helpers import wait_for
 
 LOCK_FLAG = 3304740253564472344  # 0x2ddccbc058a50c18, HashiCorp's lock API flag
 
@@ -65,34 +66,6 @@ def free_ports(n):
     finally:
         for s in socks:
             s.close()
-
-
-class WaitTimeout(AssertionError, TimeoutError):
-    """A deadline passed: a failed assertion for pytest, a TimeoutError for
-    the tools (tests/tools/bench, demo) that catch that."""
-
-
-def wait_for(condition, timeout, interval=0.05, message="condition"):
-    """Poll condition() until it returns a true value; return that value.
-
-    Raises WaitTimeout (an AssertionError and a TimeoutError) naming `message`
-    when the deadline passes.
-    Exceptions from condition() count as "not yet" (the last is reported).
-    """
-    deadline = time.monotonic() + timeout
-    last_exc = None
-    while True:
-        try:
-            value = condition()
-            if value:
-                return value
-        except Exception as exc:  # noqa: BLE001 - polling through transient errors
-            last_exc = exc
-        if time.monotonic() >= deadline:
-            extra = " (last error: %r)" % (last_exc,) if last_exc else ""
-            raise WaitTimeout("timed out after %.1fs waiting for %s%s"
-                                 % (timeout, message, extra))
-        time.sleep(interval)
 
 
 def agent_argv(binary, node, http_port, serf_lan_port, serf_wan_port, server_port, mode=("-dev",)):

@@ -36,7 +36,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from consul_agent import WaitTimeout
+from helpers import WaitTimeout
 
 RPC_ERROR = "rpc error making call: rpc error making call: No cluster leader"
 KV = r"/v1/kv/"

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from consul_agent import wait_for
+from helpers import INTERNAL_ERROR, wait_for
 
 UNIT = "vip-elector.service"
 CONFFILE = "/etc/default/vip-elector"
@@ -121,7 +121,7 @@ def journal_cursor(ct):
 
 def internal_errors(ct):
     return [e["MESSAGE"] for e in journal_entries(ct)
-            if "internal error" in str(e.get("MESSAGE", ""))]
+            if INTERNAL_ERROR in str(e.get("MESSAGE", ""))]
 
 
 @contextlib.contextmanager
@@ -129,7 +129,7 @@ def key_untouched(consul, key, settle=3.0):
     """Watch the key (blocking queries) for the whole `with` block and
     `settle` seconds after it: it must keep exactly the state it had at the
     start — same value, same session, same ModifyIndex. Yields the watcher."""
-    from vipnet import KeyWatcher
+    from helpers import KeyWatcher
     watcher = KeyWatcher(consul, key)
     try:
         before = watcher.current()

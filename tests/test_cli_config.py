@@ -16,9 +16,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consul_agent import wait_for
 from elector_process import PYTHON, REPO, elector_env, run_elector
-from helpers import go_duration, sessions_named
+from helpers import go_duration, sessions_named, wait_for
 
 pytestmark = pytest.mark.consul
 

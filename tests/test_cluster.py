@@ -88,7 +88,7 @@ def test_partition_of_leader_node(faults):
 def stayed(r):
     """SPEC §8: leadership survives what is not a fault of the leader node — the key is
     never free and never names another node (the leader may move it to a new session
-    of its own, see README "Faults")."""
+    of its own, see tests/README.md "Faults")."""
     assert r.detection is None, (
         "the key left node-%s %.1fs after the fault; next held by %s at %.1fs"
         % (r.leader, r.detection, r.new_holder, r.t_new_holder or float("nan")))

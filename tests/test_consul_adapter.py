@@ -186,9 +186,12 @@ def test_json_of_the_wrong_shape_is_a_consul_error_or_nothing(serve, body):
     """A key read that is JSON but not Consul's: a ConsulError, or "no key", never a crash."""
     client, _ = serve(lambda seen: (200, {"X-Consul-Index": "7"}, body))
     try:
-        client.read_key()
-    except ConsulError:
-        pass
+        _, key = client.read_key()
+    except ConsulError as error:
+        assert not isinstance(error, SPECIAL), "%r must not look like %r" % (body, type(error).__name__)
+        assert "Traceback" not in str(error) and len(str(error)) < 400, str(error)
+    else:
+        assert key is None, "%r read as a key: %r" % (body, key)
 
 
 def test_server_that_never_answers_is_unreachable_within_the_timeout(serve, short_timeout):

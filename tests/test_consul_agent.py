@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from consul_agent import LOCK_FLAG, ConsulError, elector_rules, wait_for
+from consul_agent import LOCK_FLAG, ConsulError, elector_rules
+from helpers import wait_for
 
 pytestmark = pytest.mark.consul
 

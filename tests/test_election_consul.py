@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from consul_agent import LOCK_FLAG, elector_rules, wait_for
+from consul_agent import LOCK_FLAG, elector_rules
 from elector_process import run_elector
-from helpers import KeySampler, go_duration, session_checks, sessions_named
+from helpers import KeyWatcher, go_duration, session_checks, sessions_named, stays_alive, wait_for
 
 pytestmark = [pytest.mark.consul, pytest.mark.compat]
 
@@ -56,14 +56,11 @@ def wait_leader(agent, key, names, timeout=30):
 
 def assert_never_leads(agent, key, electors_, seconds, names=None):
     """For `seconds`, the key is held by none of `names` and the electors stay up."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    def not_held():
         held = leader_of(agent, key)
         assert held is None or (names is not None and held not in names), \
             "%s holds %s" % (held, key)
-        for e in electors_:
-            assert e.alive, "%s exited (%s):\n%s" % (e.name, e.proc.returncode, e.log())
-        time.sleep(0.1)
+    stays_alive(electors_, seconds, check=not_held)
 
 
 # --------------------------------------------------------------- single node
@@ -138,17 +135,11 @@ def test_three_contenders_exactly_one_holder_throughout(consul, key, start):
     # Over more than 2×TTL (so renewals must work): one holder at every sample,
     # always the same one, nobody exits.
     cpu0 = {p.name: cpu_seconds(p.pid) for p in procs}
-    with KeySampler(consul, key, interval=0.1) as sampler:
-        end = time.monotonic() + 22
-        while time.monotonic() < end:
-            for p in procs:
-                assert p.alive, p.log()
-            time.sleep(0.5)
-    assert not sampler.errors
-    assert len(sampler.samples) > 50
-    holders = {(v, s) for (_, v, s) in sampler.samples}
-    assert len(holders) == 1 and None not in next(iter(holders)), holders
-    assert next(iter(holders))[0] == first
+    with KeyWatcher(consul, key) as watcher:
+        stays_alive(procs, 22, interval=0.5)
+    states = sorted({(value, session) for _, value, session, _ in watcher.history}, key=str)
+    assert len(states) == 1 and None not in states[0], states
+    assert states[0][0] == first
     for p in procs:     # blocking queries, not polling: idle in steady state
         used = cpu_seconds(p.pid) - cpu0[p.name]
         assert used < 2, "%s used %.1fs CPU in 22s of steady state" % (p.name, used)
@@ -248,15 +239,16 @@ def test_sigterm_leader_hands_over_at_once(consul, key, start):
     # A 15 s lock-delay: if the leader destroyed its session before deleting
     # the key, the standby would wait 15 s; the spec says "at once".
     a, b, a_session = leader_and_standby(consul, key, start, lock_delay="15s")
-    with KeySampler(consul, key, interval=0.01) as sampler:
-        t0 = time.monotonic()
+    with KeyWatcher(consul, key) as watcher:
+        t0 = time.time()
         a.terminate()
         assert a.wait(10) == 0
-        exited = time.monotonic()
+        exited = time.time()
         wait_leader(consul, key, "node-b", timeout=10)
-        handover = time.monotonic() - t0
+        handover = time.time() - t0
     assert exited - t0 < 5, "leader took %.1fs to exit" % (exited - t0)
-    assert "node-a" not in sampler.values_after(exited), "key showed node-a after it exited"
+    after = [value for _, value, _, _ in watcher.states_since(exited)]
+    assert "node-a" not in after, "key showed node-a after it exited: %r" % watcher.history
     assert handover < 8, "standby took %.1fs (lock-delay 15s was not avoided?)" % handover
     assert consul.session_info(a_session) is None
     assert b.alive
@@ -349,23 +341,16 @@ def test_agent_restart_under_running_leader(fresh_consul, key, start):
     b = start(agent, key, "node-b")
     wait_for(lambda: sessions_named(agent, "vip-elector-node-b"), 20, message="standby session")
     agent.stop()
-    # Consul is away: nobody crashes (watch them for a while).
-    end = time.monotonic() + 4
-    while time.monotonic() < end:
-        assert a.alive and b.alive, a.log() + "\n" + b.log()
-        time.sleep(0.2)
+    stays_alive([a, b], 4)       # Consul is away: nobody crashes
     agent.start()        # a -dev agent comes back empty: sessions and key are gone
     wait_leader(agent, key, ["node-a", "node-b"], timeout=60)
     wait_for(lambda: len(sessions_named(agent, "vip-elector-node-a")) == 1
              and len(sessions_named(agent, "vip-elector-node-b")) == 1, 60,
              message="both electors back with one session each")
-    with KeySampler(agent, key, interval=0.1) as sampler:
-        end = time.monotonic() + 3
-        while time.monotonic() < end:
-            assert a.alive and b.alive
-            time.sleep(0.2)
-    assert len({(v, s) for (_, v, s) in sampler.samples}) == 1
-    assert all(v in ("node-a", "node-b") and s for (_, v, s) in sampler.samples)
+    with KeyWatcher(agent, key) as watcher:
+        stays_alive([a, b], 3)
+    states = sorted({(value, session) for _, value, session, _ in watcher.history}, key=str)
+    assert len(states) == 1 and states[0][0] in ("node-a", "node-b") and states[0][1], states
     a.terminate()
     b.terminate()
     assert a.wait(10) == 0 and b.wait(10) == 0
@@ -383,10 +368,7 @@ def test_consul_not_running_yet_at_start(consul_factory, key, start):
     a.wait_for_line(agent.http_addr, 15)          # it has started and tried once
     # It waits (no exit, no busy loop) while nothing listens on the port ...
     cpu0 = cpu_seconds(a.pid)
-    end = time.monotonic() + 3
-    while time.monotonic() < end:
-        assert a.alive, a.log()
-        time.sleep(0.2)
+    stays_alive(a, 3)
     assert cpu_seconds(a.pid) - cpu0 < 0.5, "busy loop while Consul is away?"
     agent.start()
     # ... and leads once the agent appears (backoff ≤ 30 s, jittered).
@@ -433,9 +415,7 @@ def test_backoff_while_consul_errors_and_prompt_stop_during_it(key, electors, wr
         wait_for(lambda: broken.accepted, 15, message="a first connection")
         first = broken.accepted[0]
         cpu0 = cpu_seconds(e.pid)
-        while time.monotonic() - first < 12:
-            assert e.alive, e.log()
-            time.sleep(0.2)
+        stays_alive(e, first + 12 - time.monotonic())
         attempts = [t - first for t in broken.accepted if t - first < 12]
         print("connections in the first 12 s:", ["%.1f" % t for t in attempts])
         assert 2 <= len(attempts) <= 8, "want 1 s, 2 s, 4 s, ... (jittered): %s" % attempts
@@ -562,10 +542,7 @@ def test_acl_wrong_token_keeps_retrying_and_says_why(consul_factory, key, electo
     y = electors(["--vip-manager-config", config, "--hostname", "node-y", "--token", weak], name="weak")
     for e in (x, y):
         e.wait_for_line(lambda l: any(w in l.lower() for w in ("acl", "permission", "403", "token")), 20)
-    end = time.monotonic() + 3
-    while time.monotonic() < end:
-        assert x.alive and y.alive, x.log() + y.log()
-        time.sleep(0.2)
+    stays_alive([x, y], 3)
     assert agent.kv_all() == before
     assert not [s for s in agent.sessions() if s["Name"].startswith("vip-elector-")]
     for e in (x, y):
@@ -605,11 +582,10 @@ def test_elector_holder_blocks_consul_lock_until_it_stops(consul, key, start, tm
     marker = tmp_path / "got-lock"
     lock = consul.consul_lock(prefix, "touch %s; sleep 300" % marker)
     try:
-        end = time.monotonic() + 3
-        while time.monotonic() < end:
+        def lock_waits():
             assert not marker.exists(), "consul lock got the lock the elector holds"
             assert lock.poll() is None, lock.stdout.read()
-            time.sleep(0.1)
+        stays_alive(e, 3, check=lock_waits)
         e.terminate()
         assert e.wait(10) == 0
         wait_for(marker.exists, 20, message="consul lock to get the lock (no lock-delay)")

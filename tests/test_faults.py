@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from consul_agent import WaitTimeout, wait_for
 from elector_process import Elector, run_elector
 from fault_proxy import (KV, RENEW, Cut, DropAnswer, FaultProxy, Hang, Index, not_json,
                          status_500, too_many_requests)
-from helpers import NotifySocket, sessions_named
+from helpers import NotifySocket, WaitTimeout, internal_errors, sessions_named, stays_alive, wait_for
 
 pytestmark = pytest.mark.consul
 
@@ -90,7 +89,7 @@ class Node:
             except WaitTimeout:
                 if not self.elector.alive:
                     raise AssertionError("%s exited (%s) waiting for %s:\n%s" % (
-                        self.name, self.elector.proc.returncode, getattr(match, "__name__", match),
+                        self.name, self.elector.returncode, getattr(match, "__name__", match),
                         self.log_excerpt()))
                 if time.monotonic() >= end:
                     raise
@@ -122,10 +121,9 @@ def nodes(consul, key, electors, write_config):
     for n in made:
         if n.stopped:
             n.thaw()
-        if "internal error" in n.elector.log():
-            problems.append("%s logged an internal error:\n%s" % (n.name, n.log_excerpt()))
+        problems += internal_errors(n.elector)
         if not n.asked and not n.elector.alive:
-            problems.append("%s exited unasked (%s):\n%s" % (n.name, n.elector.proc.returncode,
+            problems.append("%s exited unasked (%s):\n%s" % (n.name, n.elector.returncode,
                                                             n.log_excerpt()))
     for n in made:
         n.proxy.close()
@@ -142,11 +140,11 @@ def holder(consul, key):
 
 
 def led_again_in_place(consul, key, node, session, since):
-    """After Consul trouble the leader leads on a replacement session (README "Faults": a
+    """After Consul trouble the leader leads on a replacement session (tests/README.md "Faults": a
     Consul server may still destroy the old one): the lock moved to it in one transaction —
     no acquire, no delete since `since` (time.monotonic()) — the key's value unchanged, and
     the old session gone."""
-    _, line = node.elector.wait_for_line("session %s replaced by " % session, 10)
+    line = node.elector.wait_for_line("session %s replaced by " % session, 10).text
     now = holder(consul, key)
     assert now is not None and now[0] == node.name and now[1] != session and now[1] in line, (now, line)
     rewrites = (node.proxy.requests("PUT", KV + key, {"acquire": True}, since=since)
@@ -190,14 +188,12 @@ def last_confirmed_renewal(node):
 
 def assert_no_claim_while(node, consul, key, other, seconds):
     """For `seconds`: `node` does not claim while `other` holds the key; node stays up."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        assert node.elector.alive, "%s exited:\n%s" % (node.name, node.log_excerpt())
+    def no_claim():
         h = holder(consul, key)
         if h and h[0] == other.name:
             assert not node.claiming(), "%s claims while %s holds the key: %s" % (
                 node.name, other.name, node.statuses()[-5:])
-        time.sleep(0.1)
+    stays_alive(node.elector, seconds, check=no_claim)
 
 
 # ------------------------------------------------------------- failover under errors
@@ -223,10 +219,7 @@ def test_500_on_the_session_check_after_the_key_vanished(consul, key, nodes):
     t0 = time.monotonic()
     consul.kv_delete(key)
     a.proxy.wait_request(path=SESSION_CHECK, since=t0, timeout=10, where=lambda r: r.rule is check)
-    end = time.monotonic() + 2.0                        # the fault lasts a little
-    while time.monotonic() < end:
-        assert a.elector.alive, a.log_excerpt()
-        time.sleep(0.1)
+    stays_alive(a.elector, 2.0)                         # the fault lasts a little
     a.proxy.clear()
     again, _ = wait_holds(consul, key, a, 20)
     a.elector.wait_for_line("Consul confirms session %s again" % session, 10)
@@ -346,11 +339,9 @@ def test_bad_answers_from_consul(consul, key, nodes, fault):
     rule = a.proxy.inject(ANSWERS[fault](), times=None)
     a.wait(lambda s: s.startswith("STATUS=waiting for Consul at %s" % a.proxy.addr), 20)
     rule.wait_hits(1, 1)
-    end = time.monotonic() + 1.5
-    while time.monotonic() < end:
+    def nothing_held():
         assert holder(consul, key) is None and not a.claiming(), a.statuses()[-3:]
-        assert a.elector.alive, a.log_excerpt()
-        time.sleep(0.1)
+    stays_alive(a.elector, 1.5, check=nothing_held)
     a.proxy.heal()
     session, index = wait_holds(consul, key, a, 30)
 
@@ -381,9 +372,7 @@ def test_lying_index_does_not_spin_the_watch(consul, key, nodes, mode):
     wait_holds(consul, key, b, 20)
     t0 = time.monotonic()
     window = 4.0
-    while time.monotonic() < t0 + window:
-        assert b.elector.alive, b.log_excerpt()
-        time.sleep(0.2)
+    stays_alive(b.elector, window)
     reads = b.proxy.requests("GET", KV + key, since=t0)
     print("measured: %d reads of the key in %gs (index %s)" % (len(reads), window, mode))
     assert len(reads) <= 3 * window + 4, "%s read the key %d times in %gs: the watch spins" % (

@@ -21,7 +21,7 @@ import re
 
 import pytest
 
-from consul_agent import wait_for
+from helpers import no_internal_errors, wait_for
 from debbuild import build_deb, build_unavailable
 from package_steps import apt_install, set_options, unit, wait_leading
 
@@ -115,7 +115,7 @@ def test_example_hook_starts_and_stops_vip_manager_under_the_sandbox(ct, consul,
     assert consul.kv_get(key) is None
     assert unit(ct, "Result")["Result"] == "success"
     journal = ct.journal("-u", "vip-elector", "-o", "cat")
-    assert "internal error" not in journal, journal
+    no_internal_errors(journal)
 
 
 def test_exposure_with_the_drop_in_is_reported(ct, installed):

@@ -24,7 +24,8 @@ import time
 import pytest
 
 import vipnet
-from test_hooks import hook_log, wait_for, write_hook  # noqa: F401 (hook_log: a fixture)
+from helpers import no_internal_errors, wait_for
+from test_hooks import hook_log, write_hook  # noqa: F401 (hook_log: a fixture)
 from vip_elector.hooks import LEADER, STANDBY, Hooks
 
 pytestmark = pytest.mark.e2e
@@ -219,13 +220,13 @@ def test_with_the_daemon_the_vip_is_never_on_two_nodes_and_comes_back_only_with_
             t0 = time.time()
             a = lab.start_elector("a", extra=["--hook", fence.wrapper])
             assert lab.wait_leader(timeout=30)[0] == "a"
-            a.wait_line(r"hook vip-elector-fence leader: exited 0", 30)
+            a.wait_for_line("hook vip-elector-fence leader: exited 0", 30)
             lab.wait_vip_on("a", timeout=15)
             lab.start_elector("b")
             lab.wait_competing("b")
             # a's check fails: a says standby, the hook fences, b takes over.
             lab.fail_check("a")
-            a.wait_line(r"hook vip-elector-fence standby: exited 0", 30)
+            a.wait_for_line("hook vip-elector-fence standby: exited 0", 30)
             assert lab.wait_leader(timeout=30, among="b")[0] == "b"
             lab.wait_vip_on("b", timeout=15)
             # a is healthy again but b holds the key: a stays standby, no VIP.
@@ -242,6 +243,6 @@ def test_with_the_daemon_the_vip_is_never_on_two_nodes_and_comes_back_only_with_
             t_key = lab.watcher.wait(lambda s: s[1] == lab.name("a") and s[2], 5, since=t_stop)[0]
             assert lab.vip_monitor.first_add(IFACE, t_stop) >= t_key - 0.05
             assert lab.vip_monitor.overlaps(t0) == [], lab.vip_monitor.overlaps(t0)
-            assert "internal error" not in "\n".join(text for _, text in a.lines)
+            no_internal_errors(a)
         finally:
             fence.close()

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from consul_agent import wait_for
 from elector_process import PYTHON, run_elector
+from helpers import no_internal_errors, wait_for
 from test_election_consul import elector_args, wait_leader
 from test_hooks import proc_gone, recorder, records, states_called
 
@@ -52,11 +52,6 @@ def start_with_hook(electors, write_config):
                             extra=["--hook", hook, "--hook-timeout", timeout] + list(extra))
         return electors(args, name=name)
     return run
-
-
-def no_internal_errors(*electors_):
-    for e in electors_:
-        assert "internal error" not in e.log(), e.log()
 
 
 def test_called_at_start_as_leader_and_as_follower(consul, key, tmp_path, start_with_hook):

@@ -13,10 +13,8 @@ import time
 
 import pytest
 
-from consul_agent import wait_for
 from elector_process import run_elector
-from helpers import sessions_named
-from vipnet import KeyWatcher
+from helpers import KeyWatcher, no_internal_errors, sessions_named, wait_for
 
 pytestmark = [pytest.mark.consul]
 
@@ -76,11 +74,6 @@ def assert_untouched(watcher, entry, since):
     assert all(s[1:] == expected for s in states), "the key moved: %r" % states
 
 
-def no_internal_error(*electors_):
-    for e in electors_:
-        assert "internal error" not in e.log(), e.log()
-
-
 # ---------------------------------------------------------------- reload
 
 def test_sighup_reloads_in_place_and_leaves_the_key_untouched(consul, key, start, watch, tmp_path):
@@ -104,7 +97,7 @@ def test_sighup_reloads_in_place_and_leaves_the_key_untouched(consul, key, start
     wait_for(lambda: consul.kv_get(key) is None, 5, message="the key deleted on stop")
     assert not sessions_named(consul, "vip-elector-node-a")
     assert not os.path.exists(tmp_path / "state" / "state.json"), "a planned stop leaves nothing to resume"
-    no_internal_error(a)
+    no_internal_errors(a)
 
 
 def test_reload_without_a_state_dir_still_resumes(consul, key, start, watch):
@@ -117,7 +110,7 @@ def test_reload_without_a_state_dir_still_resumes(consul, key, start, watch):
     a.send(signal.SIGHUP)
     a.wait_for_line("resumed leadership", 20, since=n)
     assert_untouched(w, entry, t0)
-    no_internal_error(a)
+    no_internal_errors(a)
 
 
 def test_burst_of_sighups_neither_kills_nor_moves(consul, key, start, watch, tmp_path, notify_socket):
@@ -138,7 +131,7 @@ def test_burst_of_sighups_neither_kills_nor_moves(consul, key, start, watch, tmp
     assert settled() and a.alive, a.log()
     assert_untouched(w, entry, t0)
     assert len(sessions_named(consul, "vip-elector-node-a")) == 1
-    no_internal_error(a)
+    no_internal_errors(a)
 
 
 def test_sigterm_during_a_reload_is_not_lost(consul, key, start, tmp_path):
@@ -167,7 +160,7 @@ def test_reload_that_changes_the_key_releases_and_competes_afresh(consul, key, s
     wait_for(lambda: held_by(consul, new_key, "node-a"), 20, message="the new key held")
     assert consul.session_info(old) is None
     assert len(sessions_named(consul, "vip-elector-node-a")) == 1
-    no_internal_error(a)
+    no_internal_errors(a)
 
 
 def test_reload_that_changes_the_value_writes_the_new_name(consul, key, start, write_config):
@@ -184,7 +177,7 @@ def test_reload_that_changes_the_value_writes_the_new_name(consul, key, start, w
     wait_for(lambda: held_by(consul, key, "node-a2"), 20, message="the key naming node-a2")
     assert consul.session_info(old) is None
     assert not sessions_named(consul, "vip-elector-node-a")
-    no_internal_error(a)
+    no_internal_errors(a)
 
 
 def test_reload_with_a_broken_configuration_keeps_running_and_leading(consul, key, start, watch,
@@ -204,14 +197,14 @@ def test_reload_with_a_broken_configuration_keeps_running_and_leading(consul, ke
         n = len(a.lines)
         since = time.time()
         a.send(signal.SIGHUP)
-        _, line = a.wait_for_line("reload failed", 10, since=n)
+        line = a.wait_for_line("reload failed", 10, since=n).text
         assert config in line, line
         notify.wait("RELOADING=1", 5, since=since)
         notify.wait("READY=1", 5, since=since)
         assert "reload failed" in notify.last_status()
         assert a.alive
     assert_untouched(w, entry, t0)
-    no_internal_error(a)
+    no_internal_errors(a)
 
 
 # ---------------------------------------------------------------- crash and restart
@@ -243,7 +236,7 @@ def test_sigkill_then_restart_resumes_leadership_untouched(consul, key, start, w
     a2.terminate()
     assert a2.wait(10) == 0
     wait_for(lambda: held_by(consul, key, "node-b"), 5, message="node-b taking over at once")
-    no_internal_error(a2, b)
+    no_internal_errors(a2, b)
 
 
 def test_restarted_follower_resumes_its_session(consul, key, start, tmp_path):
@@ -258,7 +251,7 @@ def test_restarted_follower_resumes_its_session(consul, key, start, tmp_path):
     b2.wait_for_line("resumed session %s" % sid, 20)
     b2.wait_for_line("following", 20)
     assert [s["ID"] for s in sessions_named(consul, "vip-elector-node-b")] == [sid]
-    no_internal_error(b2)
+    no_internal_errors(b2)
 
 
 def test_state_naming_another_daemons_session_leaves_it_alone(consul, key, start, tmp_path):
@@ -274,7 +267,7 @@ def test_state_naming_another_daemons_session_leaves_it_alone(consul, key, start
     assert held_by(consul, key, "node-z") == other
     consul.destroy_session(other)
     lead(consul, key, a, "node-a")
-    no_internal_error(a)
+    no_internal_errors(a)
 
 
 def test_changed_ttl_replaces_the_old_session(consul, key, start, tmp_path):
@@ -288,7 +281,7 @@ def test_changed_ttl_replaces_the_old_session(consul, key, start, tmp_path):
     assert consul.session_info(old) is None
     assert consul.kv_get(key)["Session"] != old
     assert len(sessions_named(consul, "vip-elector-node-a")) == 1
-    no_internal_error(a2)
+    no_internal_errors(a2)
 
 
 STATE_GARBAGE = {
@@ -307,7 +300,7 @@ def test_damaged_state_file_is_one_warning_then_a_normal_start(consul, key, star
     lead(consul, key, a, "node-a")
     assert len([ln for ln in a.lines if "state file" in ln and "ignoring" in ln]) == 1, a.log()
     assert json.loads((tmp_path / "state.json").read_text())["session"] == consul.kv_get(key)["Session"]
-    no_internal_error(a)
+    no_internal_errors(a)
 
 
 @pytest.mark.parametrize("field,value", [("key", "service/other/leader"), ("value", "node-q")])
@@ -323,7 +316,7 @@ def test_state_of_another_node_key_or_value(consul, key, start, tmp_path, field,
     a2.wait_for_line("made for another configuration", 20)   # ours, for another configuration
     wait_for(lambda: consul.session_info(sid) is None, 10, message="old session destroyed")
     lead(consul, key, a2, "node-a", timeout=40)
-    no_internal_error(a2)
+    no_internal_errors(a2)
 
 
 def test_state_naming_a_session_of_another_node_leaves_it_alone(consul, key, start, tmp_path):
@@ -337,7 +330,7 @@ def test_state_naming_a_session_of_another_node_leaves_it_alone(consul, key, sta
     a.wait_for_line("not this daemon's: leaving it alone", 20)
     lead(consul, key, a, "node-a")
     assert consul.session_info(other) is not None, "another node's session was touched"
-    no_internal_error(a)
+    no_internal_errors(a)
 
 
 @pytest.mark.parametrize("kind", ["missing", "unwritable"])
@@ -355,7 +348,7 @@ def test_unusable_state_dir_warns_once_and_runs(consul, key, start, tmp_path, ki
     if os.geteuid() == 0 and kind == "unwritable":
         return  # root writes anyway
     assert len(warnings) == 1, a.log()
-    no_internal_error(a)
+    no_internal_errors(a)
 
 
 # ---------------------------------------------------------------- outage
@@ -364,7 +357,7 @@ def test_outage_longer_than_the_ttl_that_consul_survives_keeps_the_key_on_this_n
         fresh_consul, key, start, tmp_path):
     """Agent frozen 13 s > TTL 10 s (Consul expires after 2×TTL): the session is confirmed
     again, then replaced, the key moving to the new session in one step: never free, its
-    value unchanged (README "Faults": a server may still destroy a session it saw expire)."""
+    value unchanged (tests/README.md "Faults": a server may still destroy a session it saw expire)."""
     a = start(fresh_consul, key, "node-a")
     entry = lead(fresh_consul, key, a, "node-a")
     watcher = KeyWatcher(fresh_consul, key)
@@ -377,7 +370,7 @@ def test_outage_longer_than_the_ttl_that_consul_survives_keeps_the_key_on_this_n
         os.kill(fresh_consul.proc.pid, signal.SIGCONT)
     try:
         a.wait_for_line("Consul confirms session %s again" % entry["Session"], 30, since=n)
-        _, line = a.wait_for_line("replaced by", 10, since=n)
+        line = a.wait_for_line("replaced by", 10, since=n).text
         a.wait_for_line("LOCK ACQUIRED", 10, since=n)
         now = fresh_consul.kv_get(key)
         wait_for(lambda: watcher.current()[2] == now["Session"], 10, message="the watcher caught up")
@@ -390,7 +383,7 @@ def test_outage_longer_than_the_ttl_that_consul_survives_keeps_the_key_on_this_n
         "the key was free, or named another node, on its way to the new session: %s" % states)
     assert fresh_consul.session_info(entry["Session"]) is None, "the old session destroyed"
     assert len(sessions_named(fresh_consul, "vip-elector-node-a")) == 1
-    no_internal_error(a)
+    no_internal_errors(a)
 
 
 def test_reload_applies_the_units_current_options_and_environment(consul, key, start, write_config,
@@ -425,7 +418,7 @@ def test_reload_applies_the_units_current_options_and_environment(consul, key, s
     # Broken: no options. The running daemon carries on, naming the variable.
     n = len(a.lines)
     reload_with("", applies=False)
-    _, line = a.wait_for_line("reload failed", 10, since=n)
+    line = a.wait_for_line("reload failed", 10, since=n).text
     assert "VIP_ELECTOR_OPTS" in line, line
     assert consul.kv_get(key)["Session"] == old
     # A new TTL: the new program runs with it (a new session, as SPEC §8.3 says).
@@ -436,7 +429,7 @@ def test_reload_applies_the_units_current_options_and_environment(consul, key, s
              message="the key held by the new session")
     assert consul.session_info(consul.kv_get(key)["Session"])["TTL"] == "15s"
     assert not os.listdir(run) or os.listdir(run) == ["state.json"], os.listdir(run)
-    no_internal_error(a)
+    no_internal_errors(a)
 
 
 def test_reload_pid_of_no_daemon_says_so(tmp_path):
@@ -454,7 +447,7 @@ def test_planned_stop_releases_every_time(consul, key, start):
         assert a.wait(10) == 0
         assert a.find_line("LOCK RELEASED"), "run %d:\n%s" % (i, a.log())
         assert consul.kv_get(key) is None
-        no_internal_error(a)
+        no_internal_errors(a)
 
 
 def test_stale_state_naming_a_session_consul_no_longer_has(consul, key, start, tmp_path):
@@ -466,4 +459,4 @@ def test_stale_state_naming_a_session_consul_no_longer_has(consul, key, start, t
     a.wait_for_line("session %s from the previous run is gone; starting afresh" % gone, 20)
     entry = lead(consul, key, a, "node-a")
     assert json.loads((tmp_path / "state.json").read_text())["session"] == entry["Session"]
-    no_internal_error(a)
+    no_internal_errors(a)

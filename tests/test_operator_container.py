@@ -33,7 +33,7 @@ import subprocess
 
 import pytest
 
-from consul_agent import wait_for
+from helpers import wait_for
 
 pytestmark = [pytest.mark.container, pytest.mark.consul]
 

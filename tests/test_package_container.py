@@ -51,6 +51,7 @@ import time
 import pytest
 
 from debbuild import build_release, deb_field, deb_files, release_unavailable, series_or_skip
+from helpers import wait_for
 from package_steps import (CONFFILE, apt_install, apt_purge, assert_quiet, internal_errors,  # noqa: F401
                            journal_cursor, journal_entries, key_untouched, main_pid,
                            reloaded_in_place, runs_version, set_options, stat, step, unit,
@@ -84,11 +85,6 @@ def ct(request):
 
 def main_pid_user(ct):
     return ct.run(["ps", "-o", "user=", "-p", main_pid(ct)]).stdout.strip()
-
-
-def wait_for(condition, timeout, message):
-    from consul_agent import wait_for as poll
-    return poll(condition, timeout, message=message)
 
 
 def installed_paths(ct):
@@ -280,7 +276,7 @@ def test_restart_is_a_planned_stop(ct, consul, step, request):
     """SPEC §8.5: `systemctl restart` still hands over: the key is deleted,
     then taken again with a new session (on a single node, after a gap)."""
     step("test_reinstall_restores_deleted_conffile_with_mode")
-    from vipnet import KeyWatcher
+    from helpers import KeyWatcher
     key = request.module.KEY
     watcher = KeyWatcher(consul, key)
     try:

@@ -27,7 +27,7 @@ import subprocess
 
 import pytest
 
-from consul_agent import wait_for
+from helpers import wait_for
 from package_steps import key_untouched
 
 pytestmark = [pytest.mark.container, pytest.mark.consul]

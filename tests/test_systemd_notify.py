@@ -21,7 +21,8 @@ import uuid
 
 import pytest
 
-from consul_agent import free_ports, wait_for
+from consul_agent import free_ports
+from helpers import wait_for
 
 pytestmark = pytest.mark.consul
 

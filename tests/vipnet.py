@@ -37,9 +37,9 @@ from outside, over plain HTTP.
 
 Shared with the pytest harness: the Consul HTTP helpers (`ConsulHTTP` is
 tests/consul_agent.py's `ConsulAPI` over the unix socket), the agent's
-command line, `wait_for`/`free_ports`, the daemon's environment
-(tests/elector_process.py) and `NotifySocket` (tests/helpers.py). Processes
-stay `Proc`s here: they start inside the namespace and log with timestamps.
+command line, `free_ports`, the daemon's environment (tests/elector_process.py),
+and tests/helpers.py's `wait_for`, `KeyWatcher`, `NotifySocket` and `Process`:
+`spawn()` starts a Process inside the namespace, its output logged with times.
 
 Cleanup: every process the lab starts gets PR_SET_PDEATHSIG=SIGKILL (it dies
 with the process that started it, even if that one is SIGKILLed), and the
@@ -48,7 +48,6 @@ stops everything in order and is idempotent. Start processes from the main
 thread only (PDEATHSIG follows the thread that forked).
 """
 
-import base64
 import ctypes
 import http.client
 import json
@@ -64,9 +63,9 @@ import threading
 import time
 from datetime import datetime
 
-from consul_agent import CACHE, ConsulAPI, ConsulError, agent_argv, find_consul, free_ports, wait_for
+from consul_agent import CACHE, ConsulAPI, ConsulError, agent_argv, find_consul, free_ports
 from elector_process import PYTHON, REPO, elector_env
-from helpers import NotifySocket  # noqa: F401  (vipnet.NotifySocket for the tools)
+from helpers import KeyWatcher, NotifySocket, Process, wait_for  # noqa: F401  (vipnet.X for the tools)
 
 CONSUL = find_consul() or os.path.join(CACHE, "consul/usr/bin/consul")
 VIP_MANAGER = os.path.join(CACHE, "vip-manager/usr/bin/vip-manager")
@@ -74,6 +73,9 @@ VIP_MANAGER = os.path.join(CACHE, "vip-manager/usr/bin/vip-manager")
 # How to run the daemon: this tree's code by default; VIP_ELECTOR_COMMAND
 # (split on blanks) runs another build, e.g. "/usr/bin/vip-elector".
 ELECTOR_COMMAND = (os.environ.get("VIP_ELECTOR_COMMAND") or PYTHON + " -m vip_elector").split()
+
+# vip-manager's first look at the key: it is up.
+VIP_MANAGER_READY = re.compile(r"state is (true|false), desired")
 
 CLONE_NEWNET = 0x40000000
 PR_SET_PDEATHSIG = 1
@@ -114,89 +116,14 @@ def missing_prerequisite():
 
 # --- processes -------------------------------------------------------------------
 
-class Proc:
-    """A child process whose merged output goes to a log file and to `lines`.
-
-    Each line is stored as (time.time(), text); `on_line(proc, t, text)`, if
-    given, is called from the reader thread for every line.
-    """
-
-    def __init__(self, name, argv, log_path, netns=None, env=None, cwd=None,
-                 on_line=None, pass_fds=()):
-        self.name = name
-        self.argv = list(argv)
-        self.log_path = log_path
-        self.lines = []
-        self.exited_at = None
-        self.on_line = on_line
-        self._cond = threading.Condition()
-        fd = netns.fd if netns else None
-        self.started = time.time()
-        self.popen = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True,
-            pass_fds=tuple(pass_fds) + ((fd,) if fd is not None else ()),
-            preexec_fn=lambda: _child_setup(netns_fd=fd))
-        self._reader = threading.Thread(target=self._read, daemon=True,
-                                        name="reader-%s" % name)
-        self._reader.start()
-
-    def _read(self):
-        with open(self.log_path, "a", encoding="utf-8", errors="replace") as log:
-            for raw in self.popen.stdout:
-                t = time.time()
-                text = raw.decode("utf-8", "replace").rstrip("\n")
-                log.write("%.6f %s\n" % (t, text))
-                log.flush()
-                with self._cond:
-                    self.lines.append((t, text))
-                    self._cond.notify_all()
-                if self.on_line:
-                    self.on_line(self, t, text)
-        self.popen.wait()
-        self.exited_at = time.time()   # EOF on its output, then reaped: when it exited
-
-    @property
-    def pid(self):
-        return self.popen.pid
-
-    def alive(self):
-        return self.popen.poll() is None
-
-    def send(self, sig):
-        if self.alive():
-            self.popen.send_signal(sig)
-
-    def wait(self, timeout=None):
-        return self.popen.wait(timeout)
-
-    def stop(self, timeout=10, sig=signal.SIGTERM):
-        """Signal, wait up to timeout, then SIGKILL; return the exit status."""
-        if self.alive():
-            self.send(sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        self._reader.join(2)
-        return self.popen.returncode
-
-    def find_line(self, pattern, since=0.0):
-        rx = re.compile(pattern)
-        with self._cond:
-            for t, text in self.lines:
-                if t >= since and rx.search(text):
-                    return t, text
-        return None
-
-    def wait_line(self, pattern, timeout, since=0.0):
-        return wait_for(lambda: self.find_line(pattern, since), timeout, interval=0.01,
-                        message="%s to log /%s/" % (self.name, pattern))
-
-    def tail(self, n=30):
-        with self._cond:
-            return "\n".join(text for _, text in self.lines[-n:])
+def spawn(name, argv, log_path, netns=None, env=None, cwd=None, on_line=None, pass_fds=()):
+    """A started Process (tests/helpers.py) inside `netns` (else in the machine's
+    namespace), stdout and stderr merged and logged to log_path with times, and
+    dying with the process that started it (PR_SET_PDEATHSIG=SIGKILL)."""
+    fd = netns.fd if netns else None
+    return Process(name, argv, env=env, cwd=cwd, log_path=log_path, merge_output=True, on_line=on_line,
+                   preexec_fn=lambda: _child_setup(netns_fd=fd),
+                   pass_fds=tuple(pass_fds) + ((fd,) if fd is not None else ())).start()
 
 
 # --- the network namespace -----------------------------------------------------
@@ -302,8 +229,8 @@ class VipMonitor:
         else:
             self.events, self._holders, self._cond = shared.events, shared._holders, shared._cond
         self._sentinel_seen = False
-        self.proc = Proc("ip-monitor", ["ip", "-ts", "-o", "monitor", "address"],
-                         log_path, netns=netns, on_line=self._on_line)
+        self.proc = spawn("ip-monitor", ["ip", "-ts", "-o", "monitor", "address"],
+                          log_path, netns=netns, on_line=self._on_line)
         # Make sure the monitor is subscribed before anything else happens.
         deadline = time.monotonic() + 10
         while not self._sentinel_seen:
@@ -425,88 +352,6 @@ class ConsulHTTP(ConsulAPI):
         """Set a TTL check's status at the agent (no wait for the catalog: the bench times this)."""
         self.call("PUT", "/v1/agent/check/%s/%s" % ({"passing": "pass", "critical": "fail",
                                                      "warning": "warn"}[status], check_id))
-
-
-class KeyWatcher:
-    """Every state of one key, seen through blocking queries: (t, value, session, index).
-
-    value is None when the key is absent. States shorter than a round trip
-    can be missed (a blocking query reports the latest state); the time of
-    each state is when the answer arrived, an upper bound on when it began.
-    """
-
-    def __init__(self, consul, key):
-        self.consul = consul
-        self.key = key
-        self.history = []
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="key-watcher")
-        self._thread.start()
-        wait_for(lambda: self.history, 30, interval=0.01, message="first answer about the key")
-
-    def _run(self):
-        index = 0
-        while not self._stop.is_set():
-            try:
-                status, headers, data = self.consul.request(
-                    "GET", "/v1/kv/" + self.key, params={"index": index, "wait": "5s"}, timeout=15)
-            except (OSError, http.client.HTTPException):
-                index = 0
-                self._stop.wait(0.005)
-                continue
-            t = time.time()
-            if status not in (200, 404):
-                index = 0
-                self._stop.wait(0.005)
-                continue
-            new_index = int(headers.get("X-Consul-Index", 0) or 0)
-            if status == 200:
-                entry = json.loads(data)[0]
-                value = base64.b64decode(entry["Value"]).decode() if entry.get("Value") else ""
-                state = (value, entry.get("Session"), entry["ModifyIndex"])
-            else:
-                state = (None, None, 0)
-            with self._cond:
-                if not self.history or self.history[-1][1:] != state:
-                    self.history.append((t,) + state)
-                    self._cond.notify_all()
-            index = new_index if new_index >= index else 0
-
-    def current(self):
-        with self._cond:
-            return self.history[-1] if self.history else None
-
-    def wait(self, predicate, timeout, since=None, message="key state"):
-        """Wait for a state (t, value, session, index) matching predicate: the
-        current one (since=None) or the first seen at or after `since`."""
-        def found():
-            if since is None:
-                return self.history and predicate(self.history[-1]) and self.history[-1]
-            for state in self.history:
-                if state[0] >= since and predicate(state):
-                    return state
-            return None
-        with self._cond:
-            result = self._cond.wait_for(found, timeout)
-        if not result:
-            raise TimeoutError("%s not seen in %.1fs; key now %r" % (message, timeout, self.current()))
-        return result
-
-    def values_between(self, start, end):
-        """Values the key held in [start, end] (including the one current at start)."""
-        with self._cond:
-            out, before = set(), None
-            for t, value, _, _ in self.history:
-                if t <= start:
-                    before = value
-                elif t <= end:
-                    out.add(value)
-            out.add(before)
-            return out
-
-    def close(self):
-        self._stop.set()
 
 
 # --- counting HTTP requests ----------------------------------------------------
@@ -829,7 +674,7 @@ class Lab:
     def start_consul(self, timeout=30):
         argv = agent_argv(CONSUL, "lab", self.ports["http"], self.ports["serf_lan"], self.ports["serf_wan"],
                           self.ports["server"]) + ["-config-file", os.path.join(self.dir, "consul.json")]
-        self.agent = Proc("consul", argv, self.log("consul"), netns=self.netns, cwd=self.dir)
+        self.agent = spawn("consul", argv, self.log("consul"), netns=self.netns, cwd=self.dir)
         try:
             wait_for(self.consul.ready, timeout, interval=0.02, message="Consul to be ready")
         except TimeoutError:
@@ -870,10 +715,10 @@ class Lab:
 
     def start_vip_manager(self, node):
         self.write_elector_config(node)
-        proc = Proc("vip-manager-" + node, [VIP_MANAGER, "--config", self.vip_manager_config(node)],
-                    self.log("vip-manager-" + node), netns=self.netns, cwd=self.dir)
+        proc = spawn("vip-manager-" + node, [VIP_MANAGER, "--config", self.vip_manager_config(node)],
+                     self.log("vip-manager-" + node), netns=self.netns, cwd=self.dir)
         self.vip_managers[node] = proc
-        proc.wait_line(r"state is (true|false), desired", 10)
+        proc.wait_for_line(VIP_MANAGER_READY, 10)
         return proc
 
     # vip-elector
@@ -896,9 +741,9 @@ class Lab:
     def start_elector(self, node, addr=None, extra=(), env=None, on_line=None):
         if node in self.electors:
             self._retired.append(self.electors.pop(node))
-        proc = Proc("elector-" + node, self.elector_argv(node, addr, extra),
-                    self.log("elector-" + node), netns=self.netns, cwd=REPO,
-                    env=elector_env(env), on_line=on_line)
+        proc = spawn("elector-" + node, self.elector_argv(node, addr, extra),
+                     self.log("elector-" + node), netns=self.netns, cwd=REPO,
+                     env=elector_env(env), on_line=on_line)
         self.electors[node] = proc
         return proc
 

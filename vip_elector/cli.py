@@ -18,6 +18,9 @@ from .config import ConfigError, Options, Settings, build_settings, format_durat
 from .systemd import MESSAGE_CONFIG_ERROR, ElectionContext, Notifier, logging_to_journal, setup_logging
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+#: Set by the manage-vip drop-in: the same as --manage-vip, and it survives reloads
+#: (which take their options from VIP_ELECTOR_OPTS alone).
+MANAGE_VIP_VAR = "VIP_ELECTOR_MANAGE_VIP"
 
 log = logging.getLogger("vip_elector")
 
@@ -65,6 +68,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--reload-pid", metavar="PID", type=int,
                    help="what the unit's ExecReload= runs: hand the unit's current options and "
                         "environment to the daemon PID and make it reload")
+    p.add_argument("--manage-vip", action="store_true",
+                   help="put vip-manager's ip/netmask on its interface exactly while this node "
+                        "leads (needs CAP_NET_ADMIN and CAP_NET_RAW: the manage-vip drop-in)")
+    p.add_argument("--drop-vip", action="store_true",
+                   help="what the manage-vip drop-in's ExecStopPost= and OnFailure= run: remove "
+                        "the VIP unless systemd is about to restart the daemon")
     p.add_argument("--check", action="store_true",
                    help="check configuration and Consul access, print a report, take no leadership")
     p.add_argument("--check-service", nargs="?", const="", metavar="INSTANCE",
@@ -91,6 +100,7 @@ def options_from(args: argparse.Namespace) -> Options:
         addr=args.addr, token=args.token, token_file=args.token_file, hostname=args.hostname,
         state_dir=args.state_dir, hook=args.hook,
         hook_timeout=_duration("--hook-timeout")(args.hook_timeout),
+        manage_vip=bool(getattr(args, "manage_vip", False)),
     )
 
 
@@ -130,7 +140,10 @@ def _log_start(settings: Settings, reexec: bool = False) -> None:
 
 def _settings(args: argparse.Namespace, env=os.environ) -> Settings:
     """Everything the daemon will run with, validated (at start and on every reload)."""
-    settings = build_settings(options_from(args), env)
+    opts = options_from(args)
+    if env.get(MANAGE_VIP_VAR, "").strip().lower() in ("1", "yes", "true", "on"):
+        opts = dataclasses.replace(opts, manage_vip=True)  # what the manage-vip drop-in sets
+    settings = build_settings(opts, env)
     if settings.hook:
         from .hooks import validate_hook
         settings = dataclasses.replace(settings, hook=validate_hook(settings.hook))
@@ -159,6 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return request_reload(args.reload_pid)
     if args.check_service is not None:
         return service.check_service_main(args.check_service or None)
+    if args.drop_vip:
+        return drop_vip_main(args.vip_manager_config, os.environ)
     daemon = not args.check
     if daemon:
         # From here on no SIGTERM, SIGINT or SIGHUP is lost or fatal: they wait,
@@ -196,9 +211,16 @@ def _run_daemon(args: argparse.Namespace, settings: Settings, consul, notifier: 
     store = StateStore(settings.state_dir)
     saved = store.load(os.environ)
     reloader = Reloader(sys.argv[1:], os.environ)
+    try:
+        vip = open_vip(settings)
+    except ConfigError as e:
+        return _config_error(e, notifier)
     hooks = Hooks(settings.hook, settings.hook_timeout, settings.trigger_key, settings.value)
     election = Election(settings, consul, notifier, context, hooks=hooks, state=store, saved=saved,
                         reload_settings=lambda: reloader.prepare(_validate_reload))
+    election.vip = vip  # on while it leads, off the moment it does not (address.py)
+    if vip is not None:
+        vip.keep()
     relay = signals.SignalRelay(election.on_signal).start()
     _log_start(settings, reexec)
     try:
@@ -211,6 +233,8 @@ def _run_daemon(args: argparse.Namespace, settings: Settings, consul, notifier: 
         raise
     finally:
         consul.close()
+        if vip is not None:
+            vip.close()  # the address stays as the loop left it: a restart resumes
     if outcome != Outcome.REEXEC:
         notifier.final_status("stopped")
         return EXIT_OK
@@ -237,6 +261,41 @@ def _validate_reload(argv: list[str], env) -> Settings:
     except (UsageError, SystemExit) as e:
         raise ConfigError(f"the options {' '.join(argv)!r}: {e}") from None
     return _settings(args, env)
+
+
+def open_vip(settings: Settings):
+    """The managed VIP (address.VirtualAddress), or None; ConfigError when it cannot be managed here."""
+    if settings.vip is None:
+        return None
+    from .address import AddressError, VirtualAddress
+    try:
+        return VirtualAddress(settings.vip)
+    except AddressError as e:
+        raise ConfigError(f"--manage-vip: {e}.") from None
+
+
+def drop_vip_main(config_path: str, env) -> int:
+    """The manage-vip drop-in's ExecStopPost= and OnFailure=: no VIP left by a daemon that ends for good."""
+    from .address import AddressError, VirtualAddress, restart_coming
+    from .config import load_vip_manager_config, vip_settings
+    try:
+        vip_conf = vip_settings(load_vip_manager_config(config_path), check_interface=False)
+    except ConfigError as e:
+        print(f"vip-elector --drop-vip: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    why = restart_coming(env)
+    if why:
+        print(f"vip-elector: keeping VIP {vip_conf}: {why}")
+        return EXIT_OK
+    try:
+        with VirtualAddress(vip_conf, announce=False) as vip:
+            removed = vip.release()
+    except AddressError as e:
+        print(f"vip-elector --drop-vip: {e}.", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"vip-elector: VIP {vip_conf} {'removed' if removed else 'was not on this node'}"
+          f" (the daemon ended for good: {env.get('SERVICE_RESULT') or 'failed'})")
+    return EXIT_OK
 
 
 def run() -> None:

@@ -326,6 +326,8 @@ class KeyWatcher:
 class Election:
     """The state machine of SPEC §4. ``run()`` returns an Outcome."""
 
+    vip = None  # h5-vip: the managed VIP (address.VirtualAddress), set by cli._run_daemon
+
     def __init__(self, settings: Settings, consul: ConsulClient, notifier: Notifier,
                  context: ElectionContext, timing: Timing = Timing(),
                  clock: Callable[[], float] = time.monotonic,
@@ -996,6 +998,7 @@ class Election:
     def _become(self, role: Role, status: str, why: str = "") -> None:
         previous = self.role
         self.role = role
+        if self.vip is not None: self.vip.settle({Role.LEADER: True, Role.STARTING: None}.get(role, False))  # h5-vip  # noqa: E501,E701
         self.context.role = role.value
         if role == Role.LEADER and self.health is None and self.settings.check_id:
             interval = max(0.1, min(0.5, self.settings.lock_delay / 2))

@@ -114,9 +114,33 @@ def _iproute():
     """A netlink socket of the network namespace this thread is in."""
     try:
         from pyroute2 import IPRoute
-    except ImportError:
-        raise LibraryMissing("--manage-vip needs python3-pyroute2: apt install python3-pyroute2") from None
-    return IPRoute()
+    except ImportError as e:
+        if (e.name or "pyroute2").split(".")[0] == "pyroute2":
+            raise LibraryMissing("python3-pyroute2 is not installed: apt install python3-pyroute2") from None
+        raise LibraryMissing(f"python3-pyroute2 cannot be loaded ({e}): reinstall it with "
+                             "apt install --reinstall python3-pyroute2") from None
+    try:
+        return IPRoute()
+    except OSError as e:
+        if e.errno == errno.EAFNOSUPPORT:  # systemd's RestrictAddressFamilies= without AF_NETLINK
+            raise PermissionMissing("this process may not open a netlink socket (AF_NETLINK), which "
+                                    f"managing the address needs: {ENABLE_ADVICE}") from None
+        raise AddressError(f"cannot open a netlink socket: {e.strerror or e}") from None
+
+
+CAP_NET_ADMIN = 12
+
+
+def has_capability(bit: int) -> bool:
+    """Is the capability in this process's effective set (/proc/self/status CapEff)?"""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError):
+        pass
+    return True  # cannot tell: let the kernel answer
 
 
 def _netlink_code(e: BaseException) -> Optional[int]:
@@ -128,8 +152,14 @@ class VirtualAddress:
     """The VIP on this node's interface: claim, release, enforce, announce."""
 
     def __init__(self, vip: VipSettings, announce: bool = True, repeats: int = 3,
-                 spacing: float = 0.5, keep_interval: float = 0.5):
+                 spacing: float = 0.5, keep_interval: float = 0.5, manage: bool = True):
+        """``announce``: open the packet socket (CAP_NET_RAW). ``manage``: check now that
+        CAP_NET_ADMIN is there, so a daemon without it fails at start, not at its first
+        takeover (``--check`` only reads: manage=False)."""
         self.vip = vip
+        if manage and not has_capability(CAP_NET_ADMIN):
+            raise PermissionMissing(f"managing {vip.ip} on {vip.interface} needs CAP_NET_ADMIN, "
+                                    f"which this process does not have: {ENABLE_ADVICE}")
         self.family = socket.AF_INET if vip.version == 4 else socket.AF_INET6
         self.repeats, self.spacing, self.keep_interval = max(1, repeats), spacing, keep_interval
         self._lock = threading.RLock()         # the netlink socket and the decision
@@ -149,15 +179,14 @@ class VirtualAddress:
             try:
                 self._packet = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
                 self._packet.setblocking(False)
-            except PermissionError:
+            except (PermissionError, OSError) as e:
                 self._ipr.close()
+                if not isinstance(e, PermissionError) and e.errno != errno.EAFNOSUPPORT:
+                    raise AddressError(f"cannot open a packet socket to announce {vip.ip}: "
+                                       f"{e.strerror or e}") from None
                 raise PermissionMissing(
                     f"announcing {vip.ip} (gratuitous ARP / neighbour advertisement) needs "
-                    f"CAP_NET_RAW: {ENABLE_ADVICE}") from None
-            except OSError as e:
-                self._ipr.close()
-                raise AddressError(f"cannot open a packet socket to announce {vip.ip}: "
-                                   f"{e.strerror or e}") from None
+                    f"CAP_NET_RAW and a packet socket (AF_PACKET): {ENABLE_ADVICE}") from None
             self._announcer = threading.Thread(target=self._announce_loop, daemon=True,
                                                name="vip-announce")
             self._announcer.start()

@@ -144,7 +144,7 @@ def vip_lines(settings: Settings) -> list[tuple[bool, str]]:
     from .address import AddressError, VirtualAddress
     vip = settings.vip
     try:
-        with VirtualAddress(vip, announce=False) as address:
+        with VirtualAddress(vip, announce=False, manage=False) as address:
             present = address.present()
     except AddressError as e:
         return [(False, f"VIP {vip} (--manage-vip): {e}")]

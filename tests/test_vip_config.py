@@ -155,3 +155,13 @@ def test_drop_vip_with_a_bad_configuration_says_so(tmp_path):
     result = run_cli("--drop-vip", "--vip-manager-config", str(path))
     assert result.returncode == 78 and "does not set ip" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_reports_the_vip_and_whether_it_is_here(tmp_path):
+    """--check names the address and says whether this node has it (here: lo has not)."""
+    path = tmp_path / "vip-manager.yml"
+    path.write_text(BASE_YAML + "ip: 10.0.0.10\nnetmask: 24\ninterface: lo\n")
+    result = run_cli("--vip-manager-config", str(path), "--manage-vip", "--check",
+                     "--addr", "127.0.0.1:1")          # no Consul there: that line fails, not this one
+    assert "ok    VIP 10.0.0.10/24 on lo (--manage-vip, from %s) is not on this node now" % path \
+        in result.stdout, result.stdout

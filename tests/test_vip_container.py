@@ -241,4 +241,4 @@ def test_exposure_with_the_drop_in_is_reported(installed):
     res = ct.run(["systemd-analyze", "security", "--no-pager", UNIT])
     score = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)", res.stdout).group(1))
     print("systemd-analyze security with the manage-vip drop-in: %s" % score)
-    assert score <= 5.0, res.stdout[-2000:]
+    assert score <= 2.0, res.stdout[-2000:]

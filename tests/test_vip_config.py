@@ -6,6 +6,7 @@ use `lo` (present in every network namespace) as the one that does.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -165,3 +166,19 @@ def test_check_reports_the_vip_and_whether_it_is_here(tmp_path):
                      "--addr", "127.0.0.1:1")          # no Consul there: that line fails, not this one
     assert "ok    VIP 10.0.0.10/24 on lo (--manage-vip, from %s) is not on this node now" % path \
         in result.stdout, result.stdout
+
+
+def test_check_service_sees_the_drop_in(tmp_path):
+    """--check-service checks the VIP when the manage-vip drop-in is linked (its Environment=)."""
+    from vip_elector.service import manage_vip_env
+    root = tmp_path / "etc-systemd"
+    (root / "vip-elector.service.d").mkdir(parents=True)
+    assert manage_vip_env("vip-elector", roots=(str(root),)) == {}
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "systemd")
+    os.symlink(os.path.join(source, "manage-vip.conf"), root / "vip-elector.service.d" / "manage-vip.conf")
+    assert manage_vip_env("vip-elector", roots=(str(root),)) == {"VIP_ELECTOR_MANAGE_VIP": "yes"}
+    (root / "vip-elector@.service.d").mkdir()
+    os.symlink(os.path.join(source, "manage-vip-instance.conf"),
+               root / "vip-elector@.service.d" / "manage-vip-instance.conf")
+    assert manage_vip_env("vip-elector@db1", roots=(str(root),)) == {"VIP_ELECTOR_MANAGE_VIP": "yes"}
+    assert manage_vip_env("vip-elector@db2", roots=(str(tmp_path / "none"),)) == {}

@@ -181,6 +181,10 @@ def test_one_link_enables_it_and_the_leader_holds_the_vip(installed, net, key):
     assert "%s/%d" % (VIP, PREFIX) in line
     status = ct.run(["systemctl", "status", "--no-pager", UNIT], check=False).stdout
     assert "leader:" in status
+    # --check-service sees the drop-in's VIP_ELECTOR_MANAGE_VIP and reports the address.
+    report = ct.run(["vip-elector", "--check-service"], check=False).stdout
+    assert "VIP %s/%d on %s (--manage-vip" % (VIP, PREFIX, IFACE) in report, report
+    assert "is on this node now" in report, report
 
 
 def test_kill_9_is_restarted_and_keeps_the_vip(installed, net, key):

@@ -158,6 +158,7 @@ def check_service_main(instance: Optional[str], out: Optional[TextIO] = None) ->
     child_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
     child_env.update(_module_path_env())
     child_env.update(env)
+    child_env.update(manage_vip_env(unit))  # the manage-vip drop-in turns --manage-vip on
     try:
         res = subprocess.run([sys.executable, "-m", "vip_elector", *opts, "--check"], env=child_env,
                              cwd="/", user=user.pw_uid, group=user.pw_gid,
@@ -168,3 +169,36 @@ def check_service_main(instance: Optional[str], out: Optional[TextIO] = None) ->
         return fail(f"cannot run the check as user {SERVICE_USER}: {e.strerror}")
     print(res.stdout, end="", file=out, flush=True)
     return res.returncode
+
+
+def manage_vip_env(unit: str, roots: tuple[str, ...] = ("/etc/systemd/system", "/run/systemd/system")
+                   ) -> dict[str, str]:
+    """VIP_ELECTOR_MANAGE_VIP as the unit's drop-ins set it (the manage-vip drop-in), for --check-service.
+
+    systemd gives the unit the drop-ins' Environment=, which /etc/default/vip-elector
+    does not hold; without this the check would not look at the VIP the service manages.
+    """
+    names = [unit + ".service.d"]
+    if "@" in unit:
+        names.append(unit.split("@", 1)[0] + "@.service.d")
+    for root in roots:
+        for name in names:
+            folder = os.path.join(root, name)
+            try:
+                entries = sorted(os.listdir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                if not entry.endswith(".conf"):
+                    continue
+                try:
+                    with open(os.path.join(folder, entry), encoding="utf-8") as f:
+                        text = f.read()
+                except (OSError, UnicodeDecodeError):
+                    continue
+                for line in text.splitlines():
+                    line = line.strip()
+                    if line.startswith("Environment=") and "VIP_ELECTOR_MANAGE_VIP=" in line:
+                        value = line.split("VIP_ELECTOR_MANAGE_VIP=", 1)[1].split()[0].strip("\"'")
+                        return {"VIP_ELECTOR_MANAGE_VIP": value}
+    return {}

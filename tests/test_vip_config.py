@@ -167,18 +167,3 @@ def test_check_reports_the_vip_and_whether_it_is_here(tmp_path):
     assert "ok    VIP 10.0.0.10/24 on lo (--manage-vip, from %s) is not on this node now" % path \
         in result.stdout, result.stdout
 
-
-def test_check_service_sees_the_drop_in(tmp_path):
-    """--check-service checks the VIP when the manage-vip drop-in is linked (its Environment=)."""
-    from vip_elector.service import manage_vip_env
-    root = tmp_path / "etc-systemd"
-    (root / "vip-elector.service.d").mkdir(parents=True)
-    assert manage_vip_env("vip-elector", roots=(str(root),)) == {}
-    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "systemd")
-    os.symlink(os.path.join(source, "manage-vip.conf"), root / "vip-elector.service.d" / "manage-vip.conf")
-    assert manage_vip_env("vip-elector", roots=(str(root),)) == {"VIP_ELECTOR_MANAGE_VIP": "yes"}
-    (root / "vip-elector@.service.d").mkdir()
-    os.symlink(os.path.join(source, "manage-vip-instance.conf"),
-               root / "vip-elector@.service.d" / "manage-vip-instance.conf")
-    assert manage_vip_env("vip-elector@db1", roots=(str(root),)) == {"VIP_ELECTOR_MANAGE_VIP": "yes"}
-    assert manage_vip_env("vip-elector@db2", roots=(str(tmp_path / "none"),)) == {}

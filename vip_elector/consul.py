@@ -62,7 +62,22 @@ class ConsulUnreachable(ConsulError):
 
 
 class PermissionDenied(ConsulError):
-    """The ACL token lacks a right (or is unknown); retrying won't help until it is fixed."""
+    """The ACL token lacks a right (or is unknown); retrying won't help until it is fixed.
+
+    ``call`` is the refused request ("PUT /v1/session/create"): Consul 1.8's
+    answer says only "Permission denied", so the call is what tells which
+    rule is missing (``check.rule_for``).
+    """
+
+    def __init__(self, reason: str, call: Optional[str] = None):
+        super().__init__(f"{reason} on {call}" if call else reason)
+        self.reason = reason
+        self.call = call
+
+    @property
+    def unknown_token(self) -> bool:
+        """Consul does not know the token at all (not a missing right)."""
+        return "acl not found" in self.reason.lower()
 
 
 class InvalidSession(ConsulError):
@@ -100,11 +115,13 @@ class KeyState:
         return self.flags == LOCK_FLAG
 
 
-def _short_reason(exc: BaseException) -> str:
+def _short_reason(exc: BaseException, address: str = "") -> str:
     """Turn a socket, TLS or HTTP exception into words an operator reads."""
     text = f"{type(exc).__name__}: {exc}"
+    refused = (f"connection refused by {address}: is the Consul agent running there (its "
+               "client_addr and ports.http)?" if address else "connection refused")
     for needle, words in (
-        ("Connection refused", "connection refused"),
+        ("Connection refused", refused),
         ("Name or service not known", "host name not found"),
         ("Temporary failure in name resolution", "host name not found"),
         ("No route to host", "no route to host"),
@@ -145,6 +162,7 @@ class _Transport:
         self.scheme, self.host, self.port = settings.scheme, settings.host, settings.port
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.base_uri = f"{self.scheme}://{host}:{self.port}"
+        self.address = settings.address
         self.token = settings.token
         self._ssl = _ssl_context(settings) if self.scheme == "https" else None
         self._threads: dict[int, _ThreadState] = {}
@@ -273,7 +291,7 @@ class _Transport:
                 # A kept-alive connection the agent had closed fails at once: one fresh try.
                 if reused and attempt == 1 and not isinstance(e, (TimeoutError, socket.timeout)):
                     continue
-                raise ConsulUnreachable(_short_reason(e)) from None
+                raise ConsulUnreachable(_short_reason(e, self.address)) from None
             finally:
                 state.in_flight = None
             if response.will_close:
@@ -283,7 +301,7 @@ class _Transport:
         state.status = status
         text = content.decode("utf-8", "replace")
         if status >= 400 and status != 404:
-            raise _error_for(status, text)
+            raise _error_for(status, text, f"{method} {path}")
         if 300 <= status < 400:
             raise ConsulError(f"unexpected redirect ({status}) for {path}")
         fields = {"code": status, "headers": response.headers, "body": text, "content": content}
@@ -335,11 +353,11 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
-def _error_for(code: int, body: str) -> ConsulError:
+def _error_for(code: int, body: str, call: Optional[str] = None) -> ConsulError:
     text = " ".join(body.split())[:200]
     lowered = text.lower()
     if code == 403 or "permission denied" in lowered or "acl not found" in lowered:
-        return PermissionDenied(text or "permission denied")
+        return PermissionDenied(text or "permission denied", call)
     if "invalid session ttl" in lowered:
         return InvalidSessionTTL(text)
     if "in critical state" in lowered or "missing check" in lowered:
@@ -424,10 +442,28 @@ class ConsulClient:
         ``serfHealth`` is not a check of the agent's own; Consul itself judges
         it when the session is created (CheckNotPassing names it then).
         """
+        return {cid: status for cid, (status, _) in self.check_details(check_ids).items()}
+
+    @_translated
+    def check_details(self, check_ids: list[str]) -> dict[str, tuple[Optional[str], str]]:
+        """Status and last output of each check on the local agent ((None, "") if not there).
+
+        The output is what the check's script or HTTP probe said: the reason
+        a person needs when the node waits for a critical check.
+        """
         checks = self._lib.agent.checks()
         if not isinstance(checks, dict):
             raise ConsulError("the address does not answer like a Consul agent")
-        return {cid: (checks.get(cid) or {}).get("Status") for cid in check_ids}
+        details = {}
+        for cid in check_ids:
+            check = checks.get(cid)
+            if not isinstance(check, dict):
+                details[cid] = (None, "")
+                continue
+            output = check.get("Output")
+            details[cid] = (check.get("Status"), " ".join(output.split())[:200]
+                            if isinstance(output, str) else "")
+        return details
 
     @_translated
     def raft_leader(self) -> str:
@@ -444,11 +480,15 @@ class ConsulClient:
     # Sessions -----------------------------------------------------------
 
     @_translated
-    def create_session(self, checks: list[str]) -> str:
+    def create_session(self, checks: list[str], ttl: Optional[float] = None,
+                       lock_delay: Optional[float] = None) -> str:
+        """A session on the agent's node; ``ttl``/``lock_delay`` default to the settings'
+        (a reload passes the new configuration's, §8.3)."""
         s = self.settings
         return self._lib.session.create(
             name=s.session_name, checks=checks, behavior=SESSION_BEHAVIOR,
-            ttl=_whole(s.ttl), lock_delay=_whole(s.lock_delay))
+            ttl=_whole(s.ttl if ttl is None else ttl),
+            lock_delay=_whole(s.lock_delay if lock_delay is None else lock_delay))
 
     @_translated
     def session_info(self, session_id: str) -> Optional["SessionInfo"]:
@@ -644,8 +684,8 @@ def describe_holder(consul: ConsulClient, key: KeyState) -> str:
 
 def library_name() -> str:
     """Which Consul library is in use (distribution, version, path), for ``--version``."""
-    from .library import describe
-    return str(describe(consul_lib))
+    from .library import installed
+    return installed()
 
 
 def untested_library() -> Optional[str]:

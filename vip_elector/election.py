@@ -335,7 +335,8 @@ class Election:
                  hooks: Optional[Hooks] = None,
                  state: Optional[StateStore] = None,
                  saved: Optional[SavedSession] = None,
-                 reload_settings: Optional[Callable[[], Settings]] = None):
+                 reload_settings: Optional[Callable[[], Settings]] = None,
+                 reload_verdict: Callable[[Optional[str]], None] = lambda error: None):
         self.settings, self.consul, self.notifier, self.context = settings, consul, notifier, context
         self.timing, self.clock = timing, clock
         self.hooks = hooks or Hooks(None, 0, settings.trigger_key, settings.value)
@@ -343,6 +344,8 @@ class Election:
         self.saved = saved                       # a session to resume (§8.2)
         self.stop_requested = False              # set once, from the signal thread
         self.reload_settings = reload_settings
+        self.reload_verdict = reload_verdict     # told None (applied) or why a reload was refused
+        self.resuming = False                    # taking up the previous run's session just now
         self.events = Inbox()
         self.watcher = KeyWatcher(consul, self.events, timing, rng)
         self.backoff = Backoff(timing.backoff_min, timing.backoff_max, rng)
@@ -582,8 +585,9 @@ class Election:
 
     def _get_session(self) -> None:
         own = [self.settings.check_id] if self.settings.check_id else []
-        states = self.consul.check_states(own)
-        critical = [(cid, st) for cid, st in states.items() if st == "critical"]
+        details = self.consul.check_details(own)
+        states = {cid: status for cid, (status, _) in details.items()}
+        critical = [(cid, st, out) for cid, (st, out) in details.items() if st == "critical"]
         if critical:
             self._wait_for_health(*critical[-1])
             return
@@ -608,7 +612,26 @@ class Election:
         log.info("session %s created (checks %s, ttl %gs, lock-delay %gs)", session,
                  ", ".join(self.settings.checks), self.settings.ttl, self.settings.lock_delay)
         self._adopt(session, sent)
+        if self.node is None:
+            self._learn_node(session)
         self._decide()
+
+    def _learn_node(self, session: str) -> None:
+        """The agent's node, from Consul's record of the session it just made.
+
+        A token without agent:read (the least-privilege policy) cannot ask the
+        agent its name, but may read its own sessions; the state file keeps the
+        node so that a restart can tell this node's session from another's
+        (§8.2) instead of comparing it with an unknown.
+        """
+        try:
+            info = self.consul.session_info(session)
+        except ConsulError as e:
+            log.debug("cannot read session %s to learn this node's name: %s", session, e)
+            return
+        if info is not None and info.node:
+            self.node = info.node
+            self._save_state()
 
     def _adopt(self, session: str, confirmed_at: float) -> None:
         self.session = session
@@ -670,14 +693,20 @@ class Election:
                  f": it still holds {s.trigger_key}, leading without touching the key"
                  if holds else "")
         self.key, self.key_index = key, index
-        self._on_key(key)
+        self.resuming = True
+        try:
+            self._on_key(key)
+        finally:
+            self.resuming = False
         return True
 
     def _saved_is_ours(self, saved: SavedSession, info, then: str = "") -> bool:
         """The session the state file names is one this daemon made on this node; else say so."""
         node = self.node or saved.node
-        if (info.node == node and info.name == saved.name and info.id in ("", saved.session)
-                and saved.name.startswith("vip-elector-")):
+        # An unknown node (a state file of 0.2 under a token without agent:read) is not
+        # compared: the session's name, ID and the private state file decide.
+        if ((not node or info.node == node) and info.name == saved.name
+                and info.id in ("", saved.session) and saved.name.startswith("vip-elector-")):
             return True
         log.warning("the saved state names session %s (%r on node %s), which is not this "
                     "daemon's: leaving it alone%s", saved.session, info.name, info.node or "?", then)
@@ -696,10 +725,15 @@ class Election:
                          extra={"MESSAGE_ID": MESSAGE_RELEASED})
         self.consul.destroy_session(saved.session)
 
-    def _wait_for_health(self, check_id: str, state: Optional[str]) -> None:
+    def _wait_for_health(self, check_id: str, state: Optional[str], output: str = "") -> None:
         why = "is not registered on the local agent" if state is None else f"is {state}"
+        # Logged once per check and state; the output (which may change every run
+        # of the check) rides along in the message and the status.
+        changed = self.role != Role.WAITING or not self.status_text.startswith(
+            f"waiting: check '{check_id}' {why}")
+        if output:
+            why += f": {output}"
         status = f"waiting: check '{check_id}' {why}"
-        changed = self.role != Role.WAITING or self.status_text != status
         self._become(Role.WAITING, status, f"check '{check_id}' {why}")
         if changed:
             log.warning("not competing for %s: check '%s' %s; looking again every %gs",
@@ -980,9 +1014,23 @@ class Election:
 
     def _follow(self, key: KeyState) -> None:
         self.acquire_at = self.acquire_refused_since = None
-        status = f"follower: leader is {key.value}" if key.value else "follower: no leader yet"
-        if self.status_text != status:
-            log.info("following: %s holds %s", key.value or "a session", self.settings.trigger_key)
+        k = self.settings.trigger_key
+        if key.value == self.settings.value:
+            # Not a leader to follow: something else writes this node's own name.
+            status = (f"follower: {k} is held by another session with this node's own value "
+                      f"{key.value!r}")
+            if self.status_text != status:
+                log.warning("%s is held by another session with this node's own value %r (%s), "
+                            "not by this daemon's session %s: a second vip-elector for the same "
+                            "key on this host, another node with the same --hostname/"
+                            "trigger-value, or an earlier run whose session was not saved (it "
+                            "ends within %gs); give each instance its own trigger-key and each "
+                            "node its own name", k, key.value, describe_holder(self.consul, key),
+                            self.session, 2 * self.settings.ttl)
+        else:
+            status = f"follower: leader is {key.value}" if key.value else "follower: no leader yet"
+        if self.status_text != status and key.value != self.settings.value:
+            log.info("following: %s holds %s", key.value or "a session", k)
         if self.role == Role.LEADER:
             self._become(Role.FOLLOWER, status, f"{key.value or 'another session'} holds it now")
         else:
@@ -1007,7 +1055,13 @@ class Election:
         elif role != Role.LEADER and self.health is not None:
             self.health.stop()
             self.health = None
-        if previous != Role.LEADER and role == Role.LEADER:
+        if previous != Role.LEADER and role == Role.LEADER and self.resuming:
+            # Not a new leadership (the audit's MESSAGE_ID): the key was not touched.
+            log.info("resumed leadership: this node (%s) still holds %s with session %s; the "
+                     "key was not touched", self.settings.value, self.settings.trigger_key,
+                     self.session)
+            self.hooks.announce(LEADER, "this node still holds the key (resumed)", self.session or "")
+        elif previous != Role.LEADER and role == Role.LEADER:
             log.info("LOCK ACQUIRED: this node (%s) now holds %s", self.settings.value,
                      self.settings.trigger_key, extra={"MESSAGE_ID": MESSAGE_ACQUIRED})
             self.hooks.announce(LEADER, "this node holds the key", self.session or "")
@@ -1030,20 +1084,23 @@ class Election:
         self.notifier.reloading()
         log.info("reload requested: reading the configuration again")
         try:
-            if self.reload_settings is not None:
-                self.reload_settings()
+            new = self.reload_settings() if self.reload_settings is not None else None
+            if new is not None and self.session is not None:
+                with self.consul.time_limit(self.timing.turn_budget):
+                    self._carry_session_over(new)
         except ConfigError as e:
-            log.error("reload failed, still running with the previous configuration: %s", e,
-                      extra={"MESSAGE_ID": MESSAGE_CONFIG_ERROR})
-            self.note = f"reload failed: {e}"
-            self._show_status(self.status_text)
-            self.notifier.ready()
-            return False
-        except Exception:
+            return self._reload_refused(str(e))
+        except ConsulError as e:
+            return self._reload_refused(
+                f"cannot make the session the new configuration needs ({e}), so the key stays "
+                f"with the current one; try the reload again once Consul answers")
+        except Exception as e:
             log.exception("internal error while reloading; still running as before")
             self.notifier.ready()
+            self.reload_verdict(f"internal error ({type(e).__name__}); see journalctl -u vip-elector")
             return False
         self.note = ""
+        self.reload_verdict(None)
         self.watcher.stop()
         with self.consul.time_limit(self.timing.shutdown_timeout):
             self._drop_replacement()  # the new program starts from the session it resumes
@@ -1051,6 +1108,62 @@ class Election:
         self.state.save(self.saved_session()) if self.session else self.state.clear()
         self._show_status("reloading: starting the new program")
         return True
+
+    def _reload_refused(self, why: str) -> bool:
+        log.error("reload failed, still running with the previous configuration: %s", why,
+                  extra={"MESSAGE_ID": MESSAGE_CONFIG_ERROR})
+        self.note = f"reload failed: {why}"
+        self._show_status(self.status_text)
+        self.notifier.ready()
+        self.reload_verdict(why)
+        return False
+
+    def _carry_session_over(self, new: Settings) -> None:
+        """A reload that changes the session's parameters: move the lock to a session made for them.
+
+        Releasing the key would move the VIP for a change of TTL, lock-delay or
+        checks; instead the new session is made now, while this program still
+        holds the key, and the lock moves to it in one transaction (§9.4): the
+        key is never free and its value does not change. Consul refusing the
+        new session (a new check not registered, or critical) refuses the
+        reload: the node keeps its key under the configuration it has. With
+        another key, value or Consul, the new program releases and competes
+        afresh (§8.3).
+        """
+        s = self.settings
+        if (new.trigger_key, new.value, new.address, new.token) != (s.trigger_key, s.value, s.address, s.token):
+            return
+        if (tuple(new.checks), new.ttl, new.lock_delay) == (tuple(s.checks), s.ttl, s.lock_delay):
+            return
+        old = self.session
+        try:
+            fresh = self.consul.create_session(new.checks, ttl=new.ttl, lock_delay=new.lock_delay)
+        except CheckNotPassing as e:
+            check = e.check_id or new.checks[-1]
+            state = "is not registered on the local agent" if e.state is None else f"is {e.state}"
+            raise ConfigError(f"the new configuration binds check '{check}', which {state}: "
+                              f"register it (or make it pass), or fix --check-id, then reload "
+                              f"again") from None
+        sent = self.clock()
+        _, key = self.consul.read_key()
+        if key is not None and key.session == old:
+            try:
+                self.consul.move_lock(old, fresh)
+            except ConsulUnreachable:
+                pass  # no answer is not "no": the key tells what Consul did
+            _, key = self.consul.read_key()
+            if key is not None and key.session == old:
+                self._destroy_quietly(fresh, "the session made for the new configuration")
+                raise ConsulError("Consul would not move the lock to the session made for the "
+                                  "new configuration")
+        moved = key is not None and key.session == fresh
+        self._destroy_quietly(old, "the session of the previous configuration")
+        self.settings = new  # what the state handed to the new program describes
+        self.session, self.confirmed_at = fresh, sent
+        self.context.session = fresh
+        log.info("session %s replaced by %s for the new configuration (checks %s, ttl %gs, "
+                 "lock-delay %gs)%s", old, fresh, "+".join(new.checks), new.ttl, new.lock_delay,
+                 f"; {new.trigger_key} moved to it in place, its value unchanged" if moved else "")
 
     # ------------------------------------------------------------------
     # §4.5: a planned stop

@@ -264,12 +264,13 @@ def test_wrongly_shaped_yaml_gives_config_errors(tmp_path, data):
 
 
 def test_vip_manager_reader_keeps_unrelated_settings_out(tmp_path):
-    """Only the five settings vip-elector uses are taken; ip, netmask, interface are not."""
+    """Only the settings vip-elector uses are taken: the five of SPEC §3, and the VIP (§12, used
+    only with --manage-vip)."""
     import dataclasses
-    vm = load_vip_manager_config(write(tmp_path, YAML))
+    vm = load_vip_manager_config(write(tmp_path, YAML + "interval: 1000\nmanager-type: basic\n"))
     taken = {k: v for k, v in dataclasses.asdict(vm).items() if k not in ("path", "env_form", "sources")}
     assert taken == {"dcs_type": "consul", "endpoints": ["http://10.0.0.5:8500", "http://10.0.0.6:8500"],
                      "trigger_key": "/service/pg/leader", "trigger_value": "pg-1",
-                     "consul_token": "from-file"}
-    for unrelated in ("10.0.0.100", "eth0", "24"):
+                     "consul_token": "from-file", "ip": "10.0.0.100", "netmask": "24", "interface": "eth0"}
+    for unrelated in ("1000", "basic"):
         assert unrelated not in repr(vm), repr(vm)

@@ -62,7 +62,7 @@ class Running:
     """An Election running in a thread, stopped and joined at the end."""
 
     def __init__(self, consul: FakeConsul, env=None, timing: Timing = FAST, saved=None,
-                 reload_settings=None, **kw):
+                 reload_settings=None, vip=None, **kw):
         self.consul = consul
         self.recorder = Recorder()
         self.recorder.calls = consul.calls
@@ -70,7 +70,7 @@ class Running:
         self.notifier = Notifier(env=env, send=self.recorder)
         self.context = ElectionContext("service/pg/leader", consul.value)
         self.election = Election(settings(value=consul.value, **kw), consul, self.notifier, self.context,
-                                 timing, saved=saved, reload_settings=reload_settings)
+                                 timing, saved=saved, reload_settings=reload_settings, vip=vip)
         self.result: list = []
         self.thread = threading.Thread(target=self._run, daemon=True)
 

@@ -181,6 +181,19 @@ def check_lines(settings: Settings, consul: ConsulClient, check_id: str, node: O
                     "service:read on that service")]
 
 
+def vip_lines(settings: Settings) -> list[tuple[bool, str]]:
+    """--manage-vip: the address as configured, and whether this node has it now (SPEC §12)."""
+    from .address import AddressError, VirtualAddress
+    vip = settings.vip
+    try:
+        with VirtualAddress(vip, announce=False, manage=False) as address:
+            present = address.present()
+    except AddressError as e:
+        return [(False, f"VIP {vip} (--manage-vip): {e}")]
+    where = "is on this node now" if present else "is not on this node now"
+    return [(True, f"VIP {vip} (--manage-vip, from {settings.config_path}) {where}")]
+
+
 def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout) -> bool:
     """Print the report; True if every line is ok."""
     failures = 0
@@ -213,6 +226,9 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
     if untested:
         print(f"warn  {untested}", file=out)
 
+    if settings.vip is not None:
+        for line in vip_lines(settings):
+            report(*line)
     ok, key = attempt(f"Consul at {settings.address}", lambda: consul.read_key()[1])
     if not ok:
         print(f"{failures} problem(s) found", file=out)

@@ -19,6 +19,9 @@ from .config import ConfigError, Options, Settings, build_settings, format_durat
 from .systemd import MESSAGE_CONFIG_ERROR, ElectionContext, Notifier, logging_to_journal, setup_logging
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+#: Set by the manage-vip drop-in: the same as --manage-vip, and it survives reloads
+#: (which take their options from VIP_ELECTOR_OPTS alone).
+MANAGE_VIP_VAR = "VIP_ELECTOR_MANAGE_VIP"
 
 log = logging.getLogger("vip_elector")
 
@@ -69,6 +72,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--reload-pid", metavar="PID", type=int,
                    help="what the unit's ExecReload= runs: hand the unit's current options and "
                         "environment to the daemon PID and make it reload")
+    p.add_argument("--manage-vip", action="store_true",
+                   help="put vip-manager's ip/netmask on its interface exactly while this node "
+                        "leads (needs CAP_NET_ADMIN and CAP_NET_RAW: the manage-vip drop-in)")
+    p.add_argument("--drop-vip", action="store_true",
+                   help="what the manage-vip drop-in's ExecStopPost= and OnFailure= run: remove "
+                        "the VIP unless systemd is about to restart the daemon")
     p.add_argument("--check", action="store_true",
                    help="check configuration and Consul access, print a report, take no leadership")
     p.add_argument("--check-service", nargs="?", const="", metavar="INSTANCE",
@@ -95,6 +104,7 @@ def options_from(args: argparse.Namespace) -> Options:
         addr=args.addr, token=args.token, token_file=args.token_file, hostname=args.hostname,
         state_dir=args.state_dir, hook=args.hook,
         hook_timeout=_duration("--hook-timeout")(args.hook_timeout),
+        manage_vip=bool(getattr(args, "manage_vip", False)),
     )
 
 
@@ -138,7 +148,10 @@ def _log_start(settings: Settings, reexec: bool = False) -> None:
 
 def _settings(args: argparse.Namespace, env=os.environ) -> Settings:
     """Everything the daemon will run with, validated (at start and on every reload)."""
-    settings = build_settings(options_from(args), env)
+    opts = options_from(args)
+    if env.get(MANAGE_VIP_VAR, "").strip().lower() in ("1", "yes", "true", "on"):
+        opts = dataclasses.replace(opts, manage_vip=True)  # what the manage-vip drop-in sets
+    settings = build_settings(opts, env)
     if settings.hook:
         from .hooks import validate_hook
         settings = dataclasses.replace(settings, hook=validate_hook(settings.hook))
@@ -171,6 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return request_reload(args.reload_pid)
     if args.check_service is not None:
         return service.check_service_main(args.check_service or None)
+    if args.drop_vip:
+        return drop_vip_main(args.vip_manager_config, os.environ)
     daemon = not args.check
     if daemon:
         # From here on no SIGTERM, SIGINT or SIGHUP is lost or fatal: they wait,
@@ -212,6 +227,10 @@ def _run_daemon(settings: Settings, consul, notifier: Notifier, context: Electio
 
     reexec = os.environ.pop(REEXEC_VAR, None) is not None
     try:
+        vip = open_vip(settings)
+    except ConfigError as e:
+        return _config_error(e, notifier)
+    try:
         metrics = _serve_metrics(settings, reexec)
     except ConfigError as e:
         return _config_error(e, notifier)
@@ -224,7 +243,9 @@ def _run_daemon(settings: Settings, consul, notifier: Notifier, context: Electio
     validate = functools.partial(_validate_reload, bound=settings.metrics_address)
     election = Election(settings, consul, notifier, context, hooks=hooks, state=store, saved=saved,
                         reload_settings=lambda: reloader.prepare(validate),
-                        reload_verdict=reloader.verdict, metrics=metrics)
+                        reload_verdict=reloader.verdict, metrics=metrics, vip=vip)
+    if vip is not None:
+        vip.keep()
     relay = signals.SignalRelay(election.on_signal).start()
     _log_start(settings, reexec)
     try:
@@ -238,6 +259,8 @@ def _run_daemon(settings: Settings, consul, notifier: Notifier, context: Electio
     finally:
         consul.close()
         metrics.close()  # before the exec: the new program binds the port again
+        if vip is not None:
+            vip.close()  # the address stays as the loop left it: a restart resumes
     if outcome != Outcome.REEXEC:
         notifier.final_status("stopped")
         return EXIT_OK
@@ -297,6 +320,41 @@ def _validate_reload(argv: list[str], env, bound=None) -> Settings:
         if not same_address(settings.metrics_address, bound):
             bind(settings.metrics_address).close()
     return settings
+
+
+def open_vip(settings: Settings):
+    """The managed VIP (address.VirtualAddress), or None; ConfigError when it cannot be managed here."""
+    if settings.vip is None:
+        return None
+    from .address import AddressError, VirtualAddress
+    try:
+        return VirtualAddress(settings.vip)
+    except AddressError as e:
+        raise ConfigError(f"--manage-vip: {e}.") from None
+
+
+def drop_vip_main(config_path: str, env) -> int:
+    """The manage-vip drop-in's ExecStopPost= and OnFailure=: no VIP left by a daemon that ends for good."""
+    from .address import AddressError, VirtualAddress, restart_coming
+    from .config import load_vip_manager_config, vip_settings
+    try:
+        vip_conf = vip_settings(load_vip_manager_config(config_path), check_interface=False)
+    except ConfigError as e:
+        print(f"vip-elector --drop-vip: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    why = restart_coming(env)
+    if why:
+        print(f"vip-elector: keeping VIP {vip_conf}: {why}")
+        return EXIT_OK
+    try:
+        with VirtualAddress(vip_conf, announce=False) as vip:
+            removed = vip.release()
+    except AddressError as e:
+        print(f"vip-elector --drop-vip: {e}.", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"vip-elector: VIP {vip_conf} {'removed' if removed else 'was not on this node'}"
+          f" (the daemon ended for good: {env.get('SERVICE_RESULT') or 'failed'})")
+    return EXIT_OK
 
 
 def run() -> None:

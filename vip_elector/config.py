@@ -13,6 +13,7 @@ that names the file or flag and says what to change.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import pwd
 import re
@@ -24,6 +25,7 @@ import yaml
 
 if TYPE_CHECKING:
     from .metrics import MetricsAddress
+from .address import VipSettings
 
 DEFAULT_ADDR = "127.0.0.1:8500"
 MIN_TTL, MAX_TTL = 10.0, 24 * 3600.0  # Consul refuses anything else
@@ -67,6 +69,8 @@ class Settings:
     metrics_address: Optional["MetricsAddress"] = None
     #: Warnings to log once logging is up (e.g. the hostname mismatch).
     warnings: tuple[str, ...] = ()
+    #: The VIP this node holds while it leads (--manage-vip, SPEC §12); None: vip-manager's job.
+    vip: Optional[VipSettings] = None
 
     @property
     def address(self) -> str:
@@ -135,6 +139,10 @@ class VipManagerConfig:
     trigger_value: Optional[str]
     consul_token: Optional[str]
     env_form: bool = False
+    #: The VIP (vip-manager's ip, netmask, interface): used only with --manage-vip.
+    ip: Optional[str] = None
+    netmask: Optional[str] = None
+    interface: Optional[str] = None
     #: The environment variables the settings came from (env form), for messages.
     sources: tuple[tuple[str, str], ...] = ()
 
@@ -155,6 +163,9 @@ _ENV_NAMES = {
     "trigger-key": ("VIP_TRIGGER_KEY", "VIP_KEY"),
     "trigger-value": ("VIP_TRIGGER_VALUE", "VIP_HOST"),
     "consul-token": ("VIP_CONSUL_TOKEN",),
+    "ip": ("VIP_IP",),
+    "netmask": ("VIP_NETMASK", "VIP_MASK"),
+    "interface": ("VIP_INTERFACE", "VIP_IFACE"),
 }
 _ENV_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 #: ``NAME = value``: meant as an environment line, but the shell and systemd
@@ -251,6 +262,7 @@ def _from_env_file(path: str, text: str) -> VipManagerConfig:
         trigger_key=pick("trigger-key"),
         trigger_value=pick("trigger-value"),
         consul_token=pick("consul-token"),
+        ip=pick("ip"), netmask=pick("netmask"), interface=pick("interface"),
         env_form=True,
         sources=tuple(sources.items()),
     )
@@ -270,7 +282,7 @@ def _yaml_scalar(path: str, data: Mapping, name: str) -> Optional[str]:
 
 
 _EXAMPLES = {"dcs-type": "consul", "trigger-key": "service/pg/leader", "trigger-value": "node-a",
-             "consul-token": "<token>"}
+             "consul-token": "<token>", "ip": "10.0.0.10", "netmask": "24", "interface": "eth0"}
 
 
 def _yaml_syntax_error(path: str, error: yaml.YAMLError) -> ConfigError:
@@ -324,6 +336,9 @@ def _from_yaml(path: str, text: str) -> VipManagerConfig:
         trigger_key=_yaml_scalar(path, data, "trigger-key"),
         trigger_value=_yaml_scalar(path, data, "trigger-value"),
         consul_token=_yaml_scalar(path, data, "consul-token"),
+        ip=_yaml_scalar(path, data, "ip"),
+        netmask=_yaml_scalar(path, data, "netmask"),
+        interface=_yaml_scalar(path, data, "interface"),
     )
 
 
@@ -432,6 +447,8 @@ class Options:
     state_dir: Optional[str] = None
     hook: Optional[str] = None
     hook_timeout: float = 10.0
+    #: --manage-vip (or VIP_ELECTOR_MANAGE_VIP=yes, what the manage-vip drop-in sets).
+    manage_vip: bool = False
 
 
 def _choose_address(opts: Options, vm: VipManagerConfig, env: Mapping[str, str]) -> tuple[str, str, int]:
@@ -551,4 +568,74 @@ def build_settings(opts: Options, env: Mapping[str, str], kernel_hostname: Optio
         state_dir=_choose_state_dir(opts, env),
         hook=opts.hook, hook_timeout=opts.hook_timeout,
         warnings=tuple(warnings),
+        vip=vip_settings(vm) if opts.manage_vip else None,
     )
+
+
+# --------------------------------------------------------------------------
+# The VIP (--manage-vip, SPEC §12.5)
+
+
+def _yaml_or_env_example(vm: VipManagerConfig, setting: str) -> str:
+    value = _EXAMPLES[setting]
+    return f"{vm.name(setting).split()[0]}={value}" if vm.env_form else f"{setting}: {value}"
+
+
+def _dotted_prefix(text: str) -> Optional[int]:
+    """24 for '255.255.255.0'; None if it is not a dotted netmask."""
+    try:
+        return ipaddress.IPv4Network(f"0.0.0.0/{text}").prefixlen if "." in text else None
+    except ValueError:
+        return None
+
+
+def _prefix(vm: VipManagerConfig, version: int) -> int:
+    """vip-manager 1.0.1 reads netmask as a number (a prefix length); -1 or none: a host address."""
+    most = 32 if version == 4 else 128
+    text = (vm.netmask or "").strip()
+    if not text or text == "-1":
+        return most
+    name = vm.name("netmask")
+    try:
+        prefix = int(text)
+    except ValueError:
+        dotted = _dotted_prefix(text)
+        hint = (f"write {dotted} for {text}" if dotted is not None
+                else f"e.g. '{_yaml_or_env_example(vm, 'netmask')}'")
+        raise ConfigError(f"{vm.path}: {name} {text!r} is not a prefix length: vip-manager reads "
+                          f"a number of bits, {hint}.") from None
+    if not 1 <= prefix <= most:
+        raise ConfigError(f"{vm.path}: {name} {prefix} is out of range for an IPv{version} "
+                          f"address: use 1 to {most}.")
+    return prefix
+
+
+def vip_settings(vm: VipManagerConfig, check_interface: bool = True) -> VipSettings:
+    """vip-manager's ip/netmask/interface as the VIP to manage, or ConfigError naming the setting."""
+    path = vm.path
+    if vm.ip is None or not vm.ip.strip():
+        raise ConfigError(f"{path} does not set {vm.name('ip')}: --manage-vip needs the virtual IP, "
+                          f"e.g. '{_yaml_or_env_example(vm, 'ip')}'.")
+    text = vm.ip.strip()
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{path}: {vm.name('ip')} {text!r} is not an IP address: give the address "
+                          f"alone (the prefix goes in {vm.name('netmask')}), "
+                          f"e.g. '{_yaml_or_env_example(vm, 'ip')}'.") from None
+    if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local:
+        raise ConfigError(f"{path}: {vm.name('ip')} {text} cannot be a virtual IP (it is a multicast, "
+                          "unspecified, loopback or link-local address).")
+    prefix = _prefix(vm, ip.version)
+    if vm.interface is None or not vm.interface.strip():
+        raise ConfigError(f"{path} does not set {vm.name('interface')}: --manage-vip needs the "
+                          f"interface the VIP goes on, e.g. '{_yaml_or_env_example(vm, 'interface')}'.")
+    interface = vm.interface.strip()
+    if check_interface:
+        try:
+            socket.if_nametoindex(interface)
+        except OSError:
+            names = ", ".join(name for _, name in socket.if_nameindex()) or "none"
+            raise ConfigError(f"{path}: {vm.name('interface')} {interface!r} does not exist on this "
+                              f"node (its interfaces: {names}).") from None
+    return VipSettings(ip=str(ip), prefix=prefix, interface=interface)

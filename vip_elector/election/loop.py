@@ -55,12 +55,15 @@ import random
 import signal
 import threading
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ..config import ConfigError, Settings
 from ..consul import ConsulClient, ConsulError, ConsulUnreachable, InvalidSession, KeyState, PermissionDenied
 from ..hooks import Hooks
 from ..metrics import NullMetrics
+
+if TYPE_CHECKING:
+    from ..address import VirtualAddress
 from ..state import SavedSession, StateStore
 from ..systemd import ElectionContext, Notifier
 from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, WatchFailed
@@ -91,7 +94,8 @@ class Election:
                  saved: Optional[SavedSession] = None,
                  reload_settings: Optional[Callable[[], Optional[Settings]]] = None,
                  reload_verdict: Callable[[Optional[str]], None] = lambda error: None,
-                 metrics: Optional[NullMetrics] = None):
+                 metrics: Optional[NullMetrics] = None,
+                 vip: Optional["VirtualAddress"] = None):
         self.settings, self.consul, self.notifier = settings, consul, notifier
         self.metrics = metrics or NullMetrics()  # a sink: told of roles, confirmations, replacements
         self.timing, self.clock = timing, clock
@@ -102,7 +106,7 @@ class Election:
         self.watcher = KeyWatcher(consul, self.events, timing, rng)
         self.reporter = Reporter(settings, notifier, context,
                                  hooks or Hooks(None, 0, settings.trigger_key, settings.value),
-                                 consul, self._critical_seen, self.metrics)
+                                 consul, self._critical_seen, self.metrics, vip)
         self.lease = Lease(consul, settings, timing, clock, self.state, self.reporter.use_session)
         self.key = TriggerKey(consul, settings, timing, clock)
         self.previous = PreviousRun(consul, settings, clock, self.state, self.reporter, saved)

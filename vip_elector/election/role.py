@@ -14,12 +14,15 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ..config import Settings
 from ..consul import ConsulClient, KeyState, describe_holder
 from ..hooks import LEADER, STANDBY, Hooks
 from ..metrics import NullMetrics
+
+if TYPE_CHECKING:
+    from ..address import VirtualAddress
 from ..systemd import (MESSAGE_ACQUIRED, MESSAGE_LOST, MESSAGE_RELEASED, MESSAGE_WAITING,
                        ElectionContext, Notifier)
 from .watch import HealthWatch
@@ -43,9 +46,11 @@ class Reporter:
 
     def __init__(self, settings: Settings, notifier: Notifier, context: ElectionContext,
                  hooks: Hooks, consul: ConsulClient, on_critical: Callable[[str], None],
-                 metrics: Optional[NullMetrics] = None):
+                 metrics: Optional[NullMetrics] = None,
+                 vip: Optional["VirtualAddress"] = None):
         self.settings, self.notifier, self.context, self.hooks = settings, notifier, context, hooks
         self.metrics = metrics or NullMetrics()
+        self.vip = vip                         # --manage-vip: on exactly while this node leads (§12)
         self.consul, self.on_critical = consul, on_critical
         self.role = Role.STARTING
         self.session = ""                      # the session hooks and the journal are told about
@@ -210,6 +215,11 @@ class Reporter:
         self.role = role
         self.context.role = role.value
         self.metrics.role(role.value)
+        if self.vip is not None:
+            # Before anything is said or announced: the address is added before
+            # the leader hook runs, and removed before the key can leave (§12.1);
+            # while starting, a crashed leader's address stays until it knows.
+            self.vip.settle({Role.LEADER: True, Role.STARTING: None}.get(role, False))
         self._watch_health(role == Role.LEADER)
         if previous != Role.LEADER and role == Role.LEADER and resumed:
             # Not a new leadership (the audit's MESSAGE_ID): the key was not touched.

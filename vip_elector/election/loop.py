@@ -482,8 +482,10 @@ class ConsulTrouble:
         if isinstance(error, PermissionDenied):
             status = f"waiting: Consul refused the ACL token ({s.token_words}): {error}"
             text = (f"Consul at {s.address} refused the ACL token ({s.token_words}): {error}; give "
-                    f"a token with key write on {s.trigger_key}, session write and node read (see "
-                    f"examples/consul-acl-policy.hcl); retrying in {delay:.0f}s")
+                    f"it the rules of examples/consul-acl-policy.hcl (key write on "
+                    f"{s.trigger_key}, session write on this node, read on the check's service "
+                    f"or node) — 'vip-elector --check' names the missing rule; retrying in "
+                    f"{delay:.0f}s")
         else:
             status = f"waiting for Consul at {s.address}: {error}"
             text = f"cannot use Consul at {s.address}: {error}; retrying in {delay:.0f}s"

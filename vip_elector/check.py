@@ -191,8 +191,8 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
     if ok:
         report(True, f"{who} may write {settings.trigger_key}")
 
-    if settings.check_id:
-        for line in check_lines(settings, consul, settings.check_id, node, probe):
+    for check_id in settings.check_ids:  # each --check-id (SPEC §11.5)
+        for line in check_lines(settings, consul, check_id, node, probe):
             report(*line)
 
     e = probe.error

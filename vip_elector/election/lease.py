@@ -140,7 +140,7 @@ class Lease:
 
     def create(self) -> Union[Created, Unhealthy]:
         """A session bound to serfHealth and --check-id, unless a check is not passing."""
-        own = [self.settings.check_id] if self.settings.check_id else []
+        own = list(self.settings.check_ids)
         states = self.consul.check_states(own)
         critical = [(cid, st) for cid, st in states.items() if st == "critical"]
         if critical:

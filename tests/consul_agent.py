@@ -438,5 +438,7 @@ def elector_rules(key, node):
     with its example key and node names replaced (so the tests prove the example)."""
     with open(EXAMPLE_POLICY) as f:
         text = f.read()
-    assert '"service/pgcluster/leader"' in text and '"node-a"' in text, "example policy changed"
-    return text.replace('"service/pgcluster/leader"', '"%s"' % key).replace('"node-a"', '"%s"' % node)
+    example = "service/haproxy-vip/leader" if '"service/haproxy-vip/leader"' in text else "service/pgcluster/leader"
+    assert '"%s"' % example in text and '"node-a"' in text, "example policy changed"
+    # The key, and the key_prefix "<key>/" of its candidates and switchover request (SPEC §11).
+    return text.replace('"%s' % example, '"%s' % key).replace('"node-a"', '"%s"' % node)

@@ -24,6 +24,9 @@ DEFAULT_PRIORITY = 100
 MAX_PRIORITY = 255
 #: SPEC §11.4: how long a free key waits for a candidate of higher priority (or the sticky holder).
 DEFER_LIMIT = 2.0
+#: A switchover request outlives its author's timeout by this much; then it is stale: the
+#: leader drops it, and a new ``switchover`` may replace it.
+REQUEST_GRACE_SECONDS = 2.0
 
 
 def candidates_prefix(trigger_key: str) -> str:
@@ -63,6 +66,7 @@ class Candidate:
     session: str = ""
     pid: int = 0
     version: str = ""
+    ready: int = 0                           # the switchover request (its ModifyIndex) it is ready for
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -93,7 +97,8 @@ class Candidate:
                    role="leader" if data.get("role") == "leader" else "standby",
                    since=number("since", 0.0), up_since=number("up_since", 0.0),
                    checks={str(k): str(v) for k, v in checks.items()}, session=entry.session,
-                   pid=number("pid", 0, int), version=str(data.get("version") or ""))
+                   pid=number("pid", 0, int), version=str(data.get("version") or ""),
+                   ready=number("ready", 0, int))
 
 
 @dataclass(frozen=True)
@@ -173,4 +178,4 @@ def wall() -> float:
 
 
 __all__ = ["Entry", "Candidate", "Request", "Tree", "candidate_key", "candidates_prefix",
-           "request_key", "DEFAULT_PRIORITY", "MAX_PRIORITY", "DEFER_LIMIT", "wall"]
+           "request_key", "REQUEST_GRACE_SECONDS", "DEFAULT_PRIORITY", "MAX_PRIORITY", "DEFER_LIMIT", "wall"]

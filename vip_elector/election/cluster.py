@@ -34,7 +34,7 @@ import os
 from typing import Callable, Optional
 
 from .. import __version__
-from ..cluster import DEFER_LIMIT, Candidate, Request, Tree, wall
+from ..cluster import DEFER_LIMIT, REQUEST_GRACE_SECONDS, Candidate, Request, Tree, wall
 from ..config import Settings
 from ..consul import ConsulClient, ConsulError, KeyState, PermissionDenied
 
@@ -42,8 +42,7 @@ log = logging.getLogger("vip_elector")
 
 #: After a refused or failed switchover, the same preemption is not asked again before this.
 PREEMPT_RETRY = 30.0
-#: How long a stale switchover request outlives its author's timeout before the leader drops it.
-REQUEST_GRACE = 2.0
+REQUEST_GRACE = REQUEST_GRACE_SECONDS
 #: After a candidate-key write failed, the next attempt (it is never urgent).
 RECORD_RETRY = 5.0
 #: A hook's ``standby`` call gets at most this long to finish before the lock moves.
@@ -57,9 +56,10 @@ class Cluster:
         self.consul, self.settings, self.clock = consul, settings, clock
         self.tree = Tree()
         # The candidate key: what we wrote, with which session and role.
-        self.written: Optional[tuple[str, str]] = None   # (session, role)
+        self.written: Optional[tuple[str, str, int]] = None   # (session, role, ready)
         self.record_retry_at = float("-inf")
         self._record_trouble: Optional[str] = None
+        self._node: tuple[str, str] = ("", "")              # (session, its node), learnt once
         self.role_since = wall()
         self._role = "standby"
         self.session_since: Optional[float] = None       # loop clock: our session began (checks passing)
@@ -99,7 +99,7 @@ class Cluster:
             if mine is not None and mine.up_since:
                 self.up_since_wall = mine.up_since
                 self.session_since = now - max(0.0, wall() - mine.up_since)
-                self.written = (session, mine.role)
+                self.written = (session, mine.role, mine.ready)
                 return
         self.session_since = now
         self.up_since_wall = wall()
@@ -112,19 +112,31 @@ class Cluster:
 
     def record_due(self, session: Optional[str], role: str) -> Optional[float]:
         """When our candidate key must be (re)written, or None while it says what is so."""
-        if session is None or self.written == (session, role):
+        if session is None or self.written == (session, role, self._ready_for()):
             return None
         return self.record_retry_at
+
+    def _ready_for(self) -> int:
+        """A switchover request naming us: our candidate key says we are ready for it, which
+        proves to the leader that our loop runs (a frozen target would never claim the key)."""
+        req = self.tree.request
+        if req is None or req.error or req.target != self.settings.value:
+            return 0
+        return req.modify_index
 
     def write_record(self, session: str, role: str, node: Optional[str]) -> None:
         """Acquire our candidate key with our session; trouble is logged once and retried later
         (the election never waits for it)."""
         if role != self._role:
             self._role, self.role_since = role, wall()
+        if not node:  # a token without agent:read: the session knows its node (once per session)
+            node = self._node_of(session)
         s = self.settings
+        ready = self._ready_for()
         record = Candidate(name=s.value, node=node or "", priority=s.priority, role=role,
                            since=self.role_since, up_since=self.up_since_wall,
-                           checks={c: "passing" for c in s.checks}, pid=os.getpid(), version=__version__)
+                           checks={c: "passing" for c in s.checks}, pid=os.getpid(), version=__version__,
+                           ready=ready)
         try:
             written = self.consul.put_candidate(session, record.to_json())
         except ConsulError as e:
@@ -144,8 +156,17 @@ class Cluster:
         if self._record_trouble is not None:
             log.info("candidate key %s/candidates/%s written", s.trigger_key, s.value)
         self._record_trouble = None
-        self.written = (session, role)
+        self.written = (session, role, ready)
         self.record_retry_at = float("-inf")
+
+    def _node_of(self, session: str) -> str:
+        if self._node[0] != session:
+            try:
+                info = self.consul.session_info(session)
+            except ConsulError:
+                return ""
+            self._node = (session, info.node if info else "")
+        return self._node[1]
 
     # ------------------------------------------------------------------ §11.4: a free key
 
@@ -198,13 +219,29 @@ class Cluster:
         self._handled.add(req.modify_index)
         self._dropped.add(req.modify_index)
 
-    def stale_request_due(self) -> Optional[float]:
-        """When the request in the tree becomes stale (its author gave up long ago)."""
+    def request_due(self) -> Optional[float]:
+        """When the leader must look at the request again: the target's answer is overdue,
+        or the request is stale (its author gave up long ago)."""
         req = self.tree.request
         if req is None or req.modify_index in self._dropped:
             return None
         seen = self._seen_requests.setdefault(req.modify_index, self.clock())
-        return seen + max(0.0, req.timeout) + REQUEST_GRACE
+        stale = seen + max(0.0, req.timeout) + REQUEST_GRACE
+        if req.modify_index in self._handled or req.error:
+            return stale
+        return min(stale, seen + self.answer_limit(req))
+
+    @staticmethod
+    def answer_limit(req: Request) -> float:
+        """How long the target has to say it is ready (its candidate key) before the leader refuses."""
+        return max(0.5, min(5.0, req.timeout / 2))
+
+    def target_ready(self, req: Request, target: Candidate) -> Optional[bool]:
+        """True: the target said it is ready; None: not yet; False: too late."""
+        if target.ready == req.modify_index:
+            return True
+        seen = self._seen_requests.setdefault(req.modify_index, self.clock())
+        return None if self.clock() - seen < self.answer_limit(req) else False
 
     def check_target(self, req: Request) -> tuple[Optional[Candidate], str]:
         """The live candidate a request names, or None and why it cannot be."""

@@ -218,7 +218,7 @@ class Election:
         if record is not None and now >= record:
             return self._write_record
         if stale is not None and now >= stale:
-            return self._drop_stale_request
+            return self._review_request
         if preempt is not None and now >= preempt:
             return self._preempt
         return None
@@ -229,7 +229,7 @@ class Election:
         if self.lease.session is None or self.lease.failing is not None:
             return None, None, None
         record = self.cluster.record_due(self.lease.session, self._record_role())
-        stale = self.cluster.stale_request_due() if self.role == Role.LEADER else None
+        stale = self.cluster.request_due() if self.role == Role.LEADER else None
         preempt = (self.cluster.preempt_due(self.key.state, self.lease.session)
                    if self.role == Role.FOLLOWER else None)
         return record, stale, preempt
@@ -519,10 +519,15 @@ class Election:
         if self.key.state is not None:
             self.cluster.preempt(self.key.state)
 
-    def _drop_stale_request(self) -> None:
+    def _review_request(self) -> None:
+        """The request's time is up: drop it if stale, else decide on it (an overdue target)."""
         req = self.cluster.tree.request
-        if req is not None:
+        if req is None:
+            return
+        if self.cluster.request_expired(req):
             self._drop_request(req, f"no answer within its {req.timeout:g}s (its author gave up)")
+        else:
+            self._switchover()
 
     def _switchover(self) -> None:
         """A switchover asked of us (SPEC §11.3): the lock moves in one transaction from our
@@ -531,7 +536,6 @@ class Election:
         req: Optional[Request] = self.cluster.pending_request()
         if req is None:
             return
-        self.cluster.handled(req)
         if self.cluster.request_expired(req):
             self._drop_request(req, "it is stale (its author gave up)")
             return
@@ -542,6 +546,15 @@ class Election:
         if target is None:
             self._refuse(req, why)
             return
+        ready = self.cluster.target_ready(req, target)
+        if ready is None:
+            return  # its answer comes through the watch (or the deadline: _review_request)
+        if not ready:
+            self._refuse(req, f"{target.name}'s vip-elector did not answer within "
+                              f"{self.cluster.answer_limit(req):g}s (is it frozen or overloaded?); "
+                              f"{self.settings.value} keeps the key")
+            return
+        self.cluster.handled(req)
         self.reporter.hands_over(target.name, req.by)  # hook `standby` before the key leaves us
         self.reporter.finish_hooks(min(HANDOVER_HOOK_WAIT, self.settings.hook_timeout))
         self.read_at = self.clock()  # whatever happens next, the key says where it is
@@ -554,6 +567,7 @@ class Election:
         self._drop_request(req, None)
 
     def _refuse(self, req: Request, why: str) -> None:
+        self.cluster.handled(req)
         log.warning("switchover to %s (asked by %s) refused: %s", req.target or "?", req.by or "?", why)
         try:
             self.consul.put_request(req.refused(why).to_json(), cas=req.modify_index)

@@ -388,7 +388,7 @@ def test_a_flapping_check_on_the_preferred_node_does_not_bounce_the_vip(agent, k
     # The check on the preferred node flaps: never 3 s passing in a row.
     end = time.monotonic() + 10
     while time.monotonic() < end:
-        time.sleep(1.5)
+        time.sleep(1.0)
         agent.fail_check(check_id)
         time.sleep(0.3)
         agent.pass_check(check_id)

@@ -41,7 +41,7 @@ from ..consul import ConsulClient, ConsulError, KeyState, PermissionDenied
 log = logging.getLogger("vip_elector")
 
 #: After a refused or failed switchover, the same preemption is not asked again before this.
-PREEMPT_RETRY = 30.0
+PREEMPT_RETRY = 10.0
 REQUEST_GRACE = REQUEST_GRACE_SECONDS
 #: After a candidate-key write failed, the next attempt (it is never urgent).
 RECORD_RETRY = 5.0
@@ -269,6 +269,8 @@ class Cluster:
             return None  # never on equal priority; a holder we do not know is left alone
         if self.written is None or self.written[0] != session:
             return None  # the leader checks our candidate key: it must be there first
+        if self.tree.own is None or self.tree.own.session != session:
+            return None  # gone with our session (a check failed): the streak of passing ended
         return max(self.session_since + delay, self.preempt_after)
 
     def preempt(self, key: KeyState) -> None:

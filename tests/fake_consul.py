@@ -25,6 +25,8 @@ class FakeConsul:
         self.key: Optional[KeyState] = None
         self.sessions: set[str] = set()
         self.checks: dict[str, Optional[str]] = {"serfHealth": "passing"}
+        self.check_output: dict[str, str] = {}
+        self.agent_node: Optional[str] = "node1"  # None: the token may not read /v1/agent/self
         self.reachable = True
         self.renew_fails = False
         self.refuse_acquires = 0
@@ -39,6 +41,7 @@ class FakeConsul:
         self.session_names: dict[str, str] = {}
         self._next_session = 0
         self.checks_of: dict[str, tuple] = {}
+        self.params_of: dict[str, tuple] = {}
         self.ttl, self.lock_delay = 0.6, 0.2
         self.leader = "10.0.0.1:8300"     # the raft leader
 
@@ -74,11 +77,15 @@ class FakeConsul:
     # the ConsulClient API
     def node_name(self) -> str:
         self._call("node_name")
-        return "node1"
+        return self.agent_node
 
     def check_states(self, check_ids):
         self._call("check_states")
         return {c: self.checks.get(c) for c in check_ids}
+
+    def check_details(self, check_ids):
+        self._call("check_details")
+        return {c: (self.checks.get(c), self.check_output.get(c, "")) for c in check_ids}
 
     @contextlib.contextmanager
     def time_limit(self, seconds: float):
@@ -121,9 +128,11 @@ class FakeConsul:
             return None
         return SessionInfo(id=sid, name=self.session_names.get(sid, f"vip-elector-{self.value}"),
                            node="node1", checks=frozenset(self.checks_of.get(sid, ("serfHealth",))),
-                           ttl=self.ttl, lock_delay=self.lock_delay, behavior="delete")
+                           ttl=self.params_of.get(sid, (self.ttl, self.lock_delay))[0],
+                           lock_delay=self.params_of.get(sid, (self.ttl, self.lock_delay))[1],
+                           behavior="delete")
 
-    def create_session(self, checks) -> str:
+    def create_session(self, checks, ttl=None, lock_delay=None) -> str:
         self._call("create_session")
         for c in checks:
             if self.checks.get(c) is None:
@@ -135,6 +144,8 @@ class FakeConsul:
             sid = f"session-{self._next_session}"
             self.sessions.add(sid)
             self.checks_of[sid] = tuple(checks)
+            self.params_of[sid] = (self.ttl if ttl is None else ttl,
+                                   self.lock_delay if lock_delay is None else lock_delay)
         return sid
 
     def renew_session(self, sid: str) -> None:

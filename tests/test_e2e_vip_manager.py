@@ -201,14 +201,14 @@ def test_reload_and_crash_restart_of_the_leader_never_move_the_vip(lab):
     proc = lab.electors[leader]
     proc.send(signal.SIGHUP)
     proc.wait_line("reloaded", 15, since=t0)
-    proc.wait_line("LOCK ACQUIRED", 15, since=t0)
+    proc.wait_line("resumed leadership", 15, since=t0)
     t1 = time.time()
     proc.send(signal.SIGKILL)
     proc.wait(5)
     time.sleep(1.0)
     proc = lab.start_elector(leader)
     proc.wait_line("resumed session %s: it still holds" % before[2], 20)
-    proc.wait_line("LOCK ACQUIRED", 15)
+    proc.wait_line("resumed leadership", 15)
     time.sleep(2 * INTERVAL_MS / 1000 + 0.5)  # vip-manager would have acted on a change by now
     t_end = time.time()
     assert lab.watcher.current()[1:] == before[1:], describe(lab)

@@ -157,7 +157,7 @@ def test_critical_check_means_no_session_until_it_passes():
         wait_for(lambda: "waiting: check 'vip-http' is critical" in r.recorder.statuses())
         time.sleep(0.2)
         assert consul.count("create_session") == 0 and consul.key is None
-        polls = consul.count("check_states")
+        polls = consul.count("check_details")
         assert polls >= 2, "the check must be looked at again, regularly"
         consul.checks["vip-http"] = "passing"
         wait_for(lambda: r.election.role == Role.LEADER, what="leadership once the check passes")
@@ -416,7 +416,7 @@ def test_claim_window_ends_before_another_node_could_hold_the_key():
 
 def test_an_unexpected_exception_is_logged_as_internal_error_and_retried(caplog):
     consul = FakeConsul()
-    real = consul.check_states
+    real = consul.check_details
     calls = [0]
 
     def buggy(ids):
@@ -424,7 +424,7 @@ def test_an_unexpected_exception_is_logged_as_internal_error_and_retried(caplog)
         if calls[0] == 1:
             raise RuntimeError("a bug")
         return real(ids)
-    consul.check_states = buggy
+    consul.check_details = buggy
     with caplog.at_level(logging.ERROR, logger="vip_elector"), Running(consul) as r:
         wait_for(lambda: r.election.role == Role.LEADER, what="leadership despite the bug")
     errors = [rec for rec in caplog.records if "internal error" in rec.getMessage()]

@@ -93,7 +93,7 @@ def test_sighup_reloads_in_place_and_leaves_the_key_untouched(consul, key, start
     a.send(signal.SIGHUP)
     a.wait_for_line("reloaded", 20, since=n)
     a.wait_for_line("resumed session %s: it still holds" % entry["Session"], 20, since=n)
-    a.wait_for_line("LOCK ACQUIRED", 20, since=n)
+    a.wait_for_line("resumed leadership", 20, since=n)
     time.sleep(0.5)  # let a wrongly written key show up in the watcher
     assert a.alive and a.pid == pid, "a reload re-executes in place: same PID"
     assert_untouched(w, entry, t0)
@@ -115,7 +115,7 @@ def test_reload_without_a_state_dir_still_resumes(consul, key, start, watch):
     t0 = time.time()
     n = len(a.lines)
     a.send(signal.SIGHUP)
-    a.wait_for_line("LOCK ACQUIRED", 20, since=n)
+    a.wait_for_line("resumed leadership", 20, since=n)
     assert_untouched(w, entry, t0)
     no_internal_error(a)
 
@@ -235,7 +235,7 @@ def test_sigkill_then_restart_resumes_leadership_untouched(consul, key, start, w
     time.sleep(1)          # as systemd's RestartSec
     a2 = start(consul, key, "node-a", **kw)
     a2.wait_for_line("resumed session %s: it still holds" % entry["Session"], 20)
-    a2.wait_for_line("LOCK ACQUIRED", 20)
+    a2.wait_for_line("resumed leadership", 20)
     time.sleep(1)
     assert_untouched(w, entry, t0)
     assert len(sessions_named(consul, "vip-elector-node-a")) == 1
@@ -410,18 +410,21 @@ def test_reload_applies_the_units_current_options_and_environment(consul, key, s
                    "NOTIFY_SOCKET": notify.path})
     old = lead(consul, key, a, "node-a")["Session"]
 
-    def reload_with(options):
+    def reload_with(options, applies=True):
         since = time.time()
         res = run_elector(["--reload-pid", str(a.pid)],
                           env={"RUNTIME_DIRECTORY": str(run), "VIP_ELECTOR_OPTS": options})
-        assert res.returncode == 0, res.stderr
+        # A refused reload fails the unit's ExecReload=, so `systemctl reload` says so.
+        assert res.returncode == (0 if applies else 1), res.stderr
+        if not applies:
+            assert "reload refused" in res.stderr and "VIP_ELECTOR_OPTS" in res.stderr, res.stderr
         notify.wait("RELOADING=1", 5, since=since)   # taken before --reload-pid returned
         notify.wait("READY=1", 20, since=since)
         return since
 
     # Broken: no options. The running daemon carries on, naming the variable.
     n = len(a.lines)
-    reload_with("")
+    reload_with("", applies=False)
     _, line = a.wait_for_line("reload failed", 10, since=n)
     assert "VIP_ELECTOR_OPTS" in line, line
     assert consul.kv_get(key)["Session"] == old

@@ -272,7 +272,8 @@ def _run_daemon(settings: Settings, consul, notifier: Notifier, context: Electio
     reloader = Reloader(sys.argv[1:], os.environ)
     hooks = Hooks(settings.hook, settings.hook_timeout, settings.trigger_key, settings.value)
     election = Election(settings, consul, notifier, context, hooks=hooks, state=store, saved=saved,
-                        reload_settings=lambda: reloader.prepare(_validate_reload))
+                        reload_settings=lambda: reloader.prepare(_validate_reload),
+                        reload_verdict=reloader.verdict)
     relay = signals.SignalRelay(election.on_signal).start()
     _log_start(settings, reexec)
     try:

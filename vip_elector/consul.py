@@ -429,11 +429,28 @@ class ConsulClient:
         ``serfHealth`` is not a check of the agent's own; Consul itself judges
         it when the session is created (CheckNotPassing names it then).
         """
+        return {cid: status for cid, (status, _) in self.check_details(check_ids).items()}
+
+    @_translated
+    def check_details(self, check_ids: list[str]) -> dict[str, tuple[Optional[str], str]]:
+        """Status and last output of each check on the local agent ((None, "") if not there).
+
+        The output is what the check's script or HTTP probe said: the reason
+        a person needs when the node waits for a critical check.
+        """
         checks = self._lib.agent.checks()
         if not isinstance(checks, dict):
             raise ConsulError("the address does not answer like a Consul agent")
-        return {cid: (checks.get(cid) if isinstance(checks.get(cid), dict) else {}).get("Status")
-                for cid in check_ids}
+        details = {}
+        for cid in check_ids:
+            check = checks.get(cid)
+            if not isinstance(check, dict):
+                details[cid] = (None, "")
+                continue
+            output = check.get("Output")
+            details[cid] = (check.get("Status"), " ".join(output.split())[:200]
+                            if isinstance(output, str) else "")
+        return details
 
     @_translated
     def raft_leader(self) -> str:
@@ -450,11 +467,15 @@ class ConsulClient:
     # Sessions -----------------------------------------------------------
 
     @_translated
-    def create_session(self, checks: list[str]) -> str:
+    def create_session(self, checks: list[str], ttl: Optional[float] = None,
+                       lock_delay: Optional[float] = None) -> str:
+        """A session on the agent's node; ``ttl``/``lock_delay`` default to the settings'
+        (a reload passes the new configuration's, §8.3)."""
         s = self.settings
         session = self._lib.session.create(
             name=s.session_name, checks=checks, behavior=SESSION_BEHAVIOR,
-            ttl=_whole(s.ttl), lock_delay=_whole(s.lock_delay))
+            ttl=_whole(s.ttl if ttl is None else ttl),
+            lock_delay=_whole(s.lock_delay if lock_delay is None else lock_delay))
         if not isinstance(session, str) or not session:
             raise _malformed("a session create", self.settings)
         return session

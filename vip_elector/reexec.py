@@ -25,23 +25,27 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, TextIO
+from typing import Callable, Mapping, Optional, TextIO, TypeVar
 
 from .config import ConfigError
 
 log = logging.getLogger("vip_elector")
+T = TypeVar("T")
 
 #: Set for the re-executed program: it says "reloaded", not "starting".
 REEXEC_VAR = "VIP_ELECTOR_REEXEC"
 OPTS_VAR = "VIP_ELECTOR_OPTS"
 #: In $RUNTIME_DIRECTORY: the environment the unit's ExecReload= was given.
 RELOAD_FILE = "reload-environment.json"
+#: In $RUNTIME_DIRECTORY: the daemon's verdict on that reload ("" applied, else why not).
+VERDICT_FILE = "reload-verdict"
 #: What systemd sets for the main process itself, or differently for ExecReload=.
 MAIN_PROCESS_ONLY = frozenset({
     "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "LISTEN_FDS", "LISTEN_PID",
     "LISTEN_FDNAMES", "MAINPID", "SYSTEMD_EXEC_PID", "MANAGERPID", "INVOCATION_ID"})
-#: How long --reload-pid waits for the daemon to take the environment.
-RELOAD_WAIT = 10.0
+#: How long --reload-pid waits for the daemon's verdict: a turn of its loop
+#: (6 s at most) and the reload's own requests (6 s) fit well inside.
+RELOAD_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -52,18 +56,23 @@ class Invocation:
     env: dict[str, str] = field(repr=False)
 
 
-def _reload_file(env: Mapping[str, str]) -> Optional[str]:
+def _reload_file(env: Mapping[str, str], name: str = RELOAD_FILE) -> Optional[str]:
     runtime = (env.get("RUNTIME_DIRECTORY") or "").split(":")[0]
-    return os.path.join(runtime, RELOAD_FILE) if runtime else None
+    return os.path.join(runtime, name) if runtime else None
 
 
 def request_reload(pid: int, env: Mapping[str, str] = os.environ, out: TextIO = sys.stderr) -> int:
     """The unit's ExecReload=: hand the fresh environment to the daemon, then SIGHUP it.
 
-    Returns once the daemon has taken it (it has sent RELOADING=1 by then,
-    so systemd waits for its READY=1), or exit status 1 saying why not.
+    Returns 0 once the daemon has applied it (it has sent RELOADING=1 by
+    then, so systemd waits for its READY=1), or 1 saying why not — a
+    configuration the daemon refused included, so that `systemctl reload`
+    fails and configuration management notices.
     """
     path = _reload_file(env)
+    verdict = _reload_file(env, VERDICT_FILE)
+    if verdict is not None:
+        _unlink(verdict)
     if path is not None:
         try:
             fd, tmp = tempfile.mkstemp(prefix=".reload-", dir=os.path.dirname(path))
@@ -79,14 +88,26 @@ def request_reload(pid: int, env: Mapping[str, str] = os.environ, out: TextIO = 
     except OSError as e:
         print(f"vip-elector: cannot signal the daemon (PID {pid}): {e.strerror or e}", file=out)
         return 1
+    if path is None or verdict is None:
+        return 0
     deadline = time.monotonic() + RELOAD_WAIT
-    while path is not None and os.path.exists(path):
+    while not os.path.exists(verdict):
         if time.monotonic() > deadline:
             _unlink(path)
-            print(f"vip-elector: the daemon (PID {pid}) did not take the reload within "
+            print(f"vip-elector: the daemon (PID {pid}) did not answer the reload within "
                   f"{RELOAD_WAIT:g}s; see journalctl -u vip-elector", file=out)
             return 1
         time.sleep(0.01)
+    try:
+        with open(verdict, encoding="utf-8") as f:
+            why = f.read().strip()
+    except OSError:
+        why = ""
+    _unlink(verdict)
+    if why:
+        print(f"vip-elector: reload refused, the daemon keeps running with its previous "
+              f"configuration: {why}", file=out)
+        return 1
     return 0
 
 
@@ -124,11 +145,14 @@ class Reloader:
         self.args = list(args)
         self.env = dict(env)
         self.next: Optional[Invocation] = None
+        self._asked_by_unit = False  # the unit's ExecReload= waits for our verdict
 
-    def prepare(self, validate: Callable[[list[str], Mapping[str, str]], object]) -> Invocation:
-        """The invocation a reload would run, validated by ``validate(args, env)``; ConfigError if bad."""
+    def prepare(self, validate: Callable[[list[str], Mapping[str, str]], T]) -> T:
+        """Validate the invocation a reload would run: what ``validate(args, env)`` returns
+        (the new program's settings), or its ConfigError; the exec then runs that invocation."""
         args, env = list(self.args), dict(self.env)
         fresh = take_reload_environment(self.env)
+        self._asked_by_unit = fresh is not None
         if fresh is not None:
             # The unit's settings from the fresh environment; what systemd gives the
             # main process alone (its watchdog, its journal stream…) from ours.
@@ -139,9 +163,23 @@ class Reloader:
             if not args:
                 raise ConfigError(f"{OPTS_VAR} is not set (in /etc/default/vip-elector or a drop-in): "
                                   "set the options vip-elector runs with, then reload again.")
-        validate(args, env)
+        validated = validate(args, env)
         self.next = Invocation(args, env)
-        return self.next
+        return validated
+
+    def verdict(self, error: Optional[str]) -> None:
+        """Tell the unit's ExecReload= (if it asked) whether the reload applies: None, or why not."""
+        path = _reload_file(self.env, VERDICT_FILE)
+        if not self._asked_by_unit or path is None:
+            return
+        self._asked_by_unit = False
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".verdict-", dir=os.path.dirname(path))
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(error or "")
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("cannot tell the reload command the outcome in %s (%s)", path, e.strerror or e)
 
     def exec(self, extra_env: Mapping[str, str]) -> None:
         """Replace this program; returns only if the exec failed (OSError)."""

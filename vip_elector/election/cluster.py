@@ -99,8 +99,7 @@ class Cluster:
             if mine is not None and mine.up_since:
                 self.up_since_wall = mine.up_since
                 self.session_since = now - max(0.0, wall() - mine.up_since)
-                self.written = (session, mine.role, mine.ready)
-                return
+                return  # written again once (a reload may have changed the priority)
         self.session_since = now
         self.up_since_wall = wall()
 

@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
-from ..config import Settings
+from ..config import ConfigError, Settings
 from ..consul import CheckNotPassing, ConsulClient, ConsulError, ConsulUnreachable, InvalidSession, KeyState
 from ..state import SavedSession, StateStore
 from .timing import Timing
@@ -46,6 +46,7 @@ class Unhealthy:
 
     check_id: str
     state: Optional[str]         # None: not registered
+    output: str = ""             # what the check last said (its script's or probe's words)
 
 
 # What a renewal answers -----------------------------------------------------
@@ -98,8 +99,7 @@ class Lease:
         self.replacement: Optional[str] = None   # the session replacing it, made but not yet ours
         self._failed_at = 0.0
         self._renew_now = False
-        self._raft_leader: Optional[str] = None  # the servers' raft leader when last read
-        self._raft_read_at: Optional[float] = None
+        self._doubts = Doubts(consul, settings, timing)
         self._warned_unseen = False
 
     # ------------------------------------------------------------------ §9.3: the claim window
@@ -141,8 +141,9 @@ class Lease:
     def create(self) -> Union[Created, Unhealthy]:
         """A session bound to serfHealth and --check-id, unless a check is not passing."""
         own = list(self.settings.check_ids)
-        states = self.consul.check_states(own)
-        critical = [(cid, st) for cid, st in states.items() if st == "critical"]
+        details = self.consul.check_details(own)
+        states = {cid: status for cid, (status, _) in details.items()}
+        critical = [(cid, st, out) for cid, (st, out) in details.items() if st == "critical"]
         if critical:
             return Unhealthy(*critical[-1])
         # A check the agent does not list may be one this token cannot see (no
@@ -175,6 +176,23 @@ class Lease:
         self.failing = None
         self._renew_now = False
         self.store.save(self.saved())
+
+    def learn_node(self) -> None:
+        """The agent's node, from Consul's record of the session it just made.
+
+        A token without agent:read (the least-privilege policy) cannot ask the
+        agent its name, but may read its own sessions; the state file keeps the
+        node so that a restart can tell this node's session from another's
+        (§8.2) instead of comparing it with an unknown.
+        """
+        try:
+            info = self.consul.session_info(self.session)
+        except ConsulError as e:
+            log.debug("cannot read session %s to learn this node's name: %s", self.session, e)
+            return
+        if info is not None and info.node:
+            self.node = info.node
+            self.store.save(self.saved())
 
     def confirm(self, sent: float) -> None:
         """A request sent at ``sent`` proved the session valid (a won acquire)."""
@@ -211,39 +229,11 @@ class Lease:
             return Failing(reason)
         now = self.clock()
         recovered = self.failing is not None or cut_off
-        doubt = self._doubt(recovered, sent, now) or self._raft_leader_changed(now, leading)
+        doubt = self._doubts.after_renewal(recovered, self.failing, self.confirmed_at, sent, now, leading)
         self.confirmed_at = sent
         self.failing = None
         self.doubt = self.doubt or doubt
         return Confirmed(recovered, self.doubt is not None)
-
-    def _doubt(self, recovered: bool, sent: float, now: float) -> Optional[str]:
-        """Why a server may hold a stray destroy of the session just confirmed, or None."""
-        if recovered:
-            return f"renewals failed: {self.failing or 'no answer in time'}"
-        if self.confirmed_at is not None and now - self.confirmed_at >= self.settings.ttl:
-            return f"not confirmed for {now - self.confirmed_at:.0f}s"
-        if now - sent >= self.timing.doubt_latency:
-            return f"a renewal took {now - sent:.1f}s"
-        return None
-
-    def _raft_leader_changed(self, now: float, leading: bool) -> Optional[str]:
-        """Read the raft leader now and then; a change (since we last read it) is a doubt."""
-        every = self.timing.raft_poll if leading else self.timing.raft_poll_follower
-        if self._raft_read_at is not None and now - self._raft_read_at < every:
-            return None
-        self._raft_read_at = now
-        try:
-            leader = self.consul.raft_leader()
-        except ConsulError as e:  # only a precaution: the renewal decides about the session
-            log.debug("cannot read the raft leader: %s", e)
-            return None
-        if not leader:
-            return None
-        before, self._raft_leader = self._raft_leader, leader
-        if before is not None and leader != before:
-            return f"the Consul servers' raft leader changed from {before} to {leader}"
-        return None
 
     # ------------------------------------------------------------------ §9.4: replace in place
 
@@ -264,22 +254,15 @@ class Lease:
                 return NotReplaced()
         new = self.replacement
         sent = self.clock()
-        index, key = self.consul.read_key()
-        if key is not None and key.session == old:
-            try:
-                refused = not self.consul.move_lock(old, new)
-            except ConsulUnreachable:
-                refused = False  # no answer is not "no": the key tells what Consul did
-            if not refused:
-                index, key = self.consul.read_key()
-                refused = key is not None and key.session == old
-            if refused:  # the new session is not valid, or the key changed under us
-                self.replacement = None
-                self._destroy_quietly(new, "the replacement Consul would not give the lock to")
-                return NotReplaced()
+        moved = self._move_lock(old, new)
+        if moved is None:
+            self.replacement = None
+            self._destroy_quietly(new, "the replacement Consul would not give the lock to")
+            return NotReplaced()
+        index, key = moved
         moved = key is not None and key.session == new
         self.replacement = self.doubt = None
-        self._raft_leader = self._raft_read_at = None  # read afresh as the baseline for the new session
+        self._doubts = Doubts(self.consul, self.settings, self.timing)  # a fresh baseline for the new session
         self.adopt(new, sent)
         log.info("session %s replaced by %s: Consul had trouble (%s), and a Consul server may "
                  "still destroy a session it saw expire then%s", old, new, why,
@@ -287,6 +270,64 @@ class Lease:
                  if moved else "")
         self._destroy_quietly(old, "the replaced session (it holds nothing)")
         return Replaced(index, key)
+
+    def carry_over(self, new: Settings) -> bool:
+        """A reload that changes the session's parameters: move the lock to a session made for them.
+
+        Releasing the key would move the VIP for a change of TTL, lock-delay or
+        checks; instead the new session is made now, while this program still
+        holds the key, and the lock moves to it in one transaction (§9.4): the
+        key is never free and its value does not change. Consul refusing the
+        new session (a new check not registered, or critical) raises
+        ConfigError: the reload is refused and the node keeps its key under the
+        configuration it has; a move Consul would not make raises ConsulError.
+        With another key, value or Consul, nothing is carried over (False): the
+        new program releases and competes afresh (§8.3).
+        """
+        s = self.settings
+        if (new.trigger_key, new.value, new.address, new.token) != (s.trigger_key, s.value, s.address, s.token):
+            return False
+        if (tuple(new.checks), new.ttl, new.lock_delay) == (tuple(s.checks), s.ttl, s.lock_delay):
+            return False
+        old = self.session
+        try:
+            fresh = self.consul.create_session(new.checks, ttl=new.ttl, lock_delay=new.lock_delay)
+        except CheckNotPassing as e:
+            check = e.check_id or new.checks[-1]
+            state = "is not registered on the local agent" if e.state is None else f"is {e.state}"
+            raise ConfigError(f"the new configuration binds check '{check}', which {state}: "
+                              f"register it (or make it pass), or fix --check-id, then reload "
+                              f"again") from None
+        sent = self.clock()
+        moved = self._move_lock(old, fresh)
+        if moved is None:
+            self._destroy_quietly(fresh, "the session made for the new configuration")
+            raise ConsulError("Consul would not move the lock to the session made for the "
+                              "new configuration")
+        _, key = moved
+        self._destroy_quietly(old, "the session of the previous configuration")
+        self.settings = new  # what the state handed to the new program describes
+        self.adopt(fresh, sent)
+        log.info("session %s replaced by %s for the new configuration (checks %s, ttl %gs, "
+                 "lock-delay %gs)%s", old, fresh, "+".join(new.checks), new.ttl, new.lock_delay,
+                 f"; {new.trigger_key} moved to it in place, its value unchanged"
+                 if key is not None and key.session == fresh else "")
+        return True
+
+    def _move_lock(self, old: str, new: str) -> Optional[tuple[int, Optional[KeyState]]]:
+        """Move the lock from ``old`` to ``new`` if ``old`` holds it: the key as it is then,
+        or None when Consul refused (``new`` not valid, or the key changed under us)."""
+        index, key = self.consul.read_key()
+        if key is None or key.session != old:
+            return index, key
+        try:
+            refused = not self.consul.move_lock(old, new)
+        except ConsulUnreachable:
+            refused = False  # no answer is not "no": the key tells what Consul did
+        if not refused:
+            index, key = self.consul.read_key()
+            refused = key is not None and key.session == old
+        return None if refused else (index, key)
 
     def drop_replacement(self) -> None:
         """A replacement made but never taken up (a stop, a reload, the old session gone)."""
@@ -321,3 +362,46 @@ class Lease:
         except ConsulError as e:
             log.warning("could not destroy %s %s: %s (not renewed, Consul ends it within %gs)",
                         what, session, e, 2 * self.settings.ttl)
+
+
+class Doubts:
+    """Consul trouble a session may have been through, though Consul confirms it now.
+
+    Failed or slow renewals, a gap of a TTL, or a change of the servers' raft
+    leader (read now and then: a frozen raft leader may go unnoticed otherwise).
+    """
+
+    def __init__(self, consul: ConsulClient, settings: Settings, timing: Timing):
+        self.consul, self.settings, self.timing = consul, settings, timing
+        self._raft_leader: Optional[str] = None  # the servers' raft leader when last read
+        self._raft_read_at: Optional[float] = None
+
+    def after_renewal(self, recovered: bool, failing: Optional[str], confirmed_at: Optional[float],
+                      sent: float, now: float, leading: bool) -> Optional[str]:
+        """Why a server may hold a stray destroy of the session just confirmed (a renewal sent
+        at ``sent`` answered at ``now``, after the confirmation at ``confirmed_at``), or None."""
+        if recovered:
+            return f"renewals failed: {failing or 'no answer in time'}"
+        if confirmed_at is not None and now - confirmed_at >= self.settings.ttl:
+            return f"not confirmed for {now - confirmed_at:.0f}s"
+        if now - sent >= self.timing.doubt_latency:
+            return f"a renewal took {now - sent:.1f}s"
+        return self._raft_leader_changed(now, leading)
+
+    def _raft_leader_changed(self, now: float, leading: bool) -> Optional[str]:
+        """Read the raft leader now and then; a change (since we last read it) is a doubt."""
+        every = self.timing.raft_poll if leading else self.timing.raft_poll_follower
+        if self._raft_read_at is not None and now - self._raft_read_at < every:
+            return None
+        self._raft_read_at = now
+        try:
+            leader = self.consul.raft_leader()
+        except ConsulError as e:  # only a precaution: the renewal decides about the session
+            log.debug("cannot read the raft leader: %s", e)
+            return None
+        if not leader:
+            return None
+        before, self._raft_leader = self._raft_leader, leader
+        if before is not None and leader != before:
+            return f"the Consul servers' raft leader changed from {before} to {leader}"
+        return None

@@ -58,11 +58,12 @@ from ..cluster import Request
 from ..consul import ConsulClient, ConsulError, ConsulUnreachable, InvalidSession, KeyState, PermissionDenied
 from ..hooks import Hooks
 from ..state import SavedSession, StateStore
-from ..systemd import MESSAGE_CONFIG_ERROR, ElectionContext, Notifier
+from ..systemd import ElectionContext, Notifier
 from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, WatchFailed
 from .cluster import HANDOVER_HOOK_WAIT, Cluster
-from .key import HeldByOther, RefusedByLockDelay, Release, TriggerKey, Won
+from .key import HeldByOther, RefusedByLockDelay, TriggerKey, Won
 from .lease import Confirmed, Failing, Gone, Lease, Replaced, Unhealthy
+from .lifecycle import Lifecycle
 from .previous_run import PreviousRun
 from .role import Reporter, Role
 from .timing import Backoff, Timing
@@ -89,10 +90,12 @@ class Election:
                  hooks: Optional[Hooks] = None,
                  state: Optional[StateStore] = None,
                  saved: Optional[SavedSession] = None,
-                 reload_settings: Optional[Callable[[], Settings]] = None):
+                 reload_settings: Optional[Callable[[], Optional[Settings]]] = None,
+                 reload_verdict: Callable[[Optional[str]], None] = lambda error: None):
         self.settings, self.consul, self.notifier = settings, consul, notifier
         self.timing, self.clock = timing, clock
-        self.reload_settings = reload_settings
+        self.reload_settings = reload_settings  # the validated new configuration, or ConfigError
+        self.reload_verdict = reload_verdict    # told None (applied) or why a reload was refused
         self.state = state or StateStore(None)
         self.events = Inbox()
         self.watcher = KeyWatcher(consul, self.events, timing, rng)
@@ -103,12 +106,14 @@ class Election:
         self.key = TriggerKey(consul, settings, timing, clock)
         self.cluster = Cluster(consul, settings, clock)  # SPEC §11: candidates, priority, switchover
         self.previous = PreviousRun(consul, settings, clock, self.state, self.reporter, saved)
-        self.backoff = Backoff(timing.backoff_min, timing.backoff_max, rng)      # Consul trouble (§4.8)
+        self.lifecycle = Lifecycle(consul, timing, clock, notifier, self.state, self.lease, self.key,
+                                   self.previous, self.reporter, self.watcher)
+        self.trouble = ConsulTrouble(settings, Backoff(timing.backoff_min, timing.backoff_max, rng),
+                                     self.watcher)
         self.bug_backoff = Backoff(timing.backoff_min, timing.backoff_max, rng)  # internal errors
         self.main_thread = threading.get_ident()
         self.stop_requested = False              # set once, from the signal thread
         self.connected = False                   # the first read of the key passed pre-flight
-        self.trouble: Optional[str] = None       # the last Consul error, logged once
         # What is due, on the loop's clock (the lease and the key keep their own).
         self.retry_at = float("-inf")            # no session: the next attempt to get one
         self.read_at: Optional[float] = None     # read the key again, then act on it
@@ -136,7 +141,7 @@ class Election:
         at = self.clock()
         self.stop_requested = True  # first: the loop then knows why its request ends
         # A request in flight would hold the stop for its whole timeout: end it,
-        # and any the loop starts before it sees the stop; _shutdown lifts that.
+        # and any the loop starts before it sees the stop; Lifecycle.stop lifts that.
         self.consul.abort(self.main_thread)
         self.events.put(Stop(at))
 
@@ -167,12 +172,14 @@ class Election:
             event = self.events.get(timeout=max(0.0, self._next_deadline() - self.clock()))
             self.notifier.watchdog()
             if isinstance(event, Stop):
-                return self._shutdown(event.at)
+                holds = self.role == Role.LEADER or self.key.held_by(self.lease.session)
+                self.lifecycle.stop(event.at, holds)
+                return Outcome.STOPPED
             if isinstance(event, Reload):
                 if self.stop_requested:  # the stop is on its way: no point starting a new program
                     log.info("reload requested, but a stop was asked for too: stopping instead")
                     continue
-                if self._reload():
+                if self.lifecycle.reload(self.reload_settings, self.reload_verdict):
                     return Outcome.REEXEC
                 continue
             if isinstance(event, CheckCritical):
@@ -314,12 +321,13 @@ class Election:
         log.info("resumed session %s%s", session,
                  f": it still holds {self.settings.trigger_key}, leading without touching the key"
                  if key is not None and key.session == session else "")
-        self._act()
+        self._act(resumed=True)
 
     def _create_session(self) -> None:
         created = self.lease.create()
         if isinstance(created, Unhealthy):
-            self.reporter.check_not_passing(created.check_id, created.state, self.timing.health_poll)
+            self.reporter.check_not_passing(created.check_id, created.state, created.output,
+                                            self.timing.health_poll)
             # Just lost our session while the checks pass again (a stale "failed" from gossip
             # lasts ~50 ms): look often, so the key can come back here (SPEC §11.4 stickiness).
             soon = self.clock() - self.lost_at < 3.0
@@ -327,38 +335,23 @@ class Election:
             return
         self._recovered()
         self.lease.adopt(created.session, created.sent, created=True)
+        if self.lease.node is None:
+            self.lease.learn_node()
         self.cluster.session_began(created.session, resumed=False)
         self._read_key()
 
     def _consul_trouble(self, error: ConsulError) -> None:
-        """§4.8: log it (once per distinct reason), say it in the status, back off."""
-        delay = self.backoff.next()
+        """§4.8: back off, and say so; with a session, keep renewing on the lease's own clock."""
+        delay, status = self.trouble.failed(error)
         self.retry_at = self.clock() + delay
-        reason = str(error)
-        s = self.settings
-        if isinstance(error, PermissionDenied):
-            status = f"waiting: Consul refused the ACL token ({s.token_words}): {error}"
-            text = (f"Consul at {s.address} refused the ACL token ({s.token_words}): {error}; give "
-                    f"a token with key write on {s.trigger_key}, session write and node read (see "
-                    f"examples/consul-acl-policy.hcl); retrying in {delay:.0f}s")
-        else:
-            status = f"waiting for Consul at {s.address}: {error}"
-            text = f"cannot use Consul at {s.address}: {error}; retrying in {delay:.0f}s"
-        if reason != self.trouble:
-            log.warning("%s", text)
-        self.trouble = reason
         with_session = self.lease.session is not None
-        if with_session:  # keep renewing on the lease's own clock; read the key again later
+        if with_session:  # read the key again later
             self.read_at = self.retry_at
             self.key.retry_at = None
-        self.reporter.consul_trouble(status, reason, with_session)
+        self.reporter.consul_trouble(status, str(error), with_session)
 
     def _recovered(self) -> None:
-        if self.trouble is not None:
-            log.info("Consul at %s answers again", self.settings.address)
-            self.watcher.restart()  # its query in flight may sit on a dead connection
-        self.trouble = None
-        self.backoff.reset()
+        self.trouble.over()
 
     # ------------------------------------------------------------------
     # §4.3, §8.7, §9.3, §9.4: keeping the session, and knowing we still have it
@@ -389,7 +382,7 @@ class Election:
         """End a claim Consul has not confirmed within the window (§9.3)."""
         until = self.lease.claim_until
         if self.role == Role.LEADER and until is not None and self.clock() >= until:
-            self._cut_off(self.lease.failing or self.trouble or "no answer in time")
+            self._cut_off(self.lease.failing or self.trouble.reason or "no answer in time")
 
     def _cut_off(self, reason: str) -> None:
         confirmed = self.lease.confirmed_at
@@ -425,7 +418,7 @@ class Election:
             log.debug("watch on %s failed: %s", self.settings.trigger_key, event.error)
             return
         now = self.clock()
-        if self.trouble is not None:
+        if self.trouble.reason is not None:
             # The watcher got an answer: Consul is back. Try now, not at the end of the backoff.
             self.retry_at = now
             if self.lease.session is not None:
@@ -442,8 +435,11 @@ class Election:
         self.key.read()
         self._act()
 
-    def _act(self) -> None:
-        """The key as last seen → what this node is (§4.3, §4.4, §4.6)."""
+    def _act(self, resumed: bool = False) -> None:
+        """The key as last seen → what this node is (§4.3, §4.4, §4.6).
+
+        ``resumed``: the session was just taken up from the previous run; if it
+        holds the key, the node leads on without a new leadership (§8.2)."""
         self.act_at = None
         key: Optional[KeyState] = self.key.state
         self.cluster.observe(self.key.entries, key)
@@ -464,7 +460,7 @@ class Election:
             if not self.lease.confirmed_now(leading=True):
                 self._renew()  # confirm first: we claim only what Consul has just confirmed
             if self.lease.session is not None and self.lease.confirmed_now(leading=True):
-                self.reporter.leads()
+                self.reporter.leads(resumed=resumed)
                 self._switchover()
         else:
             self._follow(key)
@@ -588,72 +584,35 @@ class Election:
         self.key.stop_retrying()
         self.reporter.follows(holder)
 
-    # ------------------------------------------------------------------
-    # §8.3: a reload
 
-    def _reload(self) -> bool:
-        """True: re-execute now (the configuration is valid). False: keep running as before."""
-        self.notifier.reloading()
-        log.info("reload requested: reading the configuration again")
-        try:
-            if self.reload_settings is not None:
-                self.reload_settings()
-        except ConfigError as e:
-            log.error("reload failed, still running with the previous configuration: %s", e,
-                      extra={"MESSAGE_ID": MESSAGE_CONFIG_ERROR})
-            self.reporter.reload_failed(str(e))
-            self.notifier.ready()
-            return False
-        except Exception:
-            log.exception("internal error while reloading; still running as before")
-            self.notifier.ready()
-            return False
-        self.reporter.reload_applies()
-        self.watcher.stop()
-        with self.consul.time_limit(self.timing.shutdown_timeout):
-            self.lease.drop_replacement()  # the new program starts from the session it resumes
-        self.reporter.finish_hooks(self.timing.reload_hook_wait)
-        self.state.save(self.lease.saved()) if self.lease.session else self.state.clear()
-        self.reporter.reloading()
-        return True
+class ConsulTrouble:
+    """Consul erring (§4.8): logged once per distinct reason, retried with a jittered backoff."""
 
-    # ------------------------------------------------------------------
-    # §4.5: a planned stop
+    def __init__(self, settings: Settings, backoff: Backoff, watcher: KeyWatcher):
+        self.settings, self.backoff, self.watcher = settings, backoff, watcher
+        self.reason: Optional[str] = None        # the last Consul error, logged once
 
-    def _shutdown(self, requested_at: float) -> Outcome:
-        deadline = requested_at + self.timing.stop_budget
-        self.consul.reset_abort()
-        holds = self.role == Role.LEADER or self.key.held_by(self.lease.session)
-        self.notifier.stopping()
-        self.reporter.stopping()
-        self.watcher.stop()
-        self.reporter.finish_hooks(deadline - self.timing.release_reserve - self.clock())
-        left = lambda: max(0.05, deadline - self.clock())  # noqa: E731
-        with self.consul.time_limit(left()):
-            if self.lease.session is None and self.previous.pending:
-                self.previous.release_on_stop(self.lease.node)  # stopped before it could resume
-            if holds and self.lease.session is not None:
-                self._release()
-            if self.lease.session is not None:
-                with self.consul.time_limit(min(self.timing.shutdown_timeout, left())):
-                    self.lease.destroy()
-            self.lease.drop_replacement()
-        self.state.clear()
-        self.reporter.close()
-        log.info("stopped")
-        return Outcome.STOPPED
-
-    def _release(self) -> None:
-        """Delete our own write with CAS: vip-manager drops the VIP, a standby takes over at once."""
-        try:
-            released = self.key.release(self.lease.session)
-        except ConsulError as e:
-            log.warning("could not release %s: %s; Consul deletes it when our session ends",
-                        self.settings.trigger_key, e)
-            return
-        if released == Release.RELEASED:
-            self.reporter.released_on_stop()
-        elif released == Release.NOT_OURS:
-            self.reporter.lost_before_stop()
+    def failed(self, error: ConsulError) -> tuple[float, str]:
+        """Log it (once per distinct reason): how long to wait, and what the status says."""
+        delay = self.backoff.next()
+        s = self.settings
+        if isinstance(error, PermissionDenied):
+            status = f"waiting: Consul refused the ACL token ({s.token_words}): {error}"
+            text = (f"Consul at {s.address} refused the ACL token ({s.token_words}): {error}; give "
+                    f"a token with key write on {s.trigger_key}, session write and node read (see "
+                    f"examples/consul-acl-policy.hcl); retrying in {delay:.0f}s")
         else:
-            log.warning("could not release %s: it kept changing", self.settings.trigger_key)
+            status = f"waiting for Consul at {s.address}: {error}"
+            text = f"cannot use Consul at {s.address}: {error}; retrying in {delay:.0f}s"
+        if str(error) != self.reason:
+            log.warning("%s", text)
+        self.reason = str(error)
+        return delay, status
+
+    def over(self) -> None:
+        """Consul answered."""
+        if self.reason is not None:
+            log.info("Consul at %s answers again", self.settings.address)
+            self.watcher.restart()  # its query in flight may sit on a dead connection
+        self.reason = None
+        self.backoff.reset()

@@ -100,8 +100,10 @@ class PreviousRun:
     def _is_ours(self, saved: SavedSession, info: SessionInfo, node: Optional[str], then: str = "") -> bool:
         """The session the state file names is one this daemon made on this node; else say so."""
         node = node or saved.node
-        if (info.node == node and info.name == saved.name and info.id in ("", saved.session)
-                and saved.name.startswith("vip-elector-")):
+        # An unknown node (a state file of 0.2 under a token without agent:read) is not
+        # compared: the session's name, ID and the private state file decide.
+        if ((not node or info.node == node) and info.name == saved.name
+                and info.id in ("", saved.session) and saved.name.startswith("vip-elector-")):
             return True
         log.warning("the saved state names session %s (%r on node %s), which is not this "
                     "daemon's: leaving it alone%s", saved.session, info.name, info.node or "?", then)

@@ -17,7 +17,7 @@ import time
 from typing import Callable, Optional
 
 from ..config import Settings
-from ..consul import ConsulClient, KeyState
+from ..consul import ConsulClient, KeyState, describe_holder
 from ..hooks import LEADER, STANDBY, Hooks
 from ..systemd import (MESSAGE_ACQUIRED, MESSAGE_LOST, MESSAGE_RELEASED, MESSAGE_WAITING,
                        ElectionContext, Notifier)
@@ -67,16 +67,30 @@ class Reporter:
     def starting(self) -> None:
         self._become(Role.STARTING, f"starting: connecting to Consul at {self.settings.address}")
 
-    def leads(self) -> None:
-        self._become(Role.LEADER, self._leader_status())
+    def leads(self, resumed: bool = False) -> None:
+        """The session holds the key, confirmed; ``resumed``: the previous run's (SPEC §8.2)."""
+        self._become(Role.LEADER, self._leader_status(), resumed=resumed)
 
     def follows(self, holder: KeyState) -> None:
         """Another session holds the key (SPEC §4.4)."""
-        value = holder.value
+        value, k = holder.value, self.settings.trigger_key
         said = ("following", value)
-        status = f"follower: leader is {value}" if value else "follower: no leader yet"
-        if self._said != said:
-            log.info("following: %s holds %s", value or "a session", self.settings.trigger_key)
+        if value == self.settings.value:
+            # Not a leader to follow: something else writes this node's own name.
+            said = ("own value held by another session", value)
+            status = f"follower: {k} is held by another session with this node's own value {value!r}"
+            if self._said != said:
+                log.warning("%s is held by another session with this node's own value %r (%s), "
+                            "not by this daemon's session %s: a second vip-elector for the same "
+                            "key on this host, another node with the same --hostname/"
+                            "trigger-value, or an earlier run whose session was not saved (it "
+                            "ends within %gs); give each instance its own trigger-key and each "
+                            "node its own name", k, value, describe_holder(self.consul, holder),
+                            self.session or None, 2 * self.settings.ttl)
+        else:
+            status = f"follower: leader is {value}" if value else "follower: no leader yet"
+            if self._said != said:
+                log.info("following: %s holds %s", value or "a session", k)
         lost = f"{value or 'another session'} holds it now" if self.role == Role.LEADER else ""
         self._become(Role.FOLLOWER, status, lost, said)
 
@@ -108,11 +122,14 @@ class Reporter:
     def waits_for_lock_delay(self) -> None:
         self._become(Role.FOLLOWER, "follower: key is free, waiting for lock-delay to pass")
 
-    def check_not_passing(self, check_id: str, state: Optional[str], poll: float) -> None:
-        """No session while a bound check is missing or critical (SPEC §4.7); said once."""
+    def check_not_passing(self, check_id: str, state: Optional[str], output: str, poll: float) -> None:
+        """No session while a bound check is missing or critical (SPEC §4.7); logged once per
+        check and state (the output, which may change at every run of the check, rides along)."""
         why = "is not registered on the local agent" if state is None else f"is {state}"
         said = ("check", check_id, why)
         changed = self.role != Role.WAITING or self._said != said
+        if output:
+            why += f": {output}"
         self._become(Role.WAITING, f"waiting: check '{check_id}' {why}", f"check '{check_id}' {why}", said)
         if changed:
             log.warning("not competing for %s: check '%s' %s; looking again every %gs",
@@ -177,7 +194,7 @@ class Reporter:
     # ------------------------------------------------------------------
     # Reloads, and the hooks' end
 
-    def reload_failed(self, error: str) -> None:
+    def reload_refused(self, error: str) -> None:
         self.note = f"reload failed: {error}"
         self._show(self._status, self._said)
 
@@ -206,12 +223,19 @@ class Reporter:
     def _leader_status(self) -> str:
         return f"leader: holding {self.settings.trigger_key} as {self.settings.value}"
 
-    def _become(self, role: Role, status: str, why: str = "", said: tuple = ()) -> None:
+    def _become(self, role: Role, status: str, why: str = "", said: tuple = (),
+                resumed: bool = False) -> None:
         previous = self.role
         self.role = role
         self.context.role = role.value
         self._watch_health(role == Role.LEADER)
-        if previous != Role.LEADER and role == Role.LEADER:
+        if previous != Role.LEADER and role == Role.LEADER and resumed:
+            # Not a new leadership (the audit's MESSAGE_ID): the key was not touched.
+            log.info("resumed leadership: this node (%s) still holds %s with session %s; the "
+                     "key was not touched", self.settings.value, self.settings.trigger_key,
+                     self.session)
+            self.hooks.announce(LEADER, "this node still holds the key (resumed)", self.session)
+        elif previous != Role.LEADER and role == Role.LEADER:
             log.info("LOCK ACQUIRED: this node (%s) now holds %s", self.settings.value,
                      self.settings.trigger_key, extra={"MESSAGE_ID": MESSAGE_ACQUIRED})
             self.hooks.announce(LEADER, "this node holds the key", self.session)

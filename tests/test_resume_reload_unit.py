@@ -1,0 +1,206 @@
+"""Resume and reload under a least-privilege token, against an in-memory Consul (issue 19).
+
+What a token from examples/consul-acl-policy.hcl cannot do is read the
+agent's own node name; these prove the daemon learns it from its own
+session instead, that a reload changing the session's parameters moves the
+lock in place, and that a reload Consul would refuse keeps what runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from vip_elector.config import Settings
+from vip_elector.consul import LOCK_FLAG, KeyState
+from vip_elector.election import Election, Outcome, Role, Timing
+from vip_elector.state import SavedSession, StateStore
+from vip_elector.systemd import ElectionContext, Notifier
+
+from fake_consul import FakeConsul
+
+FAST = Timing(backoff_min=0.05, backoff_max=0.2, health_poll=0.05, lock_delay_retry=0.01,
+              watch_wait=0.5, renew_retry=0.05, shutdown_timeout=0.2, stop_budget=1.0,
+              release_reserve=0.4, turn_budget=1.5)
+
+
+def settings(**kw) -> Settings:
+    base = dict(config_path="/etc/vip-manager.yml", trigger_key="service/pg/leader", value="node-a",
+                scheme="http", host="127.0.0.1", port=8500, ttl=0.6, lock_delay=0.2)
+    base.update(kw)
+    return Settings(**base)
+
+
+def wait_for(predicate, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Daemon:
+    """One run of the daemon (an Election in a thread) with a state directory."""
+
+    def __init__(self, consul: FakeConsul, state_dir, saved=None, **kw):
+        self.consul = consul
+        self.statuses: list[str] = []
+        self.verdicts: list = []
+        notifier = Notifier(env={"NOTIFY_SOCKET": "/fake"},
+                            send=lambda m: self.statuses.append(m[7:]) if m.startswith("STATUS=") else None)
+        self.store = StateStore(str(state_dir))
+        self.election = Election(settings(value=consul.value, **kw), consul, notifier,
+                                 ElectionContext("service/pg/leader", consul.value), FAST,
+                                 state=self.store, saved=saved, reload_verdict=self.verdicts.append)
+        self.result: list = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        self.consul.main_thread = threading.get_ident()
+        self.result.append(self.election.run())
+
+    def crash(self) -> SavedSession:
+        """What a SIGKILL leaves: the state file; the thread is abandoned, not stopped."""
+        saved = self.store.load({})
+        self.election.watcher.stop()
+        self.election.stop_requested = True  # the abandoned loop must not act again
+        self.election.events.put(None)
+        return saved
+
+    def stop(self):
+        self.election.request_stop()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+        return self.result[0]
+
+
+def test_a_token_without_agent_read_still_resumes_after_a_crash(tmp_path, caplog):
+    """The node is learned from the session Consul made, never compared with an empty name."""
+    consul = FakeConsul()
+    consul.agent_node = None                     # no agent:read in the least-privilege policy
+    a = Daemon(consul, tmp_path)
+    wait_for(lambda: a.election.role == Role.LEADER, what="leadership")
+    saved = a.store.load({})
+    assert saved is not None and saved.node == "node1", saved
+    held = consul.key
+    a.crash()
+    with caplog.at_level(logging.INFO, logger="vip_elector"):
+        b = Daemon(consul, tmp_path, saved=saved)
+        wait_for(lambda: b.election.role == Role.LEADER, what="the restarted daemon leading")
+    assert consul.key == held, "the key was written again"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"resumed session {saved.session}: it still holds" in m for m in messages), messages
+    assert not any("not this daemon's" in m for m in messages), messages
+    assert b.stop() == Outcome.STOPPED
+
+
+def test_a_state_file_of_0_2_with_no_node_is_resumed(tmp_path):
+    """0.2 under such a token saved "node": ""; an upgrade's reload must still resume it."""
+    consul = FakeConsul()
+    consul.agent_node = None
+    sid = consul.create_session(["serfHealth"])
+    consul.set_key(KeyState("node-a", LOCK_FLAG, sid, 0))
+    saved = SavedSession(session=sid, node="", name="vip-elector-node-a", key="service/pg/leader",
+                         value="node-a", checks=("serfHealth",), ttl=0.6, lock_delay=0.2)
+    index = consul.key.modify_index
+    a = Daemon(consul, tmp_path, saved=saved)
+    wait_for(lambda: a.election.role == Role.LEADER, what="leadership resumed")
+    assert consul.key.session == sid and consul.key.modify_index == index
+    assert a.store.load({}).node == "node1", "the node is learned from the resumed session"
+    a.stop()
+
+
+def test_a_resumed_leadership_is_not_logged_as_acquired(tmp_path, caplog):
+    consul = FakeConsul()
+    a = Daemon(consul, tmp_path)
+    wait_for(lambda: a.election.role == Role.LEADER)
+    saved = a.crash()
+    with caplog.at_level(logging.INFO, logger="vip_elector"):
+        b = Daemon(consul, tmp_path, saved=saved)
+        wait_for(lambda: b.election.role == Role.LEADER)
+    b.stop()
+    messages = [r for r in caplog.records if r.name == "vip_elector"]
+    assert not [r for r in messages if "LOCK ACQUIRED" in r.getMessage()]
+    assert [r for r in messages if r.getMessage().startswith("resumed leadership")]
+    assert not [r for r in messages if getattr(r, "MESSAGE_ID", None)
+                and "LOCK ACQUIRED" in r.getMessage()]
+
+
+def test_reload_that_changes_the_ttl_moves_the_lock_in_place(tmp_path):
+    consul = FakeConsul()
+    a = Daemon(consul, tmp_path)
+    wait_for(lambda: a.election.role == Role.LEADER)
+    old = consul.key.session
+    a.election.reload_settings = lambda: settings(ttl=0.9)
+    deletes_before = consul.count("delete_if_unchanged")
+    a.election.request_reload()
+    a.thread.join(5)
+    assert a.result == [Outcome.REEXEC]
+    assert a.verdicts == [None]
+    new = consul.key.session
+    assert new != old and new in consul.sessions and old not in consul.sessions
+    assert consul.key.value == "node-a", "the key's value never changes: vip-manager sees nothing"
+    assert consul.count("acquire") == 1 and consul.count("delete_if_unchanged") == deletes_before
+    assert consul.params_of[new][0] == 0.9
+    saved = a.store.load({})
+    assert saved.session == new and saved.ttl == 0.9, "the new program resumes the new session"
+
+
+def test_reload_naming_a_check_that_is_not_registered_keeps_the_old_configuration(tmp_path):
+    consul = FakeConsul()
+    a = Daemon(consul, tmp_path)
+    wait_for(lambda: a.election.role == Role.LEADER)
+    held = consul.key
+    a.election.reload_settings = lambda: settings(check_id="vip-nope")
+    a.election.request_reload()
+    wait_for(lambda: a.verdicts, what="the reload's verdict")
+    assert "check 'vip-nope'" in a.verdicts[0] and "not registered" in a.verdicts[0], a.verdicts
+    assert a.thread.is_alive(), "a refused reload keeps running"
+    assert a.election.role == Role.LEADER and consul.key == held
+    assert consul.sessions == {held.session}, "the refused session is not left behind"
+    wait_for(lambda: any("reload failed" in s for s in a.statuses), what="the status saying so")
+    assert a.stop() == Outcome.STOPPED
+
+
+def test_reload_with_a_critical_new_check_is_refused(tmp_path):
+    consul = FakeConsul()
+    consul.checks["vip-http"] = "critical"
+    a = Daemon(consul, tmp_path)
+    wait_for(lambda: a.election.role == Role.LEADER)
+    a.election.reload_settings = lambda: settings(check_id="vip-http")
+    a.election.request_reload()
+    wait_for(lambda: a.verdicts)
+    assert "'vip-http', which is critical" in a.verdicts[0], a.verdicts
+    assert a.election.role == Role.LEADER
+    a.stop()
+
+
+def test_a_key_held_with_our_own_value_by_another_session_says_so(tmp_path, caplog):
+    """A second instance on this host (or a clone with our name) is not 'the leader node-a'."""
+    consul = FakeConsul()
+    other = consul.create_session(["serfHealth"])
+    consul.session_names[other] = "vip-elector-node-a"
+    consul.set_key(KeyState("node-a", LOCK_FLAG, other, 0))
+    with caplog.at_level(logging.INFO, logger="vip_elector"):
+        a = Daemon(consul, tmp_path)
+        wait_for(lambda: a.election.role == Role.FOLLOWER)
+        wait_for(lambda: any("this node's own value" in s for s in a.statuses))
+    a.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("second vip-elector for the same key on this host" in m for m in messages), messages
+    assert not any("following: node-a holds" in m for m in messages), messages
+    assert not any("leader is node-a" in s for s in a.statuses), a.statuses
+
+
+def test_waiting_for_a_critical_check_shows_its_output(tmp_path):
+    consul = FakeConsul()
+    consul.checks["vip-http"] = "critical"
+    consul.check_output["vip-http"] = "HTTP GET http://127.0.0.1:8404/healthz: 503 Service Unavailable"
+    a = Daemon(consul, tmp_path, check_id="vip-http")
+    wait_for(lambda: any("503 Service Unavailable" in s for s in a.statuses),
+             what="the check's output in the status")
+    assert a.election.role == Role.WAITING
+    a.stop()

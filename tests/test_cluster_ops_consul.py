@@ -399,3 +399,27 @@ def test_a_flapping_check_on_the_preferred_node_does_not_bounce_the_vip(agent, k
     wait_holder(agent, key, "node-b", timeout=15)
     time.sleep(2)
     assert values_after(watcher, before) == ["node-a", "node-b"], watcher.history
+
+
+# ------------------------------------------------------------------------ stickiness
+
+def test_a_leader_whose_session_consul_ends_gets_the_key_back_while_it_is_healthy(agent, key, start):
+    """Consul frees the key without the holder asking (here: its session destroyed, as a
+    server's stray destroy or stale "failed" gossip does) while the holder is healthy: the
+    others defer to it, and the key comes back to the same node. Two rounds with three
+    candidates: without stickiness, each would be a one-in-three chance."""
+    for name in ("node-a", "node-b", "node-c"):
+        start(name)
+    wait_candidates(agent, key, ["node-a", "node-b", "node-c"])
+    for _ in range(2):
+        leader = wait_for(lambda: holder(agent, key), 10, message="a holder")
+        wait_role(agent, key, leader, "leader")
+        old = agent.kv_get(key)["Session"]
+        watcher = KeyWatcher(agent, key)
+        before = time.time()
+        agent.destroy_session(old)
+        wait_for(lambda: (agent.kv_get(key) or {}).get("Session") not in (None, old), 15,
+                 message="a new holder")
+        time.sleep(1.0)
+        assert values_after(watcher, before) == [leader, None, leader], watcher.history
+        watcher.close()

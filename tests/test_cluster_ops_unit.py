@@ -112,7 +112,7 @@ def test_a_holder_freed_by_consul_that_comes_back_healthy_gets_the_key_back():
         assert r.election.role == Role.FOLLOWER
 
 
-def test_a_holder_that_does_not_come_back_costs_nothing():
+def test_a_holder_that_does_not_come_back_costs_only_the_grace():
     consul = FakeConsul()
     sid = other(consul, "node-b", priority=200)
     holds(consul, "node-b", sid)

@@ -17,11 +17,12 @@ Costs, by design:
   ``DEFER_LIMIT``. The holder whose key was deleted (a planned stop) is never
   waited for: it is leaving.
 * Stickiness: when the key was freed by Consul (the holder did not ask: an
-  acquire is refused by lock-delay, which a release never causes) and the
-  holder's name comes back as a live candidate — a new session, so its node
-  and checks pass again — the others defer to it, for at most lock-delay +
-  ``DEFER_LIMIT`` after the key was freed. A holder that does not come back
-  costs nothing: nobody waits for it.
+  acquire is refused by lock-delay, which a release never causes), the
+  others wait ``STICKY_GRACE`` past the lock-delay for the holder's name to
+  come back as a live candidate — a new session, so its node and checks pass
+  again — and then defer to it, for at most lock-delay + ``DEFER_LIMIT``
+  after the key was freed. A holder that does not come back costs
+  ``STICKY_GRACE`` on that failover, nothing else.
 * Preemption (``--preempt-delay``) only asks, through the switchover request
   the leader carries out; a session whose checks fail ends (and with it the
   time its checks have passed), so a flapping favourite never qualifies.
@@ -40,6 +41,11 @@ from ..consul import ConsulClient, ConsulError, KeyState, PermissionDenied
 
 log = logging.getLogger("vip_elector")
 
+#: Consul freed the key (lock-delay): how long past the lock-delay the others wait for the
+#: holder to come back with a new session before they take the key (a holder that is really
+#: gone costs this much; one that is back gets up to DEFER_LIMIT). A loaded machine needs a
+#: few hundred milliseconds to notice, make a session and write its candidate key.
+STICKY_GRACE = 0.5
 #: After a refused or failed switchover, the same preemption is not asked again before this.
 PREEMPT_RETRY = 10.0
 REQUEST_GRACE = REQUEST_GRACE_SECONDS
@@ -180,10 +186,13 @@ class Cluster:
         me, mine = self.settings.value, self.settings.priority
         others = {n: c for n, c in self.tree.candidates.items() if n != me}
         sticky = self.holder_name
-        if self.refused and sticky and sticky != me and sticky in others:
-            until = self.free_at + self.settings.lock_delay + DEFER_LIMIT
+        if self.refused and sticky and sticky != me:
+            back = sticky in others
+            until = self.free_at + self.settings.lock_delay + (DEFER_LIMIT if back else STICKY_GRACE)
             if self.clock() < until:
-                return until, f"{sticky} held it until Consul freed it and is healthy again"
+                return until, (f"{sticky} held it until Consul freed it and is healthy again" if back else
+                               f"{sticky} held it until Consul freed it: waiting {STICKY_GRACE:g}s past "
+                               "the lock-delay for it to come back")
         if self.holder_name == me:
             return None  # the key was ours: nobody outranks its holder on a free key
         leaving = self.holder.session if self.holder is not None and self.holder_left else None

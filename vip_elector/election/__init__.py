@@ -4,6 +4,7 @@
     lease.py         the session: create, renew, replace in place, destroy; the claim window
     key.py           the trigger-key: watch index rule, pre-flight, acquire, CAS release
     previous_run.py  the previous run's session (§8.2): resume it, or release it
+    lifecycle.py     how the loop ends: a planned stop (§4.5), a reload (§8.3)
     role.py          the role, and the Reporter: logs, STATUS, journal fields, hooks, health watch
     watch.py         the key's watcher thread, and a leader's health watch
     events.py        the Inbox and the events it carries
@@ -15,6 +16,7 @@ The contract is at the top of loop.py.
 from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, WatchFailed
 from .key import TriggerKey
 from .lease import Lease
+from .lifecycle import Lifecycle
 from .loop import Election, Outcome
 from .previous_run import PreviousRun
 from .role import Reporter, Role
@@ -23,4 +25,4 @@ from .watch import HANDOFF_WAIT, HealthWatch, KeyWatcher
 
 __all__ = ["Election", "Role", "Outcome", "Timing", "Backoff", "KeyWatcher", "HealthWatch", "Inbox",
            "Stop", "Reload", "RELOAD", "KeyChanged", "WatchFailed", "CheckCritical", "Lease",
-           "TriggerKey", "PreviousRun", "Reporter", "HANDOFF_WAIT"]
+           "TriggerKey", "PreviousRun", "Reporter", "Lifecycle", "HANDOFF_WAIT"]

@@ -37,7 +37,11 @@ decides anything, and it is the one that renews the session and pings the
 systemd watchdog, so a stuck loop stops the pings. The loop asks its parts
 what is due and maps their answers to roles: the ``Lease`` (the session),
 the ``TriggerKey``, the ``PreviousRun`` (§8.2), and the ``Reporter``, which
-alone says and announces what the node is.
+alone says and announces what the node is; ``Lifecycle`` ends it (a stop,
+a reload). No step calls back into the step that called it: what one step
+makes due (a read after an acquire, an act after a replacement) is a time
+the loop sees in ``_due``; ``_next_deadline`` is the one place that says
+when the loop wakes next.
 
 Timing-critical paths: key released → watcher wakes → acquire (one request);
 SIGTERM → hook ``standby`` → CAS delete → destroy (two requests).
@@ -70,10 +74,6 @@ from .timing import Backoff, Timing
 from .watch import KeyWatcher
 
 log = logging.getLogger("vip_elector")
-
-#: Steps one turn may chain (a start: session, read, acquire, read again).
-MAX_STEPS = 8
-
 
 class Outcome(enum.Enum):
     STOPPED = 0                  # a planned stop: exit 0
@@ -245,11 +245,14 @@ class Election:
         return "leader" if self.role == Role.LEADER else "standby"
 
     def _advance(self) -> None:
-        """Do whatever is due, step after step."""
-        for _ in range(MAX_STEPS):
+        """Do whatever is due, step after step; each step once (what it makes due again, such
+        as a renewal that took longer than the renewal interval, waits for the next turn)."""
+        done: list[Callable[[], None]] = []
+        while True:
             step = self._due(self.clock())
-            if step is None:
+            if step is None or step in done:
                 return
+            done.append(step)
             step()
 
     def _turn(self, step: Callable, *args) -> None:

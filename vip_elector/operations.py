@@ -230,7 +230,7 @@ def _switchover(settings: Settings, consul: ConsulClient, to: Optional[str], tim
             took = time.monotonic() - started
             if mine:
                 _delete(consul, req.modify_index)
-            print(f"switched over: {target.name} holds {k} (took {took:.2f}s)", file=out)
+            print(f"switched over: {target.name} holds {k} (took {took:.3f}s)", file=out)
             return EXIT_OK
         if mine and req.error:
             _delete(consul, req.modify_index)

@@ -423,3 +423,32 @@ def test_a_leader_whose_session_consul_ends_gets_the_key_back_while_it_is_health
         time.sleep(1.0)
         assert values_after(watcher, before) == [leader, None, leader], watcher.history
         watcher.close()
+
+
+# ------------------------------------------------------------------------ older tokens, several checks
+
+def test_a_token_of_the_older_policy_still_leads_and_says_once_what_is_missing(agent, key, electors, config):
+    """A token without key_prefix "<key>/" (the example policy before issue 16): the election
+    works as before; one warning names the missing rule; no retry storm."""
+    import re
+    old = re.sub(r'(?m)^key_prefix "[^"]*" \{[^}]*\}\n', "", elector_rules(key, agent.node))
+    assert '\nkey_prefix' not in old and 'key "%s"' % key in old and "session" in old
+    token = agent.create_token(old, "older policy")
+    a = electors(["--vip-manager-config", config, "--hostname", "node-a"], env={"CONSUL_HTTP_TOKEN": token},
+                 name="node-a")
+    a.wait_for_line("LOCK ACQUIRED", 20)
+    a.wait_for_line('key_prefix "%s/" write' % key, 10)
+    time.sleep(6)  # past the ordinary retry of a candidate write
+    assert a.log().count("cannot write this node's candidate key") == 1
+    assert holder(agent, key) == "node-a"
+
+
+def test_check_reports_each_check_id(agent, key, config, token, check_id):
+    agent.register_ttl_check(check_id)
+    other = check_id + "-b"
+    agent.register_ttl_check(other, status="critical")
+    res = run_elector(["--vip-manager-config", config, "--hostname", "node-a", "--check-id", check_id,
+                       "--check-id", other, "--check"], env={"CONSUL_HTTP_TOKEN": token})
+    assert res.returncode == 1, res.stdout
+    assert "check '%s' is passing" % check_id in res.stdout, res.stdout
+    assert "check '%s' is critical" % other in res.stdout, res.stdout

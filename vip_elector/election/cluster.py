@@ -51,6 +51,8 @@ PREEMPT_RETRY = 10.0
 REQUEST_GRACE = REQUEST_GRACE_SECONDS
 #: After a candidate-key write failed, the next attempt (it is never urgent).
 RECORD_RETRY = 5.0
+#: The same, when the token may not write it (a token made from an older example policy).
+RECORD_DENIED_RETRY = 600.0
 #: A hook's ``standby`` call gets at most this long to finish before the lock moves.
 HANDOVER_HOOK_WAIT = 3.0
 
@@ -145,7 +147,10 @@ class Cluster:
         try:
             written = self.consul.put_candidate(session, record.to_json())
         except ConsulError as e:
-            self.record_retry_at = self.clock() + RECORD_RETRY
+            # A token of the policy before issue 16 (no key_prefix on <trigger-key>/): it will
+            # not change until a reload, so ask seldom (the election itself is unaffected).
+            denied = isinstance(e, PermissionDenied)
+            self.record_retry_at = self.clock() + (RECORD_DENIED_RETRY if denied else RECORD_RETRY)
             reason = str(e)
             if reason != self._record_trouble:
                 hint = (f" (give the token key_prefix \"{s.trigger_key}/\" write: see "

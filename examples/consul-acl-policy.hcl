@@ -1,11 +1,17 @@
-# Least-privilege Consul ACL policy for vip-elector (Consul >= 1.4 ACL system).
-# Replace the key and node names with yours: the key is vip-manager's
-# trigger-key (without a leading "/"), the node is the local agent's node name.
+# Least-privilege Consul ACL policy for vip-elector (Consul >= 1.4 ACL system),
+# for the setup the other examples describe: vip-manager.yml's trigger-key
+# service/haproxy-vip/leader, the node node-a, and the check vip-haproxy of
+# the service haproxy (consul-service-check.hcl). Replace the key, node and
+# service names with yours: the key is vip-manager's trigger-key (without a
+# leading "/"), the node is the local agent's node name, the service is the
+# one whose check --check-id names.
 #
 #   consul acl policy create -name vip-elector-node-a -rules @consul-acl-policy.hcl
 #   consul acl token create -description "vip-elector on node-a" -policy-name vip-elector-node-a
+#   vip-elector --check-service     # says which call is refused and which rule is missing
 #
-# Found by experiment on Consul 1.8.7; each rule is needed:
+# Found by experiment on Consul 1.8.7 (tests/test_check_report.py proves this
+# very file against an agent with ACLs on, default deny):
 #   key     write: read, watch, acquire and delete (?cas=) the trigger key, and
 #                  move its lock to a new session (/v1/txn) after Consul trouble
 #   key_prefix write on "<trigger-key>/": this node's candidate key
@@ -13,23 +19,41 @@
 #                  the switchover request (<trigger-key>/switchover) of
 #                  'vip-elector list' and 'vip-elector switchover'; vip-manager
 #                  reads only the trigger key and sees none of them
-#   session write: create, renew and destroy the session on this node
-#   node    read:  see this node's health checks (serfHealth and --check-id);
-#                  without it Consul silently hides them (an empty list, not
-#                  an error) and vip-elector would wait for a check forever
+#   session write: create, renew, read and destroy the session on this node.
+#                  Creating a session bound to serfHealth and a check needs
+#                  nothing else: Consul judges the checks itself, whatever
+#                  the token may read.
+#   service read:  see the check of the service haproxy (vip-haproxy) on the
+#                  local agent. vip-elector reads it to know when to compete
+#                  and, while it leads, to know the check still passes.
+#                  Without it Consul silently hides the check (an empty list,
+#                  not an error) and vip-elector would wait for it forever;
+#                  node read does not show a service's check.
+#   node    read:  see the node's own checks: needed when --check-id names a
+#                  node check (one defined without a service) instead; and
+#                  `vip-elector --check` reads the node's checks in the
+#                  catalog (serfHealth, vip-haproxy) to tell a check the
+#                  servers never got from one the token may not see. The
+#                  daemon itself needs it only for a node check.
+# agent read is not needed (the node's name is learned from the session).
+#
 # One token for all nodes: use `session_prefix "" { policy = "write" }` and
 # `node_prefix "" { policy = "read" }` instead of the node-specific rules.
 
-key "service/pgcluster/leader" {
+key "service/haproxy-vip/leader" {
   policy = "write"
 }
 
-key_prefix "service/pgcluster/leader/" {
+key_prefix "service/haproxy-vip/leader/" {
   policy = "write"
 }
 
 session "node-a" {
   policy = "write"
+}
+
+service "haproxy" {
+  policy = "read"
 }
 
 node "node-a" {

@@ -433,12 +433,15 @@ EXAMPLE_POLICY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "examples", "consul-acl-policy.hcl")
 
 
+EXAMPLE_KEY = "service/haproxy-vip/leader"   # examples/vip-manager.yml's trigger-key
+EXAMPLE_NODE = "node-a"                      # and its trigger-value, the node's name
+
+
 def elector_rules(key, node):
     """The least privilege vip-elector needs: examples/consul-acl-policy.hcl,
     with its example key and node names replaced (so the tests prove the example)."""
     with open(EXAMPLE_POLICY) as f:
         text = f.read()
-    example = "service/haproxy-vip/leader" if '"service/haproxy-vip/leader"' in text else "service/pgcluster/leader"
-    assert '"%s"' % example in text and '"node-a"' in text, "example policy changed"
+    assert '"%s"' % EXAMPLE_KEY in text and '"%s"' % EXAMPLE_NODE in text, "example policy changed"
     # The key, and the key_prefix "<key>/" of its candidates and switchover request (SPEC §11).
-    return text.replace('"%s' % example, '"%s' % key).replace('"node-a"', '"%s"' % node)
+    return text.replace('"%s' % EXAMPLE_KEY, '"%s' % key).replace('"%s"' % EXAMPLE_NODE, '"%s"' % node)

@@ -157,3 +157,86 @@ def test_agent_has_the_check_but_the_catalog_does_not(consul_binary, tmp_path, k
     assert "check '%s' is passing on the local agent" % check_id in out, out
     line = next(l for l in fail_lines(out) if "catalog does not" in l)
     assert check_id in line and "acl.tokens" in line and "blocked by ACLs" in line, line
+
+
+# ------------------------------------------- service checks (issue 19, item 2)
+#
+# Found by experiment on Consul 1.8.7 (examples/consul-acl-policy.hcl says it):
+# a session bound to a service's check needs session:write only; the agent shows
+# a service's check only with service:read on that service (node:read does not
+# show it), and a node's check only with node:read.
+
+def register_service_check(agent, check_id, service="haproxy", status="passing"):
+    """A service with a TTL check the test drives, as consul-service-check.hcl registers one."""
+    agent.call("PUT", "/v1/agent/service/register",
+               body={"Name": service, "Port": 5000,
+                     "Check": {"CheckID": check_id, "Name": check_id, "TTL": "10m", "Status": status}})
+    agent._wait_check(check_id, status)
+
+
+@pytest.mark.consul
+def test_service_check_hidden_by_a_missing_service_read_names_service_read(acl_agent, key, check_id,
+                                                                           write_config):
+    """The token has node:read (the example policy before issue 19) but not
+    service:read: --check blamed node:read, which the token has."""
+    register_service_check(acl_agent, check_id)
+    token = acl_agent.create_token((KEY_AND_SESSION + NODE_READ) % {"key": key, "node": acl_agent.node})
+    code, out = check(write_config(acl_agent.http_addr, key), "--check-id", check_id, env=token_env(token))
+    assert code == 1, out
+    line = next(l for l in fail_lines(out) if check_id in l)
+    assert "lacks service:read" in line and 'service "NAME" { policy = "read" }' in line, line
+    assert 'service "haproxy"' in line and "consul-acl-policy.hcl" in line, line
+    assert "lacks node:read" not in line and "not registered" not in line, line
+    assert "a session bound to the checks can be created" in out, out
+
+
+@pytest.mark.consul
+def test_critical_service_check_hidden_from_the_token_is_not_called_missing(acl_agent, key, check_id,
+                                                                            write_config):
+    register_service_check(acl_agent, check_id, status="critical")
+    token = acl_agent.create_token((KEY_AND_SESSION + NODE_READ) % {"key": key, "node": acl_agent.node})
+    code, out = check(write_config(acl_agent.http_addr, key), "--check-id", check_id, env=token_env(token))
+    assert code == 1, out
+    line = next(l for l in fail_lines(out) if check_id in l and "cannot see" in l)
+    assert "registered and critical" in line and "service:read" in line, line
+    assert not any("not registered" in l for l in fail_lines(out)), out
+
+
+@pytest.mark.consul
+def test_service_read_is_enough_to_see_a_service_check(acl_agent, key, check_id, write_config):
+    """Key write, session write, service read: --check passes (node:read is not
+    needed for a service's check, and agent:read never is)."""
+    register_service_check(acl_agent, check_id)
+    rules = KEY_AND_SESSION % {"key": key, "node": acl_agent.node} + 'service "haproxy" { policy = "read" }\n'
+    code, out = check(write_config(acl_agent.http_addr, key), "--check-id", check_id,
+                      env=token_env(acl_agent.create_token(rules)))
+    assert code == 0, out
+    assert "check '%s' is passing on the local agent" % check_id in out, out
+
+
+@pytest.mark.consul
+def test_refused_write_names_the_call_and_the_rule(acl_agent, key, write_config):
+    rules = 'key "%(key)s" { policy = "read" }\nsession "%(node)s" { policy = "write" }\n' % {
+        "key": key, "node": acl_agent.node}
+    code, out = check(write_config(acl_agent.http_addr, key), env=token_env(acl_agent.create_token(rules)))
+    assert code == 1, out
+    line = next(l for l in fail_lines(out) if "write right" in l)
+    assert "PUT /v1/kv/%s" % key in line, line
+    assert 'key "%s" { policy = "write" }' % key in line and "consul-acl-policy.hcl" in line, line
+
+
+@pytest.mark.consul
+def test_refused_session_names_the_call_and_the_rule(acl_agent, key, write_config):
+    token = acl_agent.create_token('key "%s" { policy = "write" }\n' % key)
+    code, out = check(write_config(acl_agent.http_addr, key), env=token_env(token))
+    line = next(l for l in fail_lines(out) if "may not create sessions" in l)
+    assert "PUT /v1/session/create" in line and 'session_prefix "" { policy = "write" }' in line, line
+
+
+@pytest.mark.consul
+def test_unknown_token_is_told_apart_from_a_missing_right(acl_agent, key, write_config):
+    code, out = check(write_config(acl_agent.http_addr, key),
+                      env=token_env("11111111-2222-3333-4444-555555555555"))
+    assert code == 1, out
+    line = fail_lines(out)[0]
+    assert "does not know" in line and "ACL not found" in line and "GET /v1/kv/%s" % key in line, line

@@ -108,7 +108,7 @@ def test_no_python_type_names_in_any_message(tmp_path, text):
     message_for(tmp_path, text)
 
 
-@hsettings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(st.sampled_from(["dcs-type", "dcs-endpoints", "trigger-key", "trigger-value",
                                         "consul-token"]),
                        st.one_of(st.none(), st.text(max_size=8), st.integers(), st.booleans(),

@@ -223,6 +223,24 @@ def test_connection_refused_is_unreachable():
     with pytest.raises(ConsulUnreachable) as raised:
         client.read_key()
     assert "refused" in str(raised.value)
+    # Issue 19: names the address and asks whether the agent runs there.
+    assert "127.0.0.1:%d" % port in str(raised.value), str(raised.value)
+    assert "is the Consul agent running there" in str(raised.value), str(raised.value)
+
+
+@pytest.mark.parametrize("call, refused", [
+    ("create_session", "PUT /v1/session/create"), ("acquire", "PUT /v1/kv/" + KEY),
+    ("read_key", "GET /v1/kv/" + KEY), ("move_lock", "PUT /v1/txn"),
+    ("renew_session", "PUT /v1/session/renew/" + SESSION)])
+def test_permission_denied_says_which_call_was_refused(serve, call, refused):
+    """Consul 1.8 answers a missing right with a bare "Permission denied": the
+    refused call is what tells an operator (and --check) which rule is missing."""
+    client, _ = serve(lambda seen: (403, {}, "Permission denied"), token=TOKEN)
+    with pytest.raises(PermissionDenied) as raised:
+        dict(every_call(client))[call]()
+    assert raised.value.call == refused and raised.value.reason == "Permission denied"
+    assert str(raised.value) == "Permission denied on " + refused
+    assert TOKEN not in str(raised.value)
 
 
 def test_server_that_closes_at_once_is_unreachable():

@@ -31,3 +31,39 @@ def test_other_versions_are_named_as_untested(version):
     assert text and version in text and "/opt/lib/consul" in text, text
     assert "has not been tested" in text and "py-consul 1.5.x" in text, text
     assert "Traceback" not in text and "\n" not in text
+
+
+# `--version` from a source checkout on a host without any Consul library
+# (issue 19, item 8): the version, not a traceback. sys.modules["consul"] = None
+# makes every `import consul` fail exactly as on such a host.
+WITHOUT_CONSUL = ("import sys; sys.modules['consul'] = None; sys.modules['consul.base'] = None; "
+                  "from vip_elector.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def run_without_consul(*args, tmp_path):
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": repo, "LANG": "C.UTF-8"}
+    return subprocess.run([sys.executable, "-c", WITHOUT_CONSUL, *args], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_version_without_a_consul_library_prints_the_version(tmp_path):
+    import vip_elector
+    r = run_without_consul("--version", tmp_path=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.startswith("vip-elector %s (" % vip_elector.__version__), r.stdout
+    assert "no Consul library is installed" in r.stdout and "python3-consul" in r.stdout, r.stdout
+
+
+def test_daemon_and_check_without_a_consul_library_say_so_in_one_line(tmp_path):
+    config = tmp_path / "vip-manager.yml"
+    config.write_text("dcs-type: consul\ntrigger-key: service/haproxy-vip/leader\ntrigger-value: node-a\n")
+    daemon = run_without_consul("--vip-manager-config", str(config), tmp_path=tmp_path)
+    assert daemon.returncode == 78 and "Traceback" not in daemon.stderr, daemon.stderr
+    assert len(daemon.stderr.splitlines()) == 1 and "install python3-consul2" in daemon.stderr, daemon.stderr
+    check = run_without_consul("--vip-manager-config", str(config), "--check", tmp_path=tmp_path)
+    assert check.returncode == 1 and "Traceback" not in check.stdout + check.stderr, check.stderr
+    assert "FAIL" in check.stdout and "install python3-consul2" in check.stdout, check.stdout

@@ -11,7 +11,10 @@ follow the node's life:
                 to Consul; --version and the journal say 0.1.1
   check-service: `vip-elector --check-service` (root) runs --check as the
                 service would: skipped-unit reason first; a file the service
-                user cannot read is named with the chgrp/chmod fix; then ok
+                user cannot read is named with the chgrp/chmod fix; then ok;
+                options continued over two lines and a drop-in's variable are
+                seen as systemd sees them, a path under the sandbox's private
+                /tmp is named
   configured:   the plain unit leads on its key
   instances:    vip-elector@db1 and @db2 lead on two more keys with separate
                 sessions, runtime directories and journal identities; an
@@ -161,10 +164,40 @@ def test_check_service_checks_what_the_service_runs(ct, consul):
         assert res.returncode == 0, res.stdout
         assert "check '%s' is passing" % check_id in res.stdout
         assert "user vip-elector" in res.stdout and "all checks passed" in res.stdout
+        check_service_sees_what_systemd_runs(ct, check_id)
     finally:
         ct.put(DEFAULTS, ct.read(DEFAULTS).replace(" --check-id=%s" % check_id, ""),
                mode=0o640, group="vip-elector")
         consul.deregister_check(check_id)
+
+
+DROPIN = "/etc/systemd/system/vip-elector.service.d/token.conf"
+
+
+def check_service_sees_what_systemd_runs(ct, check_id):
+    """Issue 19, item 5: the options over two lines (systemd's continuation),
+    a drop-in's variable, and a path the unit's sandbox hides."""
+    text = ct.read(DEFAULTS)
+    opts = "--vip-manager-config=/etc/vip-manager.yml --check-id=%s" % check_id
+    ct.put(DEFAULTS, text.replace('VIP_ELECTOR_OPTS="%s"' % opts,
+                                  'VIP_ELECTOR_OPTS="--vip-manager-config=/etc/vip-manager.yml \\\n'
+                                  '    --check-id=%s"' % check_id), mode=0o640, group="vip-elector")
+    ct.put("/tmp/vip-token", "anything\n", mode=0o644)
+    ct.put(DROPIN, "[Service]\nEnvironment=CONSUL_HTTP_TOKEN_FILE=/tmp/vip-token\n")
+    ct.run(["systemctl", "daemon-reload"])
+    try:
+        res = ct.run(["vip-elector", "--check-service"], check=False)
+        assert res.returncode == 1, res.stdout
+        assert "vip-elector --vip-manager-config=/etc/vip-manager.yml --check-id=%s " % check_id \
+            in res.stdout and "as told by systemd" in res.stdout, res.stdout
+        fail = [l for l in res.stdout.splitlines() if l.startswith("FAIL")]
+        assert len(fail) == 1 and "CONSUL_HTTP_TOKEN_FILE /tmp/vip-token: PrivateTmp=yes" in fail[0], fail
+        assert "check '%s' is passing" % check_id in res.stdout
+        assert res.stdout.rstrip().endswith("1 problem(s) found"), res.stdout
+    finally:
+        ct.run(["rm", "-f", DROPIN, "/tmp/vip-token"])
+        ct.run(["systemctl", "daemon-reload"])
+        ct.put(DEFAULTS, text, mode=0o640, group="vip-elector")
 
 
 def test_configured_plain_unit_leads(ct, consul, keys):

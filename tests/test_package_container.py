@@ -28,7 +28,9 @@ One container for the module, driven through the package's life in order:
      0640 root:vip-elector, the daemon reloaded, the key untouched.
   9. `systemctl stop` after all that still hands over (key deleted).
  10. Purge: daemon stopped, key gone, user, group, conffile, unit and runtime
-     directory gone, no warning from dpkg.
+     directory gone, no warning from dpkg; an enabled instance of the
+     template unit stopped, its enable link, defaults file and runtime
+     directory gone, and a reinstall starts no old instance.
  11. Upgrade from 0.1.0 (built from git history; its unit was in /lib):
      the unit survives the move to /usr/lib, the daemon is restarted once
      (0.1.0 cannot reload) and leads again.
@@ -309,12 +311,37 @@ def test_stop_still_hands_over(ct, consul, step, request):
     assert not internal_errors(ct)
 
 
-def test_purge(ct, consul, step, request):
+INSTANCE = "web"
+INSTANCE_DEFAULTS = "/etc/default/vip-elector-" + INSTANCE
+INSTANCE_LINK = "/etc/systemd/system/multi-user.target.wants/vip-elector@%s.service" % INSTANCE
+FENCE_SETTINGS = "/etc/default/vip-elector-fence"
+
+
+def test_purge(ct, consul, debs, step, request):
+    """Purge leaves nothing of the template's instances either (issue 19): an
+    enabled, running instance is stopped (its key released), its enable link,
+    defaults file and runtime directory are removed, so a later install starts
+    no old instance; the example fencing hook's settings file is not an
+    instance's and stays."""
     step("test_stop_still_hands_over")
     key = request.module.KEY
+    web_key = key + "-" + INSTANCE
+    ct.put("/etc/vip-manager-web.yml", ct.read("/etc/vip-manager.yml").replace(key, web_key))
+    ct.put(INSTANCE_DEFAULTS, 'VIP_ELECTOR_OPTS="--vip-manager-config=/etc/vip-manager-web.yml"\n',
+           mode=0o640, group="vip-elector")
+    ct.put(FENCE_SETTINGS, "VIP=192.0.2.10\n")
+    ct.systemctl("enable", "--now", "vip-elector@" + INSTANCE)
+    wait_for(lambda: consul.kv_value(web_key) == NAME, 30, message="the instance to lead its key")
+    ct.run(["test", "-L", INSTANCE_LINK])
+    ct.run(["test", "-d", "/run/vip-elector-" + INSTANCE])
     res = apt_purge(ct)
     assert_quiet(res, "apt-get purge")
     assert consul.kv_get(key) is None, "removing the package left the key behind"
+    assert consul.kv_get(web_key) is None, "removing the package left the instance's key behind"
+    for path in (INSTANCE_DEFAULTS, INSTANCE_LINK, "/run/vip-elector-" + INSTANCE):
+        assert ct.run(["test", "-e", path], check=False).returncode != 0, path + " left behind"
+    assert ct.read(FENCE_SETTINGS) == "VIP=192.0.2.10\n", "the fencing hook's settings were removed"
+    ct.run(["rm", FENCE_SETTINGS, "/etc/vip-manager-web.yml"])
     for cmd in (["getent", "passwd", "vip-elector"], ["getent", "group", "vip-elector"]):
         assert ct.run(cmd, check=False).returncode == 2, cmd
     for path in (CONFFILE, CONFFILE + ".dpkg-dist", "/usr/lib/systemd/system/vip-elector.service",
@@ -324,6 +351,11 @@ def test_purge(ct, consul, step, request):
         assert ct.run(["test", "-e", path], check=False).returncode != 0, path + " left behind"
     res = ct.run(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}", "vip-elector"], check=False)
     assert res.returncode != 0 or res.stdout.startswith("pn"), res.stdout
+    # A reinstall starts no old instance.
+    assert apt_install(ct, debs["v1"]).returncode == 0
+    instance = ct.show("vip-elector@%s.service" % INSTANCE, "UnitFileState", "ActiveState")
+    assert instance == {"UnitFileState": "disabled", "ActiveState": "inactive"}, instance
+    assert_quiet(apt_purge(ct), "apt-get purge")
 
 
 def test_upgrade_from_0_1_0_moves_the_unit_to_usr(ct, consul, key, debs, step):

@@ -13,7 +13,7 @@ import threading
 import time
 
 from vip_elector.config import Settings
-from vip_elector.consul import LOCK_FLAG, KeyState
+from vip_elector.consul import LOCK_FLAG, ConsulUnreachable, KeyState
 from vip_elector.election import Election, Outcome, Role, Timing
 from vip_elector.state import SavedSession, StateStore
 from vip_elector.systemd import ElectionContext, Notifier
@@ -41,17 +41,41 @@ def wait_for(predicate, timeout=5.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+class Severable:
+    """The fake Consul as one daemon sees it; ``sever()`` cuts that daemon off for good."""
+
+    KEEP = ("abort", "reset_abort", "time_limit", "close")
+
+    def __init__(self, consul: FakeConsul):
+        self._consul, self._severed = consul, False
+
+    def sever(self) -> None:
+        self._severed = True
+
+    def __getattr__(self, name):
+        attr = getattr(self._consul, name)
+        if not callable(attr) or name in self.KEEP:
+            return attr
+
+        def call(*args, **kwargs):
+            if self._severed:
+                raise ConsulUnreachable("this daemon is dead")
+            return attr(*args, **kwargs)
+        return call
+
+
 class Daemon:
     """One run of the daemon (an Election in a thread) with a state directory."""
 
     def __init__(self, consul: FakeConsul, state_dir, saved=None, **kw):
         self.consul = consul
+        self.link = Severable(consul)
         self.statuses: list[str] = []
         self.verdicts: list = []
         notifier = Notifier(env={"NOTIFY_SOCKET": "/fake"},
                             send=lambda m: self.statuses.append(m[7:]) if m.startswith("STATUS=") else None)
         self.store = StateStore(str(state_dir))
-        self.election = Election(settings(value=consul.value, **kw), consul, notifier,
+        self.election = Election(settings(value=consul.value, **kw), self.link, notifier,
                                  ElectionContext("service/pg/leader", consul.value), FAST,
                                  state=self.store, saved=saved, reload_verdict=self.verdicts.append)
         self.result: list = []
@@ -63,11 +87,15 @@ class Daemon:
         self.result.append(self.election.run())
 
     def crash(self) -> SavedSession:
-        """What a SIGKILL leaves: the state file; the thread is abandoned, not stopped."""
+        """What a SIGKILL leaves: the session and the key in Consul, the state file's content.
+
+        The dead daemon's requests fail from now on, so its stop can release nothing.
+        """
         saved = self.store.load({})
-        self.election.watcher.stop()
-        self.election.stop_requested = True  # the abandoned loop must not act again
-        self.election.events.put(None)
+        self.link.sever()
+        self.election.request_stop()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
         return saved
 
     def stop(self):
@@ -86,7 +114,7 @@ def test_a_token_without_agent_read_still_resumes_after_a_crash(tmp_path, caplog
     saved = a.store.load({})
     assert saved is not None and saved.node == "node1", saved
     held = consul.key
-    a.crash()
+    assert a.crash() == saved
     with caplog.at_level(logging.INFO, logger="vip_elector"):
         b = Daemon(consul, tmp_path, saved=saved)
         wait_for(lambda: b.election.role == Role.LEADER, what="the restarted daemon leading")
@@ -118,6 +146,7 @@ def test_a_resumed_leadership_is_not_logged_as_acquired(tmp_path, caplog):
     a = Daemon(consul, tmp_path)
     wait_for(lambda: a.election.role == Role.LEADER)
     saved = a.crash()
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="vip_elector"):
         b = Daemon(consul, tmp_path, saved=saved)
         wait_for(lambda: b.election.role == Role.LEADER)

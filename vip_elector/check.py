@@ -9,7 +9,7 @@ A line that fails says why and what to do. Consul hides from a token what it
 may not read instead of refusing, so "not there" is only said once the token
 is known to be able to see it; otherwise the report names the missing right.
 The exit status is 0 when every line is ok and 1 otherwise, a configuration
-error included (``print_config_error``): the report is what an operator reads.
+error included (``cli._check_config_error``): the report is what an operator reads.
 """
 
 from __future__ import annotations
@@ -25,19 +25,35 @@ from .consul import (SERF_HEALTH, CheckNotPassing, ConsulClient, ConsulError, Ke
 POLICY_EXAMPLE = "/usr/share/doc/vip-elector/examples/consul-acl-policy.hcl"
 
 
-def token_advice(settings: Settings) -> str:
-    """What to do about a refused request: which token to set, or which rights to give it."""
+def rule_for(call: Optional[str], settings: Settings, node: Optional[str]) -> Optional[str]:
+    """The ACL rule a refused call needs, as a policy writes it (None: not one of ours).
+
+    Consul 1.8 answers a missing right with a bare "Permission denied"; the
+    call tells which rule it was (found by experiment, consul-acl-policy.hcl).
+    """
+    path = call.split(" ", 1)[-1] if call else ""
+    if path.startswith("/v1/kv/") or path == "/v1/txn":
+        return f'key "{settings.trigger_key}" {{ policy = "write" }}'
+    if path.startswith("/v1/session/"):
+        return f'session "{node}" {{ policy = "write" }}' if node else 'session_prefix "" { policy = "write" }'
+    if path.startswith("/v1/agent/self"):
+        return f'agent "{node}" {{ policy = "read" }}' if node else 'agent_prefix "" { policy = "read" }'
+    return None
+
+
+def refusal(settings: Settings, error: PermissionDenied, node: Optional[str]) -> str:
+    """Which call Consul refused, why, and the rule (or token) that fixes it, in one sentence."""
+    who = settings.token_words
+    call = f" {error.call}" if error.call else ""
+    if error.unknown_token:
+        return (f"Consul does not know {who} (ACL not found on{call or ' a request'}): the token is "
+                "deleted or mistyped; set the SecretID of an existing token (consul acl token list)")
+    rule = rule_for(error.call, settings, node)
+    rights = f"{rule} ({POLICY_EXAMPLE})" if rule else f"the rights in {POLICY_EXAMPLE}"
     if not settings.token:
-        return ("set a token with the rights in " + POLICY_EXAMPLE + ": CONSUL_HTTP_TOKEN in "
-                "/etc/default/vip-elector, or --token-file")
-    return f"give that token the rights in {POLICY_EXAMPLE}"
-
-
-def print_config_error(message: str, out: Optional[TextIO] = None) -> None:
-    """A configuration error as a --check report: one FAIL line and the summary."""
-    out = out or sys.stdout
-    print(f"FAIL  configuration: {message}", file=out)
-    print("1 problem(s) found", file=out)
+        return (f"{who} is refused{call} ({error.reason}): set a token whose policy has {rights}: "
+                "CONSUL_HTTP_TOKEN in /etc/default/vip-elector, or --token-file")
+    return f"{who} is refused{call} ({error.reason}): add {rights} to its policy"
 
 
 @dataclass
@@ -86,6 +102,24 @@ def key_lines(settings: Settings, consul: ConsulClient, key: Optional[KeyState])
     return True, f"trigger-key {k} is free (last value {key.value!r})"
 
 
+def _hidden_check_right(node: Optional[str], node_visible: bool) -> str:
+    """Which right hides a check that exists: node:read for a node's check, service:read
+    for a service's. The token's view of the catalog tells which one it lacks.
+
+    Found by experiment (Consul 1.8.7): /v1/agent/checks shows a node's check
+    only with node:read on the node, a service's check only with service:read
+    on its service (node:read does not show it, nor is it needed for it).
+    """
+    service_rule = ('service "NAME" { policy = "read" }, NAME the service the check belongs to '
+                    f'(service "haproxy" in {POLICY_EXAMPLE})')
+    if node_visible:  # node:read is there (serfHealth is seen): the check is a service's
+        return f"it is a service's check and the token lacks service:read on that service: add {service_rule}"
+    where = f'node "{node}"' if node else 'node_prefix ""'
+    return (f"the token lacks node:read on {'node ' + node if node else 'this node'} (a node's "
+            f"check) or service:read on the check's service (a service's check): add {where} "
+            f"{{ policy = \"read\" }} or {service_rule}")
+
+
 def check_lines(settings: Settings, consul: ConsulClient, check_id: str, node: Optional[str],
                 probe: _Probe) -> list[tuple[bool, str]]:
     """What the agent, the catalog and the session probe say about --check-id, in words."""
@@ -93,7 +127,7 @@ def check_lines(settings: Settings, consul: ConsulClient, check_id: str, node: O
     try:
         agent = consul.visible_checks()
     except PermissionDenied as e:
-        return [(False, f"check '{check_id}': {who} may not read the agent's checks: {e}")]
+        return [(False, f"check '{check_id}': cannot read the agent's checks: {refusal(settings, e, node)}")]
     except ConsulError as e:
         return [(False, f"check '{check_id}': cannot read the agent's checks: {e}")]
     catalog: Optional[dict[str, str]] = None
@@ -102,8 +136,10 @@ def check_lines(settings: Settings, consul: ConsulClient, check_id: str, node: O
             catalog = consul.catalog_checks(node)
         except ConsulError:
             catalog = None
-    node_visible = catalog is not None and SERF_HEALTH in catalog
-    missing_in_catalog = isinstance(probe.error, CheckNotPassing) and probe.error.state is None
+    node_visible = catalog is not None and "serfHealth" in catalog
+    verdict = probe.error if isinstance(probe.error, CheckNotPassing) and \
+        probe.error.check_id == check_id else None
+    missing_in_catalog = verdict is not None and verdict.state is None
 
     if check_id in agent:
         state = agent[check_id]
@@ -117,22 +153,28 @@ def check_lines(settings: Settings, consul: ConsulClient, check_id: str, node: O
                 "a service's check); the agent's log says 'blocked by ACLs'. Give the check "
                 "definition a token with that right, reload the agent, then check again")))
         return lines
-    if probe.created:
-        where = probe.node or node or "?"
-        return [(False, f"check '{check_id}' is registered and not critical (a session bound to it "
-                        f"was created), but {who} cannot see it: node:read on node {where} is "
-                        "missing, and vip-elector watches the check to know when to compete. Add "
-                        f"node \"{where}\" {{ policy = \"read\" }} ({POLICY_EXAMPLE})")]
+    # Consul judged a session bound to the check: it exists, whatever the token may see.
+    if probe.created or (verdict is not None and verdict.state == "critical"):
+        state = ("not critical (a session bound to it was created)" if probe.created
+                 else "critical (Consul refused a session bound to it)")
+        return [(False, f"check '{check_id}' is registered and {state}, but {who} cannot see it, "
+                        "and vip-elector reads it to know when to compete: "
+                        f"{_hidden_check_right(probe.node or node, node_visible)}")]
+    others = sorted(set(agent) | set(catalog or {}))
+    listed = ", ".join(f"'{c}'" for c in others) if others else "none"
+    if missing_in_catalog:
+        on = f" (node {probe.node or node})" if probe.node or node else ""
+        return [(False, f"check '{check_id}' is not registered on the local agent{on}: Consul "
+                        f"refused a session bound to it (no such check); the checks {who} may see: {listed}. "
+                        "Register it (examples/consul-service-check.hcl) or give --check-id one "
+                        "of these")]
     if node and not node_visible:
-        return [(False, f"check '{check_id}' cannot be seen: {who} lacks node:read on node {node}, "
-                        "so Consul hides the node's checks; it may well be registered. Add "
-                        f"node \"{node}\" {{ policy = \"read\" }} to the token's policy ({POLICY_EXAMPLE})")]
+        return [(False, f"check '{check_id}' cannot be seen, and it may well be registered: "
+                        f"{_hidden_check_right(node, False)}")]
     if not node:
         return [(False, f"check '{check_id}' cannot be seen: {who} may read neither the agent "
                         "(agent:read) nor create a session on this node, so whether the check exists "
                         f"is unknown; give the token the rights in {POLICY_EXAMPLE}")]
-    others = sorted(set(agent) | set(catalog or {}))
-    listed = ", ".join(f"'{c}'" for c in others) if others else "none"
     return [(False, f"check '{check_id}' is not registered on the local agent (node {node}); the "
                     f"checks it has: {listed}. Register it (examples/consul-service-check.hcl) or "
                     "give --check-id one of these; for a service's check the token also needs "
@@ -143,6 +185,7 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
     """Print the report; True if every line is ok."""
     failures = 0
     who = settings.token_words
+    node: Optional[str] = None  # the agent's node, once known: it names the rules to add
 
     def report(ok: bool, text: str) -> bool:
         nonlocal failures
@@ -154,7 +197,7 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
         try:
             return True, fn()
         except PermissionDenied as e:
-            return report(False, f"{what}: {who} is refused ({e}): {token_advice(settings)}"), None
+            return report(False, f"{what}: {refusal(settings, e, node)}"), None
         except ConsulError as e:
             return report(False, f"{what}: {e}"), None
 
@@ -199,10 +242,10 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
     if probe.created:
         report(True, "a session bound to the checks can be created")
     elif isinstance(e, PermissionDenied):
-        where = f"session \"{node}\"" if node else "session_prefix \"\""
-        report(False, f"{who} may not create sessions: {e}; add {where} {{ policy = \"write\" }} "
-                      f"({POLICY_EXAMPLE})")
-    elif e is not None:  # CheckNotPassing (its message names the check), or Consul erring
+        report(False, f"{who} may not create sessions: {refusal(settings, e, node)}")
+    elif isinstance(e, CheckNotPassing):
+        report(False, f"a session cannot be created: {e}")
+    elif e is not None:
         report(False, f"a session cannot be created: {e}")
 
     print("all checks passed" if not failures else f"{failures} problem(s) found", file=out)

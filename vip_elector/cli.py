@@ -137,15 +137,19 @@ def _config_error(error: ConfigError, notifier: Optional[Notifier] = None) -> in
 
 
 def _check_config_error(error: ConfigError) -> int:
-    """--check reports a configuration error like any other problem: a FAIL line, exit 1."""
-    from .check import print_config_error
-    print_config_error(str(error))
+    """--check reports a configuration error like any other problem: a FAIL line, exit 1.
+
+    As check.py's report prints it, without importing check.py (and so the Consul
+    library): a missing library is one of the errors reported here."""
+    print(f"FAIL  configuration: {error}")
+    print("1 problem(s) found")
     return EXIT_FAILURE
 
 
 def _version() -> str:
-    from .consul import library_name
-    return f"vip-elector {__version__} ({library_name()}, Python {sys.version.split()[0]})"
+    """Not through .consul: --version must work where no Consul library is installed."""
+    from .library import installed
+    return f"vip-elector {__version__} ({installed()}, Python {sys.version.split()[0]})"
 
 
 def _log_start(settings: Settings, reexec: bool = False) -> None:
@@ -207,7 +211,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if settings.token:
         context.secrets.append(settings.token)
 
-    from .consul import ConsulClient  # after validation: a config error needs no Consul library
+    try:  # after validation: a config error needs no Consul library
+        from .consul import ConsulClient
+    except ImportError as e:
+        from .library import MISSING
+        if getattr(e, "name", None) not in ("consul", "consul.base"):
+            raise
+        return _check_config_error(ConfigError(MISSING)) if args.check else \
+            _config_error(ConfigError(MISSING), notifier)
     try:
         consul = ConsulClient(settings)
     except ConfigError as e:  # a TLS certificate or key that does not load

@@ -59,7 +59,22 @@ class ConsulUnreachable(ConsulError):
 
 
 class PermissionDenied(ConsulError):
-    """The ACL token lacks a right (or is unknown); retrying won't help until it is fixed."""
+    """The ACL token lacks a right (or is unknown); retrying won't help until it is fixed.
+
+    ``call`` is the refused request ("PUT /v1/session/create"): Consul 1.8's
+    answer says only "Permission denied", so the call is what tells which
+    rule is missing (``check.rule_for``).
+    """
+
+    def __init__(self, reason: str, call: Optional[str] = None):
+        super().__init__(f"{reason} on {call}" if call else reason)
+        self.reason = reason
+        self.call = call
+
+    @property
+    def unknown_token(self) -> bool:
+        """Consul does not know the token at all (not a missing right)."""
+        return "acl not found" in self.reason.lower()
 
 
 class InvalidSession(ConsulError):
@@ -97,11 +112,13 @@ class KeyState:
         return self.flags == LOCK_FLAG
 
 
-def _short_reason(exc: BaseException) -> str:
+def _short_reason(exc: BaseException, address: str = "") -> str:
     """Turn a socket, TLS or HTTP exception into words an operator reads."""
     text = f"{type(exc).__name__}: {exc}"
+    refused = (f"connection refused by {address}: is the Consul agent running there (its "
+               "client_addr and ports.http)?" if address else "connection refused")
     for needle, words in (
-        ("Connection refused", "connection refused"),
+        ("Connection refused", refused),
         ("Name or service not known", "host name not found"),
         ("Temporary failure in name resolution", "host name not found"),
         ("No route to host", "no route to host"),
@@ -143,6 +160,7 @@ class _Transport:
         self.scheme, self.host, self.port = settings.scheme, settings.host, settings.port
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.base_uri = f"{self.scheme}://{host}:{self.port}"
+        self.address = settings.address
         self.token = settings.token
         self._ssl = _ssl_context(settings) if self.scheme == "https" else None
         self._threads: dict[int, _ThreadState] = {}
@@ -271,7 +289,7 @@ class _Transport:
                 # A kept-alive connection the agent had closed fails at once: one fresh try.
                 if reused and attempt == 1 and not isinstance(e, (TimeoutError, socket.timeout)):
                     continue
-                raise ConsulUnreachable(_short_reason(e)) from None
+                raise ConsulUnreachable(_short_reason(e, self.address)) from None
             finally:
                 state.in_flight = None
             if response.will_close:
@@ -281,7 +299,7 @@ class _Transport:
         state.status = status
         text = content.decode("utf-8", "replace")
         if status >= 400 and status != 404:
-            raise _error_for(status, text)
+            raise _error_for(status, text, f"{method} {path}")
         if 300 <= status < 400:
             raise ConsulError(f"unexpected redirect ({status}) for {path}")
         fields = {"code": status, "headers": response.headers, "body": text, "content": content}
@@ -337,11 +355,11 @@ def _ssl_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
-def _error_for(code: int, body: str) -> ConsulError:
+def _error_for(code: int, body: str, call: Optional[str] = None) -> ConsulError:
     text = " ".join(body.split())[:200]
     lowered = text.lower()
     if code == 403 or "permission denied" in lowered or "acl not found" in lowered:
-        return PermissionDenied(text or "permission denied")
+        return PermissionDenied(text or "permission denied", call)
     if "invalid session ttl" in lowered:
         return InvalidSessionTTL(text)
     if "in critical state" in lowered or "missing check" in lowered:
@@ -759,8 +777,8 @@ def describe_holder(consul: ConsulClient, key: KeyState) -> str:
 
 def library_name() -> str:
     """Which Consul library is in use (distribution, version, path), for ``--version``."""
-    from .library import describe
-    return str(describe(consul_lib))
+    from .library import installed
+    return installed()
 
 
 def untested_library() -> Optional[str]:

@@ -58,6 +58,20 @@ def describe(module: ModuleType) -> Library:
     return Library(_distribution(module, version), version, path)
 
 
+#: What --version says, and the daemon's one line, when no Consul library can be imported.
+MISSING = ("no Consul library is installed (Python module 'consul'): install python3-consul2 "
+           "or python3-consul")
+
+
+def installed() -> str:
+    """The Consul library in use, in words, for ``--version``; works without one installed."""
+    try:
+        import consul
+    except ImportError:
+        return MISSING
+    return str(describe(consul))
+
+
 def untested_warning(module: ModuleType) -> Optional[str]:
     """One sentence for --check when the library is not one the tests run, else None."""
     lib = describe(module)

@@ -7,8 +7,10 @@ configuration it names exists, the unit is skipped (not failed) and
 ``systemctl status`` shows one line saying what to set and where.
 
 ``--check-service[=INSTANCE]`` is the one command that checks exactly what the
-service will run: run as root, it reads the unit's defaults file, applies the
-start condition, switches to the service's user as systemd does and runs
+service will run: run as root, it takes the unit as systemd runs it (its
+drop-ins applied, its defaults file read with systemd's grammar: unitfile.py),
+names a path the unit's sandbox hides from the daemon, applies the start
+condition, switches to the service's user as systemd does and runs
 ``--check`` with that environment and those options.
 """
 
@@ -18,15 +20,14 @@ import os
 import pwd
 import subprocess
 import sys
-from typing import Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
-from .config import parse_env_file
+if TYPE_CHECKING:
+    from .unitfile import UnitView
 
 SERVICE_USER = "vip-elector"
 CONDITION_FLAG = "--service-condition"
-#: Where the sandboxed service cannot see files (ProtectHome=yes).
-HIDDEN_FROM_SERVICE = ("/home/", "/root/", "/run/user/")
-EXAMPLE_OPTS = '"--vip-manager-config=/etc/vip-manager.yml --check-id=pg-primary"'
+EXAMPLE_OPTS = '"--vip-manager-config=/etc/vip-manager.yml --check-id=vip-haproxy"'
 #: systemd's exit status for ExecCondition=: 1..254 skip the unit, 255 fails it.
 SKIP = 1
 
@@ -118,10 +119,84 @@ def _masked(opts: Sequence[str]) -> list[str]:
     return shown
 
 
+def option_values(args: Sequence[str], flag: str) -> list[str]:
+    """Every value given to ``flag`` (``--flag=V`` or ``--flag V``) in the options."""
+    found = []
+    for i, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            found.append(arg.split("=", 1)[1])
+        elif arg == flag and i + 1 < len(args):
+            found.append(args[i + 1])
+    return found
+
+
+#: The paths the daemon opens, what it does with them, and where they belong.
+_PATH_OPTIONS = (("--vip-manager-config", "read", "e.g. /etc/vip-manager.yml"),
+                 ("--token-file", "read", "e.g. /etc/vip-elector/token"),
+                 ("--hook", "run", "e.g. /usr/local/sbin/"),
+                 ("--state-dir", "write", "leave it out: the default is the unit's own runtime "
+                                          "directory, or add ReadWritePaths= in a drop-in"))
+_PATH_VARIABLES = ("CONSUL_HTTP_TOKEN_FILE", "CONSUL_CACERT", "CONSUL_CLIENT_CERT", "CONSUL_CLIENT_KEY")
+
+
+def sandbox_problems(opts: Sequence[str], env: dict[str, str], view: "UnitView") -> list[str]:
+    """One sentence for each path the daemon needs but the unit's sandbox hides."""
+    from .unitfile import hidden_reason
+    problems = []
+    given = [(flag, path, use, where) for flag, use, where in _PATH_OPTIONS
+             for path in option_values(opts, flag)]
+    given += [(name, env[name], "read", "e.g. under /etc/vip-elector/") for name in _PATH_VARIABLES
+              if env.get(name)]
+    for what, path, use, where in given:
+        reason = hidden_reason(path, view, writable=use == "write")
+        if reason:
+            fix = where if where.startswith("leave") else f"move it, {where}"
+            problems.append(f"{what} {path}: {reason}, so the service cannot {use} it; {fix}")
+    return problems
+
+
+class ServiceError(Exception):
+    """What keeps systemd from running the unit as configured, in one sentence."""
+
+
+def service_command(view: "UnitView", comment_continues: bool = False) -> tuple[dict[str, str], list[str]]:
+    """(environment, vip-elector's options) the unit's ExecStart= gets, as systemd computes them:
+    Environment= first, then each EnvironmentFile=, which override it, then $VAR expanded."""
+    from . import unitfile
+    env = dict(view.environment)
+    for path, optional in view.environment_files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                env.update(unitfile.parse_environment_file(f.read(), comment_continues))
+        except FileNotFoundError:
+            if not optional:
+                raise ServiceError(f"{path} (EnvironmentFile= of {view.unit}) does not exist, so "
+                                   f"systemd would not start {view.unit}: create it, or make it "
+                                   "optional (EnvironmentFile=-PATH)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ServiceError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    opts = unitfile.daemon_options(view, env)
+    if opts is None:
+        raise ServiceError(f"ExecStart= of {view.unit} ({' '.join(view.exec_start) or 'none'}) does not "
+                           f"run vip-elector: remove the drop-in that changes it (systemctl cat "
+                           f"{view.unit} shows them)")
+    return env, opts
+
+
+def effective_unit(unit: str) -> Optional["UnitView"]:
+    """The unit as systemd runs it: asked from systemd when it runs, else read from the files."""
+    from . import unitfile
+    view = unitfile.from_systemd(unit) if unitfile.systemd_runs() else None
+    return view or unitfile.from_files(unit)
+
+
 def check_service_main(instance: Optional[str], out: Optional[TextIO] = None) -> int:
-    """Check what the unit runs: its defaults file, its condition, its user, its options."""
+    """Check what the unit runs: its options and environment (drop-ins applied), its
+    sandbox, its start condition and, as its user, ``--check``."""
+    from . import unitfile
     out = out or sys.stdout
     defaults, unit = defaults_file(instance), unit_name(instance)
+    service = unit + ".service"
 
     def fail(text: str) -> int:
         print(f"FAIL  {text}", file=out)
@@ -131,29 +206,28 @@ def check_service_main(instance: Optional[str], out: Optional[TextIO] = None) ->
     if os.geteuid() != 0:
         return fail(f"run 'vip-elector --check-service' as root: it reads {defaults} (0640 "
                     f"root:{SERVICE_USER}) and switches to the {SERVICE_USER} user, as systemd does")
+    view = effective_unit(service)
+    if view is None:
+        return fail(f"{service} is not installed (no unit file in {', '.join(unitfile.UNIT_PATH)}): "
+                    "reinstall the package")
     try:
-        with open(defaults, encoding="utf-8") as f:
-            env = parse_env_file(f.read())
-    except FileNotFoundError:
-        env = {}  # EnvironmentFile=-: optional; the condition below says what to set
-    except (OSError, UnicodeDecodeError) as e:
-        return fail(f"cannot read {defaults}: {getattr(e, 'strerror', None) or e}")
-    opts = env.get("VIP_ELECTOR_OPTS", "").split()  # systemd splits $VIP_ELECTOR_OPTS at whitespace
+        env, opts = service_command(view, (unitfile.systemd_version() or 999) < 254)
+    except ServiceError as e:
+        return fail(str(e))
     verdict = condition_verdict(opts, instance)
     if verdict is not None:
-        return fail(f"{unit}.service would be skipped: {verdict}")
+        return fail(f"{service} would be skipped: {verdict}")
     try:
         user = pwd.getpwnam(SERVICE_USER)
     except KeyError:
         return fail(f"the user {SERVICE_USER} does not exist: reinstall the package (its postinst "
                     "creates it)")
-    print(f"ok    {unit}.service runs: vip-elector {' '.join(_masked(opts))} (user {SERVICE_USER}, "
-          f"environment from {defaults})", file=out)
-    for value in opts + [v for k, v in env.items() if k.startswith("CONSUL_")]:
-        path = value.split("=", 1)[-1]
-        if path.startswith(HIDDEN_FROM_SERVICE):
-            print(f"warn  {path} is hidden from the service (ProtectHome=yes in {unit}.service): "
-                  "move it, e.g. to /etc/vip-elector/", file=out)
+    files = ", ".join(p for p, _ in view.environment_files) or "no file"
+    print(f"ok    {service} runs: vip-elector {' '.join(_masked(opts))} (user {SERVICE_USER}, "
+          f"environment from {files}; as told by {view.source})", file=out)
+    problems = sandbox_problems(opts, env, view)
+    for text in problems:
+        print(f"FAIL  {text}", file=out)
     out.flush()
     child_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
     child_env.update(_module_path_env())
@@ -166,8 +240,17 @@ def check_service_main(instance: Optional[str], out: Optional[TextIO] = None) ->
                              text=True)
     except OSError as e:
         return fail(f"cannot run the check as user {SERVICE_USER}: {e.strerror}")
-    print(res.stdout, end="", file=out, flush=True)
-    return res.returncode
+    lines = res.stdout.splitlines()
+    if not problems or not lines or not (lines[-1] == "all checks passed" or
+                                         lines[-1].endswith(" problem(s) found")):
+        print(res.stdout, end="", file=out, flush=True)
+        return res.returncode if not problems else 1
+    # One summary for the sandbox's problems and the check's.
+    body = lines[:-1]
+    total = len(problems) + sum(line.startswith("FAIL") for line in body)
+    print("\n".join(body + [f"{total} problem(s) found"]), file=out, flush=True)
+    return 1
+
 
 
 def service_options(instance: Optional[str] = None,

@@ -219,3 +219,37 @@ def test_preemption_asks_once_the_checks_have_passed_for_the_delay_and_never_on_
         consul.entries.pop(request_key(KEY))  # refused, say: not asked again at once
         time.sleep(0.5)
         assert consul.count("put_request") == 1
+
+
+# ------------------------------------------------------------------ the command line
+
+def test_new_flags_and_commands_parse_and_refuse_in_one_line(tmp_path, capsys):
+    from vip_elector import cli
+    from vip_elector.config import build_settings
+    config = tmp_path / "vm.yml"
+    config.write_text("dcs-type: consul\ntrigger-key: service/pg/leader\n")
+    args = cli.parse_args(["--vip-manager-config", str(config), "--check-id", "a", "--check-id=b",
+                           "--check-id", "a", "--priority", "7", "--preempt-delay", "1m30s"])
+    s = build_settings(cli.options_from(args), {}, kernel_hostname="node-a")
+    assert s.checks == ["serfHealth", "a", "b"] and s.check_ids == ("a", "b")
+    assert s.priority == 7 and s.preempt_delay == 90.0
+    assert cli.parse_args(["list", "--json", "--vip-manager-config", "x"]).command == "list"
+    assert cli.parse_args(["--vip-manager-config", "x", "switchover", "--to", "b"]).to == "b"
+    import signal
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the daemon's path blocks signals: restore them
+    try:
+        _refusals(cli, config, capsys)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _refusals(cli, config, capsys):
+    for argv, status, words in (
+            (["--vip-manager-config", str(config), "--priority", "256"], 78, "--priority 256 is out of range"),
+            (["--vip-manager-config", str(config), "--preempt-delay", "soon"], 78, "--preempt-delay"),
+            (["--vip-manager-config", str(config), "--json"], 2, "--json goes with the list command"),
+            (["list", "--to", "b", "--vip-manager-config", str(config)], 2, "--to goes with the switchover"),
+            (["switchover", "--timeout", "0s", "--vip-manager-config", str(config)], 78, "--timeout")):
+        assert cli.main(argv) == status, argv
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err

@@ -253,3 +253,20 @@ def _refusals(cli, config, capsys):
         assert cli.main(argv) == status, argv
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+
+
+def test_the_commands_take_the_services_options_from_its_defaults_file(tmp_path):
+    from vip_elector.config import ConfigError
+    from vip_elector.service import service_options
+    defaults = tmp_path / "vip-elector"
+    defaults.write_text('# as systemd reads it\nVIP_ELECTOR_OPTS="--vip-manager-config=/etc/vip-manager.yml \\\n'
+                        '  --priority=5"\nCONSUL_HTTP_TOKEN=secret\n')
+    assert service_options(path=str(defaults)) == (["--vip-manager-config=/etc/vip-manager.yml", "--priority=5"],
+                                                   {"CONSUL_HTTP_TOKEN": "secret"})
+    defaults.write_text("CONSUL_HTTP_TOKEN=secret\n")
+    try:
+        service_options(path=str(defaults))
+    except ConfigError as e:
+        assert "the service is not configured yet" in str(e)
+    else:
+        raise AssertionError("no error without VIP_ELECTOR_OPTS")

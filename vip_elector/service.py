@@ -258,11 +258,12 @@ def service_options(instance: Optional[str] = None,
     """The service's options and environment (VIP_ELECTOR_OPTS and the rest of its defaults
     file), for ``list`` and ``switchover`` run without --vip-manager-config: the operator's
     commands then use exactly the service's key, Consul and token."""
+    from . import unitfile
     from .config import ConfigError
     defaults = path or defaults_file(instance)
     try:
         with open(defaults, encoding="utf-8") as f:
-            env = parse_env_file(f.read())
+            env = unitfile.parse_environment_file(f.read())  # as systemd reads it
     except FileNotFoundError:
         raise ConfigError(f"give --vip-manager-config PATH ({defaults} does not exist, so the "
                           "service's options are unknown)") from None

@@ -223,7 +223,7 @@ def test_preemption_asks_once_the_checks_have_passed_for_the_delay_and_never_on_
 
 # ------------------------------------------------------------------ the command line
 
-def test_new_flags_and_commands_parse_and_refuse_in_one_line(tmp_path, capsys):
+def test_new_flags_and_commands_parse_and_refuse_in_one_line(tmp_path):
     from vip_elector import cli
     from vip_elector.config import build_settings
     config = tmp_path / "vm.yml"
@@ -235,24 +235,17 @@ def test_new_flags_and_commands_parse_and_refuse_in_one_line(tmp_path, capsys):
     assert s.priority == 7 and s.preempt_delay == 90.0
     assert cli.parse_args(["list", "--json", "--vip-manager-config", "x"]).command == "list"
     assert cli.parse_args(["--vip-manager-config", "x", "switchover", "--to", "b"]).to == "b"
-    import signal
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the daemon's path blocks signals: restore them
-    try:
-        _refusals(cli, config, capsys)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-
-def _refusals(cli, config, capsys):
+    # In processes of their own: main() sets up logging and blocks signals, as a daemon must.
+    from elector_process import run_elector
     for argv, status, words in (
             (["--vip-manager-config", str(config), "--priority", "256"], 78, "--priority 256 is out of range"),
             (["--vip-manager-config", str(config), "--preempt-delay", "soon"], 78, "--preempt-delay"),
             (["--vip-manager-config", str(config), "--json"], 2, "--json goes with the list command"),
             (["list", "--to", "b", "--vip-manager-config", str(config)], 2, "--to goes with the switchover"),
             (["switchover", "--timeout", "0s", "--vip-manager-config", str(config)], 78, "--timeout")):
-        assert cli.main(argv) == status, argv
-        err = capsys.readouterr().err
-        assert words in err and err.count("\n") == 1, err
+        res = run_elector(argv)
+        assert res.returncode == status, (argv, res.stderr)
+        assert words in res.stderr and res.stderr.count("\n") == 1, res.stderr
 
 
 def test_the_commands_take_the_services_options_from_its_defaults_file(tmp_path):

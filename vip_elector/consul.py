@@ -156,7 +156,6 @@ class _Transport:
     """
 
     def __init__(self, settings: Settings):
-        self.address = settings.address
         self.scheme, self.host, self.port = settings.scheme, settings.host, settings.port
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.base_uri = f"{self.scheme}://{host}:{self.port}"

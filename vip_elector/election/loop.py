@@ -370,6 +370,10 @@ class Election:
             self._recovered()
             if renewal.recovered:
                 log.info("Consul confirms session %s again", self.lease.session)
+                # The watch went through the same trouble and may sit in its backoff (up to
+                # 30 s): a key freed now (a stalled server applying a stop's release late)
+                # would go unseen that long. Ask afresh.
+                self.watcher.restart()
             if renewal.replace:
                 self._replace()
             elif renewal.recovered:

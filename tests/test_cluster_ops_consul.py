@@ -441,6 +441,10 @@ def test_a_token_of_the_older_policy_still_leads_and_says_once_what_is_missing(a
     time.sleep(6)  # past the ordinary retry of a candidate write
     assert a.log().count("cannot write this node's candidate key") == 1
     assert holder(agent, key) == "node-a"
+    res = run_elector(["--vip-manager-config", config, "--hostname", "node-b", "--check"],
+                      env={"CONSUL_HTTP_TOKEN": token})
+    warn = [line for line in res.stdout.splitlines() if line.startswith("warn") and "candidates/" in line]
+    assert warn and 'key_prefix "%s/"' % key in warn[0], res.stdout
 
 
 def test_check_reports_each_check_id(agent, key, config, token, check_id):

@@ -653,6 +653,12 @@ class ConsulClient:
         """
         self._lib.kv.put(self.key, "", cas=2 ** 63 - 1)
 
+    @_translated
+    def can_write_candidate(self) -> None:
+        """The same probe on our candidate key (SPEC §11: key_prefix "<trigger-key>/")."""
+        from .cluster import candidate_key
+        self._kv_put(candidate_key(self.key, self.settings.value), "", cas=2 ** 63 - 1)
+
     # Time --------------------------------------------------------------
 
     def time_limit(self, seconds: float):

@@ -23,7 +23,7 @@ from consul_agent import LOCK_FLAG, elector_rules, wait_for
 from elector_process import run_elector
 from vipnet import KeyWatcher
 
-pytestmark = [pytest.mark.consul]
+pytestmark = [pytest.mark.consul, pytest.mark.compat]
 
 
 @pytest.fixture

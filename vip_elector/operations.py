@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import socket
 import sys
 import time
@@ -189,9 +190,10 @@ def _switchover(settings: Settings, consul: ConsulClient, to: Optional[str], tim
         if not _stale(req, wall()) and not req.error:
             raise OperationFailed(f"a switchover to {req.target} is already in progress ({req.by or 'unknown'}"
                                   f", {format_duration(round(req.requested + req.timeout - wall()))} "
-                                  "left): wait for it to finish, or try again once it expires")
+                                  f"left): wait for it to finish, or try again once it expires "
+                                  f"(candidates: {_names(tree, key)})")
         _delete(consul, req.modify_index)  # refused or stale: its author gave up
-    by = f"{getpass.getuser()}@{socket.gethostname()}"
+    by = f"{getpass.getuser()}@{socket.gethostname()} (pid {os.getpid()})"  # tells our request from another's
     request = Request(target=target.name, source=key.value, timeout=timeout, requested=wall(), by=by)
     try:
         created = consul.put_request(request.to_json(), cas=0)
@@ -203,7 +205,7 @@ def _switchover(settings: Settings, consul: ConsulClient, to: Optional[str], tim
                               f"nothing changed, {key.value} keeps {k}") from None
     if not created:
         raise OperationFailed(f"a switchover is already in progress for {k} (another request appeared "
-                              "just now): wait for it to finish")
+                              f"just now): wait for it to finish (candidates: {_names(tree, key)})")
     print(f"switchover: asked {key.value} to hand {k} over to {target.name} "
           f"(waiting up to {format_duration(timeout)})", file=out, flush=True)
     deadline = started + timeout
@@ -249,7 +251,8 @@ def _switchover(settings: Settings, consul: ConsulClient, to: Optional[str], tim
         raise OperationFailed(f"{k} became free while waiting (its holder stopped or failed); "
                               f"the candidates compete as usual (candidates: {_names(tree, key)})")
     raise OperationFailed(f"{target.name} did not take over within {format_duration(timeout)}: "
-                          f"{holder} still holds {k} (request withdrawn; see the leader's log)")
+                          f"{holder} still holds {k} (request withdrawn; see the leader's log; "
+                          f"candidates: {_names(tree, key)})")
 
 
 def _delete(consul: ConsulClient, modify_index: int) -> None:

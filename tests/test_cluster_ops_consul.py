@@ -456,3 +456,20 @@ def test_check_reports_each_check_id(agent, key, config, token, check_id):
     assert res.returncode == 1, res.stdout
     assert "check '%s' is passing" % check_id in res.stdout, res.stdout
     assert "check '%s' is critical" % other in res.stdout, res.stdout
+
+
+def test_a_reload_keeps_the_candidate_key_with_the_session(agent, key, start, tmp_path):
+    """SIGHUP re-executes the daemon, which resumes its session (SPEC §8.3): its candidate
+    key stays, held by the same session, and is written again once by the new program."""
+    state = tmp_path / "state"
+    state.mkdir()
+    a = start("node-a", extra=["--state-dir", str(state)])
+    wait_holder(agent, key, "node-a")
+    session, _ = wait_role(agent, key, "node-a", "leader") and candidates(agent, key)["node-a"]
+    before = agent.kv_get(key + "/candidates/node-a")["ModifyIndex"]
+    a.send(signal.SIGHUP)
+    a.wait_for_line("reloaded", 20)
+    wait_for(lambda: agent.kv_get(key + "/candidates/node-a")["ModifyIndex"] > before, 10,
+             message="the candidate key written by the new program")
+    assert candidates(agent, key)["node-a"][0] == session == agent.kv_get(key)["Session"]
+    assert candidates(agent, key)["node-a"][1]["role"] == "leader"

@@ -473,3 +473,24 @@ def test_a_reload_keeps_the_candidate_key_with_the_session(agent, key, start, tm
              message="the candidate key written by the new program")
     assert candidates(agent, key)["node-a"][0] == session == agent.kv_get(key)["Session"]
     assert candidates(agent, key)["node-a"][1]["role"] == "leader"
+
+
+def test_a_follower_whose_renewals_recover_still_sees_the_key_freed(consul_factory, key, electors,
+                                                                   write_config):
+    """Consul frozen past a renewal (the followers' renewals fail, then recover and replace
+    their sessions), then the leader stops: a follower takes the key at once."""
+    agent = consul_factory(node="node-a")
+    config = write_config(agent.http_addr, key)
+    a = electors(["--vip-manager-config", config, "--hostname", "node-a", "--verbose"], name="node-a")
+    wait_holder(agent, key, "node-a")
+    b = electors(["--vip-manager-config", config, "--hostname", "node-b", "--verbose"], name="node-b")
+    wait_candidates(agent, key, ["node-a", "node-b"])
+    agent.proc.send_signal(signal.SIGSTOP)
+    time.sleep(7)
+    agent.proc.send_signal(signal.SIGCONT)
+    b.wait_for_line("replaced by", 20)
+    wait_candidates(agent, key, ["node-a", "node-b"], timeout=20)
+    time.sleep(1)
+    a.terminate()
+    assert a.wait(10) == 0
+    wait_holder(agent, key, "node-b", timeout=5)

@@ -263,3 +263,31 @@ def test_the_commands_take_the_services_options_from_its_defaults_file(tmp_path)
         assert "the service is not configured yet" in str(e)
     else:
         raise AssertionError("no error without VIP_ELECTOR_OPTS")
+
+
+def test_a_thread_reusing_an_ended_threads_ident_does_not_inherit_its_abort(monkeypatch):
+    """The watcher restarts (SPEC §11's recursive watch restarts after a recovered renewal):
+    the old thread is aborted and ends, the new one often gets the same pthread ident. It
+    must start with a clean state, or every request of its is 'abandoned' (a deaf follower,
+    found by make chaos: a key freed after a raft stall that no follower took for 26 s)."""
+    import threading
+    from vip_elector.config import Settings
+    from vip_elector.consul import ConsulUnreachable, _Transport
+    transport = _Transport(Settings(config_path="x", trigger_key="k", value="v", scheme="http",
+                                    host="127.0.0.1", port=1))
+    seen = {}
+
+    def old():
+        seen["ident"] = threading.get_ident()
+        transport._state()
+        transport.abort(seen["ident"])  # what KeyWatcher.stop() does to it
+    t = threading.Thread(target=old)
+    t.start()
+    t.join()
+    monkeypatch.setattr(threading, "get_ident", lambda: seen["ident"])  # a new thread, same ident
+    state = transport._state()
+    assert not state.aborted and state.owner is threading.current_thread()
+    try:  # and its requests go out (here: refused by the closed port, not "abandoned")
+        transport.get(lambda r: r, "/v1/kv/k")
+    except ConsulUnreachable as e:
+        assert "abandoned" not in str(e)

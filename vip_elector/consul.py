@@ -218,14 +218,18 @@ class _Transport:
 
     def _state(self) -> "_ThreadState":
         ident = threading.get_ident()
+        me = threading.current_thread()
         state = self._threads.get(ident)
-        if state is None:
+        if state is None or state.owner is not me:
+            # A thread that has ended leaves its ident to the next one (pthreads reuse them):
+            # a restarted watcher must not inherit the abort meant for the thread it replaces,
+            # or every request of its would be "abandoned" and it would stay deaf.
             with self._lock:
                 # Forget the states of threads that have ended.
                 alive = {t.ident for t in threading.enumerate()}
-                for gone in [i for i in self._threads if i not in alive]:
+                for gone in [i for i in self._threads if i not in alive or i == ident]:
                     self._threads.pop(gone).drop()
-                state = self._threads[ident] = _ThreadState()
+                state = self._threads[ident] = _ThreadState(me)
         return state
 
     @staticmethod
@@ -312,7 +316,8 @@ class _Transport:
 class _ThreadState:
     """One thread's connection, its deadline and whether its request was aborted."""
 
-    def __init__(self):
+    def __init__(self, owner: Optional[threading.Thread] = None):
+        self.owner = owner                      # the thread this state is for (idents are reused)
         self.conn: Optional[http.client.HTTPConnection] = None
         self.in_flight: Optional[socket.socket] = None
         self.deadline: Optional[float] = None

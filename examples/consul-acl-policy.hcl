@@ -14,6 +14,11 @@
 # very file against an agent with ACLs on, default deny):
 #   key     write: read, watch, acquire and delete (?cas=) the trigger key, and
 #                  move its lock to a new session (/v1/txn) after Consul trouble
+#   key_prefix write on "<trigger-key>/": this node's candidate key
+#                  (<trigger-key>/candidates/<name>, acquired with its session) and
+#                  the switchover request (<trigger-key>/switchover) of
+#                  'vip-elector list' and 'vip-elector switchover'; vip-manager
+#                  reads only the trigger key and sees none of them
 #   session write: create, renew, read and destroy the session on this node.
 #                  Creating a session bound to serfHealth and a check needs
 #                  nothing else: Consul judges the checks itself, whatever
@@ -36,6 +41,10 @@
 # `node_prefix "" { policy = "read" }` instead of the node-specific rules.
 
 key "service/haproxy-vip/leader" {
+  policy = "write"
+}
+
+key_prefix "service/haproxy-vip/leader/" {
   policy = "write"
 }
 

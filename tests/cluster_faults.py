@@ -48,6 +48,11 @@ STOP_SLACK = 0.5
 KINDS = ("partition", "raft_kill", "raft_stall", "quorum_loss", "agent_restart", "check_flap",
          "frozen_elector", "failover_raft_stalled", "elector_kill")
 COMBINATIONS = ("partition_flap", "raft_stall_failover", "quorum_loss_with_leader")
+# Faults that leave the holder's node, checks and elector as they were: leadership has no
+# reason to move at all (SPEC §11.4: a move then is a needless one). Every other fault
+# (the leader's node partitioned, its check failed, its elector frozen, killed or stopped,
+# its agent restarted) may move it once; a second move (e.g. back on the heal) is needless.
+NO_MOVE_NEEDED = ("raft_kill", "raft_stall", "quorum_loss", "quorum_loss_with_leader")
 
 
 @dataclass
@@ -68,6 +73,8 @@ class FaultResult:
     leaderless: float = 0.0                   # longest time after the heal with no claimer, s
     vip_double: float = 0.0                   # longest time the VIP was on two nodes, s
     vip_none: float = 0.0                     # longest time the VIP was on no node, s
+    moves: int = 0                            # times the key named another node with a session
+    needless_moves: int = 0                   # moves beyond what the fault called for (SPEC §11.4)
     notes: List[str] = field(default_factory=list)
     errors: List[str] = field(default_factory=list)
 
@@ -131,6 +138,16 @@ class Faults:
             if r.detection is not None and session:
                 r.new_holder, r.t_new_holder = lab.node_of_value(value), t - r.t_fault
                 break
+        holders = [r.old_value]
+        for t, value, session, _ in lab.watcher.history:
+            if r.t_fault <= t <= end and session and value != holders[-1]:
+                holders.append(value)
+        r.moves = len(holders) - 1
+        allowed = 0 if r.kind in NO_MOVE_NEEDED or r.kind.startswith("partition(follower") else 1
+        r.needless_moves = max(0, r.moves - allowed)
+        if r.needless_moves:
+            r.notes.append("needless move%s: the key went %s" % ("s" if r.needless_moves > 1 else "",
+                                                                  " -> ".join(str(h) for h in holders)))
         ends = [b for a, b in lab.claim_intervals(end)[r.leader] if r.t_fault <= b < end]
         r.old_stops = ends[0] - r.t_fault if ends else None
         overlaps = lab.claim_overlaps(r.t_fault, end)

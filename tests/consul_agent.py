@@ -416,4 +416,5 @@ def elector_rules(key, node):
     with open(EXAMPLE_POLICY) as f:
         text = f.read()
     assert '"%s"' % EXAMPLE_KEY in text and '"%s"' % EXAMPLE_NODE in text, "example policy changed"
-    return text.replace('"%s"' % EXAMPLE_KEY, '"%s"' % key).replace('"%s"' % EXAMPLE_NODE, '"%s"' % node)
+    # The key, and the key_prefix "<key>/" of its candidates and switchover request (SPEC §11).
+    return text.replace('"%s' % EXAMPLE_KEY, '"%s' % key).replace('"%s"' % EXAMPLE_NODE, '"%s"' % node)

@@ -66,6 +66,7 @@ class FakeConsul:
         """What Consul does when a bound check fails (behaviour delete)."""
         with self.cond:
             self.sessions.discard(session)
+            self._drop_entries_of(session)
             if self.key and self.key.session == session:
                 self.key = None
                 self._bump()
@@ -205,3 +206,77 @@ class FakeConsul:
 
     def close(self) -> None:
         pass
+
+    # SPEC §11: the keys under the trigger-key's name (candidates, a switchover request)
+    @property
+    def entries(self) -> dict:
+        if not hasattr(self, "_entries"):
+            self._entries: dict = {}
+            self.txns: list = []
+        return self._entries
+
+    def _drop_entries_of(self, session: str) -> None:
+        for k in [k for k, e in self.entries.items() if e.session == session]:
+            del self.entries[k]
+            self._bump()
+
+    def put_entry(self, key: str, value: str, session: Optional[str] = None) -> None:
+        """A test writes under the trigger-key's name (e.g. another node's candidate key)."""
+        from vip_elector.cluster import Entry
+        with self.cond:
+            self._bump()
+            self.entries[key] = Entry(key, value, session, self.index)
+
+    def read_tree(self, index: Optional[int] = None, wait: Optional[float] = None):
+        _, key = self.read_key(index, wait)  # counted as a key read: it is one request
+        with self.cond:
+            return self.index, key, list(self.entries.values())
+
+    def put_candidate(self, sid: str, record: str) -> bool:
+        self._call("put_candidate")
+        from vip_elector.cluster import Entry, candidate_key
+        name = candidate_key(self.key_name, self.value)
+        with self.cond:
+            if sid not in self.sessions:
+                raise InvalidSession("invalid session")
+            held = self.entries.get(name)
+            if held is not None and held.session not in (None, sid):
+                return False
+            self._bump()
+            self.entries[name] = Entry(name, record, sid, self.index)
+            return True
+
+    def put_request(self, record: str, cas: int) -> bool:
+        self._call("put_request")
+        from vip_elector.cluster import Entry, request_key
+        name = request_key(self.key_name)
+        with self.cond:
+            held = self.entries.get(name)
+            if (held.modify_index if held else 0) != cas:
+                return False
+            self._bump()
+            self.entries[name] = Entry(name, record, None, self.index)
+            return True
+
+    def delete_request(self, modify_index: int) -> bool:
+        self._call("delete_request")
+        from vip_elector.cluster import request_key
+        name = request_key(self.key_name)
+        with self.cond:
+            held = self.entries.get(name)
+            if held is None or held.modify_index != modify_index:
+                return False
+            del self.entries[name]
+            self._bump()
+            return True
+
+    def hand_over(self, old: str, new: str, value: str) -> bool:
+        self._call("hand_over")
+        with self.cond:
+            self.entries  # noqa: B018 (makes txns)
+            self.txns.append((old, new, value))
+            if self.key is None or self.key.session != old or new not in self.sessions:
+                return False
+            self._bump()
+            self.key = KeyState(value, self.key.flags, new, self.index)
+            return True

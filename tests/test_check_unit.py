@@ -16,7 +16,7 @@ from vip_elector.consul import (LOCK_FLAG, ConsulUnreachable, KeyState, Permissi
                                 SessionInfo)
 
 CALLS = ("read_key", "node_name", "create_session", "session_info", "destroy_session",
-         "can_write_key", "visible_checks", "catalog_checks")
+         "can_write_key", "can_write_candidate", "visible_checks", "catalog_checks")
 # Calls whose failure the report rightly shrugs off: words for messages (node_name),
 # the probe's own clean-up (session_info, destroy_session: the session has a TTL),
 # a cross-check the session probe settles (catalog_checks).
@@ -63,6 +63,9 @@ class StandIn:
 
     def can_write_key(self):
         self._call("can_write_key")
+
+    def can_write_candidate(self):  # SPEC §11 (a warning only)
+        self._call("can_write_candidate")
 
     def visible_checks(self):
         self._call("visible_checks")

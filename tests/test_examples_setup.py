@@ -55,8 +55,9 @@ def test_the_examples_name_one_key_node_service_and_check():
     env = build_settings(Options(vip_manager_config=os.path.join(SOURCE, "examples", "vip-manager.env")), {})
     assert (yml.trigger_key, yml.value) == (env.trigger_key, env.value) == (KEY, NODE)
     assert service_check() == (SERVICE, CHECK)
-    assert policy_rules() == {("key", KEY): "write", ("session", NODE): "write",
-                              ("service", SERVICE): "read", ("node", NODE): "read"}
+    assert policy_rules() == {("key", KEY): "write", ("key_prefix", KEY + "/"): "write",  # SPEC §11
+                              ("session", NODE): "write", ("service", SERVICE): "read",
+                              ("node", NODE): "read"}
     opts = default_opts()
     assert "--check-id=%s" % CHECK in opts and "--vip-manager-config=/etc/vip-manager.yml" in opts
     assert "--check-id=%s" % CHECK in service.EXAMPLE_OPTS

@@ -252,9 +252,18 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
     ok, _ = attempt(f"write right on {settings.trigger_key}", consul.can_write_key)
     if ok:
         report(True, f"{who} may write {settings.trigger_key}")
+    try:  # SPEC §11: not needed to lead, only for 'list' and 'switchover': a warning
+        consul.can_write_candidate()
+    except PermissionDenied as e:
+        print(f"warn  {who} may not write {settings.trigger_key}/candidates/ ({e}): the node still "
+              f"leads, but 'vip-elector list' will not show it and a switchover cannot choose it; "
+              f"add key_prefix \"{settings.trigger_key}/\" {{ policy = \"write\" }} ({POLICY_EXAMPLE})",
+              file=out)
+    except ConsulError as e:
+        report(False, f"write right on {settings.trigger_key}/candidates/: {e}")
 
-    if settings.check_id:
-        for line in check_lines(settings, consul, settings.check_id, node, probe):
+    for check_id in settings.check_ids:  # each --check-id (SPEC §11.5)
+        for line in check_lines(settings, consul, check_id, node, probe):
             report(*line)
 
     e = probe.error

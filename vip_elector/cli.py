@@ -22,6 +22,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 #: Set by the manage-vip drop-in: the same as --manage-vip, and it survives reloads
 #: (which take their options from VIP_ELECTOR_OPTS alone).
 MANAGE_VIP_VAR = "VIP_ELECTOR_MANAGE_VIP"
+COMMANDS = ("list", "switchover")
 
 log = logging.getLogger("vip_elector")
 
@@ -46,11 +47,28 @@ def _duration(flag: str):
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = _Parser(prog="vip-elector",
+                usage="vip-elector [list [--json] | switchover [--to NAME] [--timeout DURATION]] "
+                      "--vip-manager-config PATH [OPTIONS]",
                 description="Consul leader election for vip-manager: the node holding the lock "
-                            "writes its name to vip-manager's trigger-key.")
+                            "writes its name to vip-manager's trigger-key. With a command, it "
+                            "does the operator's work instead of running: 'list' shows the key's "
+                            "holder and every candidate, 'switchover' moves leadership to another "
+                            "candidate without the key ever being free. Without "
+                            "--vip-manager-config, the commands take the service's options and "
+                            "environment from /etc/default/vip-elector (as root, or as a member "
+                            "of the vip-elector group).")
+    p.add_argument("command", nargs="?", choices=COMMANDS, metavar="list|switchover",
+                   help="list: the holder and the candidates; switchover: move leadership")
     p.add_argument("--vip-manager-config", metavar="PATH",
                    help="vip-manager's configuration: YAML, or the VIP_*=... environment file (required)")
-    p.add_argument("--check-id", metavar="ID", help="Consul check the session is bound to, beside serfHealth")
+    p.add_argument("--check-id", metavar="ID", action="append",
+                   help="Consul check the session is bound to, beside serfHealth; give it once "
+                        "per check to bind several")
+    p.add_argument("--priority", metavar="N", type=int, default=100,
+                   help="0-255 (default 100): a free key goes to the highest priority present")
+    p.add_argument("--preempt-delay", metavar="DURATION",
+                   help="take leadership from a lower priority once this node's checks have "
+                        "passed this long without a break (default: never preempt)")
     p.add_argument("--ttl", metavar="DURATION", default="10s", help="session TTL, 10s..24h (default 10s)")
     p.add_argument("--lock-delay", metavar="DURATION", default="1s", help="session lock-delay (default 1s)")
     p.add_argument("--addr", metavar="ADDR", help="Consul address, host:port or http(s)://host:port")
@@ -86,19 +104,32 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--service-condition", nargs="?", const="", metavar="INSTANCE",
                    help="the unit's ExecCondition: exit 1 with the reason while VIP_ELECTOR_OPTS "
                         "or the vip-manager configuration is not set up")
+    p.add_argument("--json", action="store_true", help="list: print one JSON object")
+    p.add_argument("--to", metavar="NAME", help="switchover: the candidate to move leadership to "
+                                                "(default: the other candidate of highest priority)")
+    p.add_argument("--timeout", metavar="DURATION", default="10s",
+                   help="switchover: how long to wait for NAME to take over (default 10s)")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
     args = p.parse_args(argv)
+    if args.command != "list" and args.json:
+        raise UsageError("--json goes with the list command: vip-elector list --json")
+    if args.command != "switchover" and args.to is not None:
+        raise UsageError("--to goes with the switchover command: vip-elector switchover --to NAME")
     if not args.version and args.check_service is None and args.reload_pid is None \
-            and not args.vip_manager_config:
+            and not args.vip_manager_config and not args.command:
         raise UsageError("the --vip-manager-config PATH option is required")
     return args
 
 
 def options_from(args: argparse.Namespace) -> Options:
+    check_ids = list(args.check_id or [])
     return Options(
         vip_manager_config=args.vip_manager_config,
-        check_id=args.check_id,
+        check_id=check_ids[0] if check_ids else None,
+        more_check_ids=tuple(check_ids[1:]),
+        priority=args.priority,
+        preempt_delay=_duration("--preempt-delay")(args.preempt_delay) if args.preempt_delay else None,
         ttl=_duration("--ttl")(args.ttl),
         lock_delay=_duration("--lock-delay")(args.lock_delay),
         addr=args.addr, token=args.token, token_file=args.token_file, hostname=args.hostname,
@@ -186,6 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return service.check_service_main(args.check_service or None)
     if args.drop_vip:
         return drop_vip_main(args.vip_manager_config, os.environ)
+    if args.command:
+        return _command_main(args)
     daemon = not args.check
     if daemon:
         # From here on no SIGTERM, SIGINT or SIGHUP is lost or fatal: they wait,
@@ -217,6 +250,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .check import run_check
         return EXIT_OK if run_check(settings, consul) else EXIT_FAILURE
     return _run_daemon(settings, consul, notifier, context)
+
+
+def _command_main(args: argparse.Namespace) -> int:
+    """``list`` and ``switchover`` (SPEC §11.2, §11.3): one line on any failure, never a traceback."""
+    name = f"vip-elector {args.command}"
+    env = dict(os.environ)
+    if not args.vip_manager_config:
+        from .service import service_options
+        try:
+            opts, service_env = service_options()
+        except ConfigError as e:
+            print(f"{name}: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        env = {**service_env, **{k: v for k, v in os.environ.items() if k.startswith("CONSUL_")}}
+        try:
+            service_args = parse_args(opts)
+        except UsageError as e:
+            print(f"{name}: VIP_ELECTOR_OPTS in /etc/default/vip-elector: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        for flag in ("vip_manager_config", "addr", "token", "token_file", "hostname"):
+            if getattr(args, flag) is None:
+                setattr(args, flag, getattr(service_args, flag))
+    try:
+        settings = build_settings(options_from(args), env)
+        timeout = _duration("--timeout")(args.timeout)
+        if timeout <= 0:
+            raise ConfigError(f"--timeout {args.timeout!r} must be positive, e.g. 10s.")
+        from .consul import ConsulClient
+        consul = ConsulClient(settings)
+    except ConfigError as e:
+        print(f"{name}: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    from . import operations
+    try:
+        if args.command == "list":
+            return operations.list_main(settings, consul, args.json)
+        return operations.switchover_main(settings, consul, args.to, timeout)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        consul.close()
 
 
 def _run_daemon(settings: Settings, consul, notifier: Notifier, context: ElectionContext) -> int:

@@ -60,6 +60,12 @@ class Settings:
     ttl: float = 10.0
     lock_delay: float = 1.0
     tls: TLSSettings = TLSSettings()
+    #: ``--check-id`` given more than once (SPEC §11.5): the checks after the first.
+    more_check_ids: tuple[str, ...] = ()
+    #: SPEC §11.4: a free key goes to the highest priority present.
+    priority: int = 100
+    #: SPEC §11.4: take leadership from a lower priority after passing this long; None: never.
+    preempt_delay: Optional[float] = None
     #: Where the session's ID is kept for resuming (SPEC §8.1); None: nothing is kept.
     state_dir: Optional[str] = None
     #: Leadership hook (SPEC §10): run as ``HOOK STATE KEY VALUE``.
@@ -88,8 +94,13 @@ class Settings:
         return f"vip-elector-{self.value}"
 
     @property
+    def check_ids(self) -> tuple[str, ...]:
+        """Every ``--check-id``, in the order given."""
+        return ((self.check_id,) if self.check_id else ()) + self.more_check_ids
+
+    @property
     def checks(self) -> list[str]:
-        return [SERF_HEALTH] + ([self.check_id] if self.check_id else [])
+        return [SERF_HEALTH] + list(self.check_ids)
 
 
 # --------------------------------------------------------------------------
@@ -449,6 +460,9 @@ class Options:
     hook_timeout: float = 10.0
     #: --manage-vip (or VIP_ELECTOR_MANAGE_VIP=yes, what the manage-vip drop-in sets).
     manage_vip: bool = False
+    more_check_ids: tuple[str, ...] = ()
+    priority: int = 100
+    preempt_delay: Optional[float] = None
 
 
 def _choose_address(opts: Options, vm: VipManagerConfig, env: Mapping[str, str]) -> tuple[str, str, int]:
@@ -522,14 +536,29 @@ def _choose_state_dir(opts: Options, env: Mapping[str, str]) -> Optional[str]:
     return runtime or None
 
 
+def _check_ids(opts: Options) -> list[str]:
+    """Every --check-id, stripped, duplicates dropped; an empty one is an error."""
+    ids: list[str] = []
+    for raw in ((opts.check_id,) if opts.check_id is not None else ()) + tuple(opts.more_check_ids):
+        if not raw.strip():
+            raise ConfigError("--check-id must not be empty: give the ID of a check on the local Consul agent.")
+        if raw.strip() not in ids and raw.strip() != SERF_HEALTH:  # every session carries serfHealth
+            ids.append(raw.strip())
+    return ids
+
+
 def build_settings(opts: Options, env: Mapping[str, str], kernel_hostname: Optional[str] = None) -> Settings:
     """Combine options, vip-manager's file and the environment (SPEC §3)."""
     if not (MIN_TTL <= opts.ttl <= MAX_TTL):
         raise ConfigError(f"--ttl {format_duration(opts.ttl)} is out of Consul's range: use 10s to 24h.")
     if not (0 <= opts.lock_delay <= MAX_LOCK_DELAY):
         raise ConfigError(f"--lock-delay {format_duration(opts.lock_delay)} is out of range: use 0s to 60s.")
-    if opts.check_id is not None and not opts.check_id.strip():
-        raise ConfigError("--check-id must not be empty: give the ID of a check on the local Consul agent.")
+    check_ids = _check_ids(opts)
+    if not (0 <= opts.priority <= 255):
+        raise ConfigError(f"--priority {opts.priority} is out of range: use 0 to 255 (default 100).")
+    if opts.preempt_delay is not None and opts.preempt_delay <= 0:
+        raise ConfigError(f"--preempt-delay {format_duration(opts.preempt_delay)} must be positive, "
+                          "e.g. 30s (leave it out for no preemption).")
 
     vm = load_vip_manager_config(opts.vip_manager_config)
     path = vm.path
@@ -563,7 +592,8 @@ def build_settings(opts: Options, env: Mapping[str, str], kernel_hostname: Optio
         config_path=path, trigger_key=key, value=value,
         scheme=scheme, host=host, port=port,
         token=token, token_source=token_source,
-        check_id=opts.check_id.strip() if opts.check_id else None,
+        check_id=check_ids[0] if check_ids else None, more_check_ids=tuple(check_ids[1:]),
+        priority=opts.priority, preempt_delay=opts.preempt_delay,
         ttl=opts.ttl, lock_delay=opts.lock_delay, tls=tls,
         state_dir=_choose_state_dir(opts, env),
         hook=opts.hook, hook_timeout=opts.hook_timeout,

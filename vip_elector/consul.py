@@ -230,14 +230,18 @@ class _Transport:
 
     def _state(self) -> "_ThreadState":
         ident = threading.get_ident()
+        me = threading.current_thread()
         state = self._threads.get(ident)
-        if state is None:
+        if state is None or state.owner is not me:
+            # A thread that has ended leaves its ident to the next one (pthreads reuse them):
+            # a restarted watcher must not inherit the abort meant for the thread it replaces,
+            # or every request of its would be "abandoned" and it would stay deaf.
             with self._lock:
                 # Forget the states of threads that have ended.
                 alive = {t.ident for t in threading.enumerate()}
-                for gone in [i for i in self._threads if i not in alive]:
+                for gone in [i for i in self._threads if i not in alive or i == ident]:
                     self._threads.pop(gone).drop()
-                state = self._threads[ident] = _ThreadState()
+                state = self._threads[ident] = _ThreadState(me)
         return state
 
     @staticmethod
@@ -326,7 +330,8 @@ class _Transport:
 class _ThreadState:
     """One thread's connection, its deadline and whether its request was aborted."""
 
-    def __init__(self):
+    def __init__(self, owner: Optional[threading.Thread] = None):
+        self.owner = owner                      # the thread this state is for (idents are reused)
         self.conn: Optional[http.client.HTTPConnection] = None
         self.in_flight: Optional[socket.socket] = None
         self.deadline: Optional[float] = None
@@ -594,6 +599,76 @@ class ConsulClient:
             raise
         return True
 
+    # Under the trigger-key's name (SPEC §11) ------------------------------
+
+    @_translated
+    def read_tree(self, index: Optional[int] = None,
+                  wait: Optional[float] = None) -> tuple[int, Optional[KeyState], list]:
+        """The trigger-key and every key under ``<trigger-key>/`` in one read (a blocking
+        query with ``index`` and ``wait``): what the watcher keeps open, so a follower
+        knows the candidates the moment the key is freed without another request."""
+        from .cluster import Entry
+        kwargs: dict[str, Any] = {"recurse": True}
+        if index:
+            kwargs.update(index=index, wait=format_duration(round(wait or 60, 3)))
+        new_index, data = self._lib.kv.get(self.key, **kwargs)
+        if data is not None and not isinstance(data, list):
+            raise _malformed("a key read", self.settings)
+        key: Optional[KeyState] = None
+        entries = []
+        for item in data or []:
+            if not isinstance(item, dict) or not isinstance(item.get("Key"), str):
+                raise _malformed("a key read", self.settings)
+            state = _key_state(item)
+            if item["Key"] == self.key:
+                key = state
+            elif item["Key"].startswith(self.key + "/") and state is not None:
+                entries.append(Entry(item["Key"], state.value, state.session, state.modify_index,
+                                     state.flags))
+        return _index(new_index), key, entries
+
+    @_translated
+    def put_candidate(self, session_id: str, record: str) -> bool:
+        """Our candidate key, acquired with our session (it vanishes with it); False while
+        another session (our replaced one, on its way out) still holds it."""
+        from .cluster import candidate_key
+        return self._kv_put(candidate_key(self.key, self.settings.value), record, acquire=session_id)
+
+    @_translated
+    def put_request(self, record: str, cas: int) -> bool:
+        """Write the switchover request only if unchanged since ``cas`` (0: only if absent)."""
+        from .cluster import request_key
+        return self._kv_put(request_key(self.key), record, cas=cas)
+
+    @_translated
+    def delete_request(self, modify_index: int) -> bool:
+        """Delete the switchover request only if nobody changed it since ``modify_index``."""
+        from .cluster import request_key
+        return bool(self._lib.kv.delete(request_key(self.key), cas=modify_index))
+
+    @_translated
+    def hand_over(self, old_session: str, new_session: str, new_value: str) -> bool:
+        """Move the lock from our session to another node's, with its name as the value,
+        in one transaction: the key is never free, no third session can take it. False,
+        with nothing changed, when ``old_session`` no longer holds it or ``new_session``
+        is not valid (Consul rolls the transaction back)."""
+        def op(verb: str, session: str, value: str) -> dict:
+            return {"KV": {"Verb": verb, "Key": self.key, "Flags": LOCK_FLAG, "Session": session,
+                           "Value": base64.b64encode(value.encode("utf-8")).decode("ascii")}}
+        body = [op("unlock", old_session, self.settings.value), op("lock", new_session, new_value)]
+        try:
+            self.transport.put(lambda response: response, "/v1/txn", data=json.dumps(body))
+        except ConsulError:
+            if self.transport.last_status == 409:
+                return False
+            raise
+        return True
+
+    def _kv_put(self, key: str, value: str, **params: Any) -> bool:
+        def decode(response) -> bool:
+            return response.body.strip() == "true"
+        return self.transport.put(decode, f"/v1/kv/{key}", params=params, data=value)
+
     @_translated
     def delete_if_unchanged(self, modify_index: int, key: Optional[str] = None) -> bool:
         """Delete the key only if nobody changed it since ``modify_index`` (our own write)."""
@@ -607,6 +682,12 @@ class ConsulClient:
         and a present one answers ``false``; nothing is written either way.
         """
         self._lib.kv.put(self.key, "", cas=2 ** 63 - 1)
+
+    @_translated
+    def can_write_candidate(self) -> None:
+        """The same probe on our candidate key (SPEC §11: key_prefix "<trigger-key>/")."""
+        from .cluster import candidate_key
+        self._kv_put(candidate_key(self.key, self.settings.value), "", cas=2 ** 63 - 1)
 
     # Time --------------------------------------------------------------
 

@@ -250,3 +250,31 @@ def check_service_main(instance: Optional[str], out: Optional[TextIO] = None) ->
     total = len(problems) + sum(line.startswith("FAIL") for line in body)
     print("\n".join(body + [f"{total} problem(s) found"]), file=out, flush=True)
     return 1
+
+
+
+def service_options(instance: Optional[str] = None,
+                    path: Optional[str] = None) -> tuple[list[str], dict[str, str]]:
+    """The service's options and environment (VIP_ELECTOR_OPTS and the rest of its defaults
+    file), for ``list`` and ``switchover`` run without --vip-manager-config: the operator's
+    commands then use exactly the service's key, Consul and token."""
+    from . import unitfile
+    from .config import ConfigError
+    defaults = path or defaults_file(instance)
+    try:
+        with open(defaults, encoding="utf-8") as f:
+            env = unitfile.parse_environment_file(f.read())  # as systemd reads it
+    except FileNotFoundError:
+        raise ConfigError(f"give --vip-manager-config PATH ({defaults} does not exist, so the "
+                          "service's options are unknown)") from None
+    except PermissionError:
+        raise ConfigError(f"give --vip-manager-config PATH, or run as root or as a member of the "
+                          f"{SERVICE_USER} group to use the service's options from {defaults} "
+                          "(it may hold a token: mode 0640)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {defaults}: {getattr(e, 'strerror', None) or e}") from None
+    opts = env.get("VIP_ELECTOR_OPTS", "").split()
+    if config_path(opts) is None:
+        raise ConfigError(f"give --vip-manager-config PATH (VIP_ELECTOR_OPTS in {defaults} does not "
+                          "name one: the service is not configured yet)")
+    return opts, {k: v for k, v in env.items() if k != "VIP_ELECTOR_OPTS"}

@@ -20,6 +20,7 @@ class KeyChanged:
     generation: int
     index: int                   # X-Consul-Index of the answer: orders it against our own reads
     state: Optional[KeyState]
+    entries: Optional[list] = None  # the keys under <trigger-key>/ (candidates, a switchover request)
 
 
 @dataclass(frozen=True)

@@ -56,21 +56,25 @@ class TriggerKey:
         self.state: Optional[KeyState] = None  # as last read or watched
         self.index = 0                         # Consul index of ``state``: older news is stale
         self.retry_at: Optional[float] = None  # an acquire refused by lock-delay, again
+        self.entries: Optional[list] = None    # the keys under <trigger-key>/ as last read (SPEC §11)
         self._refused_since: Optional[float] = None
 
     # ------------------------------------------------------------------ what it holds
 
     def read(self) -> Optional[KeyState]:
-        """Read the key now (not as the perhaps reconnecting watcher last saw it)."""
-        self.index, self.state = self.consul.read_key()
+        """Read the key now (not as the perhaps reconnecting watcher last saw it), and the
+        keys under its name (candidates, a switchover request) in the same request."""
+        self.index, self.state, self.entries = self.consul.read_tree()
         return self.state
 
-    def observe(self, index: int, state: Optional[KeyState]) -> bool:
+    def observe(self, index: int, state: Optional[KeyState], entries: Optional[list] = None) -> bool:
         """Watch news; False when it is older than what we read ourselves (or Consul's index
         went back): then the key must be read afresh (§9.5)."""
         if index < self.index:
             return False
         self.index, self.state = index, state
+        if entries is not None:
+            self.entries = entries
         return True
 
     def seen(self, index: int, state: Optional[KeyState]) -> None:

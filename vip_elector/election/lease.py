@@ -140,7 +140,7 @@ class Lease:
 
     def create(self) -> Union[Created, Unhealthy]:
         """A session bound to serfHealth and --check-id, unless a check is not passing."""
-        own = [self.settings.check_id] if self.settings.check_id else []
+        own = list(self.settings.check_ids)
         details = self.consul.check_details(own)
         states = {cid: status for cid, (status, _) in details.items()}
         critical = [(cid, st, out) for cid, (st, out) in details.items() if st == "critical"]

@@ -58,6 +58,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..config import ConfigError, Settings
+from ..cluster import Request
 from ..consul import ConsulClient, ConsulError, ConsulUnreachable, InvalidSession, KeyState, PermissionDenied
 from ..hooks import Hooks
 from ..metrics import NullMetrics
@@ -67,7 +68,8 @@ if TYPE_CHECKING:
 from ..state import SavedSession, StateStore
 from ..systemd import ElectionContext, Notifier
 from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, WatchFailed
-from .key import HeldByOther, TriggerKey, Won
+from .cluster import HANDOVER_HOOK_WAIT, Cluster
+from .key import HeldByOther, RefusedByLockDelay, TriggerKey, Won
 from .lease import Confirmed, Failing, Gone, Lease, Replaced, Unhealthy
 from .lifecycle import Lifecycle
 from .previous_run import PreviousRun
@@ -109,6 +111,7 @@ class Election:
                                  consul, self._critical_seen, self.metrics, vip)
         self.lease = Lease(consul, settings, timing, clock, self.state, self.reporter.use_session)
         self.key = TriggerKey(consul, settings, timing, clock)
+        self.cluster = Cluster(consul, settings, clock)  # SPEC §11: candidates, priority, switchover
         self.previous = PreviousRun(consul, settings, clock, self.state, self.reporter, saved)
         self.lifecycle = Lifecycle(consul, timing, clock, notifier, self.state, self.lease, self.key,
                                    self.previous, self.reporter, self.watcher)
@@ -123,6 +126,7 @@ class Election:
         self.read_at: Optional[float] = None     # read the key again, then act on it
         self.act_at: Optional[float] = None      # act on the key as last seen
         self.paused_until = float("-inf")        # after an internal error, nothing is due before this
+        self.lost_at = float("-inf")             # our session was last lost (then look at the checks often)
 
     @property
     def role(self) -> Role:
@@ -200,6 +204,7 @@ class Election:
         now = self.clock()
         due = [self.retry_at if self.lease.session is None else self.lease.renew_due(self._leading())]
         due += [t for t in (self.read_at, self.act_at, self.key.retry_at) if t is not None]
+        due += [t for t in self._cluster_due() if t is not None]
         wake = max(min(due), self.paused_until)
         until = self.lease.claim_until
         if self.role == Role.LEADER and until is not None:
@@ -223,7 +228,28 @@ class Election:
             return self._act
         if self.key.retry_at is not None and now >= self.key.retry_at:
             return self._acquire
+        record, stale, preempt = self._cluster_due()
+        if record is not None and now >= record:
+            return self._write_record
+        if stale is not None and now >= stale:
+            return self._review_request
+        if preempt is not None and now >= preempt:
+            return self._preempt
         return None
+
+    def _cluster_due(self) -> tuple[Optional[float], Optional[float], Optional[float]]:
+        """SPEC §11, never before the election's own steps: our candidate key, a stale
+        switchover request (the leader drops it), a preemption (a follower asks)."""
+        if self.lease.session is None or self.lease.failing is not None:
+            return None, None, None
+        record = self.cluster.record_due(self.lease.session, self._record_role())
+        stale = self.cluster.request_due() if self.role == Role.LEADER else None
+        preempt = (self.cluster.preempt_due(self.key.state, self.lease.session)
+                   if self.role == Role.FOLLOWER else None)
+        return record, stale, preempt
+
+    def _record_role(self) -> str:
+        return "leader" if self.role == Role.LEADER else "standby"
 
     def _advance(self) -> None:
         """Do whatever is due, step after step; each step once (what it makes due again, such
@@ -302,6 +328,7 @@ class Election:
         self.lease.node = self.lease.node or node
         self.lease.adopt(session, confirmed_at)
         key = self.key.read()
+        self.cluster.session_began(session, resumed=True)
         log.info("resumed session %s%s", session,
                  f": it still holds {self.settings.trigger_key}, leading without touching the key"
                  if key is not None and key.session == session else "")
@@ -312,12 +339,16 @@ class Election:
         if isinstance(created, Unhealthy):
             self.reporter.check_not_passing(created.check_id, created.state, created.output,
                                             self.timing.health_poll)
-            self.retry_at = self.clock() + self.timing.health_poll
+            # Just lost our session while the checks pass again (a stale "failed" from gossip
+            # lasts ~50 ms): look often, so the key can come back here (SPEC §11.4 stickiness).
+            soon = self.clock() - self.lost_at < 3.0
+            self.retry_at = self.clock() + (min(0.1, self.timing.health_poll) if soon else self.timing.health_poll)
             return
         self._recovered()
         self.lease.adopt(created.session, created.sent, created=True)
         if self.lease.node is None:
             self.lease.learn_node()
+        self.cluster.session_began(created.session, resumed=False)
         self._read_key()
 
     def _consul_trouble(self, error: ConsulError) -> None:
@@ -347,6 +378,10 @@ class Election:
             self._recovered()
             if renewal.recovered:
                 log.info("Consul confirms session %s again", self.lease.session)
+                # The watch went through the same trouble and may sit in its backoff (up to
+                # 30 s): a key freed now (a stalled server applying a stop's release late)
+                # would go unseen that long. Ask afresh.
+                self.watcher.restart()
             if renewal.replace:
                 self._replace()
             elif renewal.recovered:
@@ -382,6 +417,8 @@ class Election:
 
     def _session_gone(self, why: str) -> None:
         self.lease.forget(why)
+        self.cluster.session_lost()
+        self.lost_at = self.clock()
         self.key.stop_retrying()
         self.read_at = self.act_at = None
         self.reporter.session_gone(why)
@@ -402,7 +439,7 @@ class Election:
             self.retry_at = now
             if self.lease.session is not None:
                 self.read_at = now
-        if not self.key.observe(event.index, event.state):
+        if not self.key.observe(event.index, event.state, event.entries):
             self.read_at = now  # older than what we read ourselves: read afresh
             return
         if self.lease.session is not None:
@@ -421,6 +458,7 @@ class Election:
         holds the key, the node leads on without a new leadership (§8.2)."""
         self.act_at = None
         key: Optional[KeyState] = self.key.state
+        self.cluster.observe(self.key.entries, key)
         foreign = self.key.foreign(key)
         if foreign is not None:
             self.reporter.not_a_lock_key(key, foreign)
@@ -430,7 +468,8 @@ class Election:
                 self._renew()  # find out now whether our session still lives
                 if self.lease.session is None:
                     return
-            self._acquire()
+            if not self._defers():
+                self._acquire()
         elif key.session == self.lease.session:
             if self.lease.failing is not None:
                 return  # claimed again once a renewal confirms the session
@@ -438,6 +477,7 @@ class Election:
                 self._renew()  # confirm first: we claim only what Consul has just confirmed
             if self.lease.session is not None and self.lease.confirmed_now(leading=True):
                 self.reporter.leads(resumed=resumed)
+                self._switchover()
         else:
             self._follow(key)
 
@@ -445,6 +485,8 @@ class Election:
         if self.lease.failing is not None:
             self.key.retry_at = None
             return  # it would not be confirmed anyway; a good renewal decides again
+        if self._defers():
+            return
         try:
             acquired = self.key.acquire(self.lease.session)
         except InvalidSession:
@@ -461,7 +503,98 @@ class Election:
         elif isinstance(acquired, HeldByOther):
             self._follow(acquired.holder)
         else:
+            if isinstance(acquired, RefusedByLockDelay):
+                self.cluster.refused_by_lock_delay()  # Consul freed it: stickiness may apply
+                if self._defers():
+                    return
             self.reporter.waits_for_lock_delay()
+
+    # ------------------------------------------------------------------
+    # SPEC §11: priorities and stickiness on a free key, our candidate key, switchovers
+
+    def _defers(self) -> bool:
+        """Leave the free key to a candidate of higher priority, or to its healthy former
+        holder, for a bounded time (the watch wakes us the moment it takes the key)."""
+        deferral = self.cluster.defer_to()
+        if deferral is None:
+            return False
+        until, why = deferral
+        self.key.stop_retrying()
+        self.act_at = until
+        self.reporter.defers(why, until - self.clock())
+        return True
+
+    def _write_record(self) -> None:
+        self.cluster.write_record(self.lease.session, self._record_role(), self.lease.node)
+
+    def _preempt(self) -> None:
+        if self.key.state is not None:
+            self.cluster.preempt(self.key.state)
+
+    def _review_request(self) -> None:
+        """The request's time is up: drop it if stale, else decide on it (an overdue target)."""
+        req = self.cluster.tree.request
+        if req is None:
+            return
+        if self.cluster.request_expired(req):
+            self._drop_request(req, f"no answer within its {req.timeout:g}s (its author gave up)")
+        else:
+            self._switchover()
+
+    def _switchover(self) -> None:
+        """A switchover asked of us (SPEC §11.3): the lock moves in one transaction from our
+        session to the target's, with its name as the value: the key is never free, no
+        third node can take it, and a refused move leaves it ours."""
+        req: Optional[Request] = self.cluster.pending_request()
+        if req is None:
+            return
+        if self.cluster.request_expired(req):
+            self._drop_request(req, "it is stale (its author gave up)")
+            return
+        if req.target == self.settings.value:
+            self._drop_request(req, "this node holds the key already")
+            return
+        target, why = self.cluster.check_target(req)
+        if target is None:
+            self._refuse(req, why)
+            return
+        ready = self.cluster.target_ready(req, target)
+        if ready is None:
+            return  # its answer comes through the watch (or the deadline: _review_request)
+        if not ready:
+            self._refuse(req, f"{target.name}'s vip-elector did not answer within "
+                              f"{self.cluster.answer_limit(req):g}s (is it frozen or overloaded?); "
+                              f"{self.settings.value} keeps the key")
+            return
+        self.cluster.handled(req)
+        self.reporter.hands_over(target.name, req.by)  # hook `standby` before the key leaves us
+        self.reporter.finish_hooks(min(HANDOVER_HOOK_WAIT, self.settings.hook_timeout))
+        self.read_at = self.clock()  # whatever happens next, the key says where it is
+        moved = self.consul.hand_over(self.lease.session, target.session, target.name)
+        if not moved:
+            self._refuse(req, f"Consul refused the move ({target.name}'s session ended, or the key "
+                              f"changed); {self.settings.value} keeps the key")
+            return
+        self.reporter.handed_over(target.name)
+        self._drop_request(req, None)
+
+    def _refuse(self, req: Request, why: str) -> None:
+        self.cluster.handled(req)
+        log.warning("switchover to %s (asked by %s) refused: %s", req.target or "?", req.by or "?", why)
+        try:
+            self.consul.put_request(req.refused(why).to_json(), cas=req.modify_index)
+        except ConsulError as e:
+            log.warning("cannot tell the switchover's author why it was refused: %s", e)
+
+    def _drop_request(self, req: Request, why: Optional[str]) -> None:
+        if why:
+            log.info("switchover request to %s dropped: %s", req.target or "?", why)
+        self.cluster.dropped(req)
+        try:
+            self.consul.delete_request(req.modify_index)
+        except ConsulError as e:
+            log.warning("cannot delete the switchover request %s/switchover: %s",
+                        self.settings.trigger_key, e)
 
     def _follow(self, holder: KeyState) -> None:
         self.key.stop_retrying()

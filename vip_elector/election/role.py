@@ -58,6 +58,7 @@ class Reporter:
         self._status = ""
         self._said: tuple = ()                 # which situation the status describes
         self._health: Optional[HealthWatch] = None
+        self._handing_over = False             # a switchover: no LOCK LOST for the standby it begins with
 
     @property
     def watching_health(self) -> bool:
@@ -104,6 +105,27 @@ class Reporter:
     def key_deleted(self) -> None:
         self._become(Role.FOLLOWER, "follower: the key was deleted; competing again",
                      "the key was deleted (our session was invalidated, or someone deleted it)")
+
+    def defers(self, why: str, seconds: float) -> None:
+        """A free key left to another candidate for a while (SPEC §11.4); said once."""
+        said = ("deferring", why)
+        if self._said != said:
+            log.info("the key is free; leaving it for %.1fs at most: %s", seconds, why)
+        self._become(Role.FOLLOWER, f"follower: key is free, deferring: {why}", "", said)
+
+    def hands_over(self, target: str, by: str) -> None:
+        """A switchover (SPEC §11.3): standby first (the hook is called), then the lock moves."""
+        self._handing_over = True
+        try:
+            self._become(Role.FOLLOWER, f"follower: handing {self.settings.trigger_key} over to {target}",
+                         f"switchover to {target}" + (f" ({by})" if by else ""))
+        finally:
+            self._handing_over = False
+        log.info("switchover to %s%s: standby now, moving the lock", target, f" ({by})" if by else "")
+
+    def handed_over(self, target: str) -> None:
+        log.info("LOCK RELEASED: this node (%s) handed %s over to %s (switchover)", self.settings.value,
+                 self.settings.trigger_key, target, extra={"MESSAGE_ID": MESSAGE_RELEASED})
 
     def waits_for_lock_delay(self) -> None:
         self._become(Role.FOLLOWER, "follower: key is free, waiting for lock-delay to pass")
@@ -231,7 +253,7 @@ class Reporter:
             log.info("LOCK ACQUIRED: this node (%s) now holds %s", self.settings.value,
                      self.settings.trigger_key, extra={"MESSAGE_ID": MESSAGE_ACQUIRED})
             self.hooks.announce(LEADER, "this node holds the key", self.session)
-        elif previous == Role.LEADER and role not in (Role.LEADER, Role.STOPPING):
+        elif previous == Role.LEADER and role not in (Role.LEADER, Role.STOPPING) and not self._handing_over:
             log.warning("LOCK LOST: this node (%s) no longer holds %s: %s", self.settings.value,
                         self.settings.trigger_key, why or status, extra={"MESSAGE_ID": MESSAGE_LOST})
         if role not in (Role.LEADER, Role.STARTING) and previous != role or role == Role.STOPPING:
@@ -239,8 +261,8 @@ class Reporter:
         self._show(status, said or (role, status))
 
     def _watch_health(self, leading: bool) -> None:
-        if leading and self._health is None and self.settings.check_id:
-            self._health = HealthWatch(self.consul, self.settings.check_id,
+        if leading and self._health is None and self.settings.check_ids:
+            self._health = HealthWatch(self.consul, self.settings.check_ids,
                                        HealthWatch.interval_for(self.settings.lock_delay),
                                        self.on_critical)
         elif not leading and self._health is not None:

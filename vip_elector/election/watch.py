@@ -66,7 +66,7 @@ class KeyWatcher:
         while generation == self.generation:
             started = time.monotonic()
             try:
-                new_index, state = self.consul.read_key(index, self.timing.watch_wait)
+                new_index, state, entries = self.consul.read_tree(index, self.timing.watch_wait)
             except ConsulError as e:
                 failure = str(e)
             except Exception as e:  # a bug here must not leave a follower deaf
@@ -84,7 +84,7 @@ class KeyWatcher:
                 continue
             if new_index != index or index == 0:
                 self.handled.clear()
-                self.events.put(KeyChanged(generation, new_index, state))
+                self.events.put(KeyChanged(generation, new_index, state, entries))
                 self.handled.wait(HANDOFF_WAIT)
             if new_index <= 0 or new_index < index:
                 # Not Consul's rules: start again from 0, after a pause.
@@ -115,9 +115,12 @@ class HealthWatch:
     the loop waits on a request that hangs: ``on_critical`` aborts it.
     """
 
-    def __init__(self, consul: ConsulClient, check_id: str, interval: float,
+    def __init__(self, consul: ConsulClient, check_id, interval: float,
                  on_critical: Callable[[str], None]):
-        self.consul, self.check_id, self.interval = consul, check_id, interval
+        # One check ID, or several (--check-id more than once, SPEC §11.5): one read for all.
+        self.check_ids = [check_id] if isinstance(check_id, str) else list(check_id)
+        self.check_id = self.check_ids[0]
+        self.consul, self.interval = consul, interval
         self.on_critical = on_critical
         self._stop = threading.Event()
         threading.Thread(target=self._run, name="health", daemon=True).start()
@@ -133,12 +136,13 @@ class HealthWatch:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                state = self.consul.check_states([self.check_id]).get(self.check_id)
+                states = self.consul.check_states(self.check_ids)
             except ConsulError:
                 continue  # the renewals judge Consul's health; this reads the check only
             except Exception:
                 log.exception("internal error in the health watch; retrying")
                 continue
-            if state == "critical" and not self._stop.is_set():
-                self.on_critical(self.check_id)
+            critical = [cid for cid in self.check_ids if states.get(cid) == "critical"]
+            if critical and not self._stop.is_set():
+                self.on_critical(critical[0])
                 return

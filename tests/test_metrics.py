@@ -366,3 +366,11 @@ def test_a_reload_to_an_address_that_cannot_be_bound_is_refused(tmp_path):
         assert settings.metrics_address == MetricsAddress("127.0.0.1", port)
     finally:
         holder.close()
+
+
+def test_the_priority_is_exported():
+    """SPEC §11.6: vip_elector_priority, this node's --priority."""
+    from vip_elector.metrics import Metrics
+    assert value(make().exposition().decode(), "vip_elector_priority") == 100
+    m = Metrics("9.9", "service/pg/leader", "node-a", process=False, priority=200)
+    assert value(m.exposition().decode(), "vip_elector_priority") == 200

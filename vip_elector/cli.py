@@ -366,7 +366,8 @@ def _serve_metrics(settings: Settings, reexec: bool):
     address = settings.metrics_address
     if address is None:
         return NullMetrics()
-    metrics = Metrics(__version__, settings.trigger_key, settings.value, hooks=bool(settings.hook))
+    metrics = Metrics(__version__, settings.trigger_key, settings.value, hooks=bool(settings.hook),
+                      priority=settings.priority)
     try:
         metrics.serve(bind(address))
     except ConfigError as e:

@@ -237,7 +237,8 @@ class Metrics(NullMetrics):
     """The numbers, in a private registry; ``serve()`` puts them on the address."""
 
     def __init__(self, version: str, key: str, value: str, hooks: bool = False,
-                 clock: Callable[[], float] = time.monotonic, process: bool = True):
+                 clock: Callable[[], float] = time.monotonic, process: bool = True,
+                 priority: int = 100):
         from prometheus_client import CollectorRegistry, Counter, Gauge
         self.clock = clock
         self._failed = False
@@ -251,6 +252,8 @@ class Metrics(NullMetrics):
                      "for and the value it writes there (always 1).",
                      ["version", "key", "value"], registry=r)
         info.labels(version, key, value).set(1)
+        Gauge("vip_elector_priority", "This node's --priority (0-255, default 100): a free key "
+              "goes to the highest priority present (SPEC §11.4).", registry=r).set(priority)
         self.leader = Gauge("vip_elector_leader", "1 while this node claims leadership (holds the "
                             "trigger-key with a session Consul confirmed recently), else 0.",
                             registry=r)

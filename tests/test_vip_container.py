@@ -47,7 +47,7 @@ class Network:
     """The namespace the container lives in: Consul, vip0, and a monitor of its addresses."""
 
     def __init__(self, tmp):
-        from vipnet import CONSUL, ConsulHTTP, Netns, Proc, agent_argv
+        from vipnet import CONSUL, ConsulHTTP, Netns, agent_argv, spawn
         self.netns = Netns()
         self.netns.run(["ip", "link", "add", IFACE, "type", "veth", "peer", "name", IFACE + "p"])
         self.netns.run(["ip", "link", "set", IFACE, "up"])
@@ -56,11 +56,11 @@ class Network:
         with open(os.path.join(tmp, "consul.json"), "w") as f:
             f.write('{"addresses": {"http": "127.0.0.1 unix://%s"}}' % sock)
         self.consul = ConsulHTTP(sock, node="vip-ct-node")
-        self.agent = Proc("consul", agent_argv(CONSUL, "vip-ct-node", 8500, 8301, 8302, 8300)
+        self.agent = spawn("consul", agent_argv(CONSUL, "vip-ct-node", 8500, 8301, 8302, 8300)
                           + ["-config-file", os.path.join(tmp, "consul.json")],
                           os.path.join(tmp, "consul.log"), netns=self.netns, cwd=tmp)
         wait_for(self.consul.ready, 30, message="Consul in the namespace")
-        self.monitor = Proc("ip-monitor", ["ip", "-o", "monitor", "address"],
+        self.monitor = spawn("ip-monitor", ["ip", "-o", "monitor", "address"],
                             os.path.join(tmp, "monitor.log"), netns=self.netns)
         self.path = "/proc/%d/ns/net" % self.netns.holder.pid
 
@@ -70,7 +70,7 @@ class Network:
 
     def removals(self, since):
         """Monitor lines (time, text) since `since` that removed the VIP."""
-        return [(t, text) for t, text in self.monitor.lines
+        return [(t, text) for t, text in zip(self.monitor.stamps, self.monitor.lines)
                 if t >= since and text.startswith("Deleted") and " %s/" % VIP in text]
 
     def close(self):

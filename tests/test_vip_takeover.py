@@ -31,7 +31,7 @@ KEY = "service/vip-takeover/leader"
 
 
 class NetnsRef:
-    """What vipnet.Proc needs of a namespace: an open fd."""
+    """What vipnet.spawn needs of a namespace: an open fd."""
 
     def __init__(self, name):
         self.fd = os.open("/run/netns/" + name, os.O_RDONLY | os.O_CLOEXEC)
@@ -41,7 +41,7 @@ class NetnsRef:
 def lab(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces)")
-    from vipnet import CONSUL, ConsulHTTP, Proc
+    from vipnet import CONSUL, ConsulHTTP, spawn
     if not os.access(CONSUL, os.X_OK):
         pytest.skip("no consul binary: run tests/tools/fetch-deps")
     w = World()
@@ -52,13 +52,13 @@ def lab(tmp_path):
         sock = str(tmp_path / "consul.sock")
         (tmp_path / "consul.json").write_text(json.dumps({"addresses": {"http": "%s unix://%s" % (CONSUL_IP, sock)}}))
         ns = {n: NetnsRef(w.ns[n]) for n in ("switch", "a", "b")}
-        procs.append(Proc("consul", [CONSUL, "agent", "-dev", "-node", "lab", "-bind", "127.0.0.1",
+        procs.append(spawn("consul", [CONSUL, "agent", "-dev", "-node", "lab", "-bind", "127.0.0.1",
                                      "-client", CONSUL_IP, "-dns-port", "-1", "-grpc-port", "-1",
                                      "-config-file", str(tmp_path / "consul.json")],
                           str(tmp_path / "consul.log"), netns=ns["switch"], cwd=str(tmp_path)))
         consul = ConsulHTTP(sock)
         wait_for(consul.ready, 30, message="Consul on the bridge")
-        monitors = {n: Proc("monitor-" + n, ["ip", "-o", "monitor", "address"],
+        monitors = {n: spawn("monitor-" + n, ["ip", "-o", "monitor", "address"],
                             str(tmp_path / ("monitor-%s.log" % n)), netns=ns[n]) for n in ("a", "b")}
         procs += monitors.values()
 
@@ -67,7 +67,7 @@ def lab(tmp_path):
             cfg.write_text("dcs-type: consul\ndcs-endpoints: [\"http://%s:8500\"]\ntrigger-key: %s\n"
                            "trigger-value: node-%s\nip: %s\nnetmask: %d\ninterface: eth0\n"
                            % (CONSUL_IP, KEY, node, vip.ip, vip.prefix))
-            p = Proc("elector-" + node, [PYTHON, "-m", "vip_elector", "--vip-manager-config", str(cfg),
+            p = spawn("elector-" + node, [PYTHON, "-m", "vip_elector", "--vip-manager-config", str(cfg),
                                          "--manage-vip", "--lock-delay", "1s"],
                      str(tmp_path / ("elector-%s.log" % node)), netns=ns[node], env=elector_env(), cwd=REPO)
             procs.append(p)
@@ -88,7 +88,7 @@ def holder(consul):
 def events(monitor, vip):
     """(time, 'add' | 'del') of the VIP seen by a node's monitor."""
     out = []
-    for t, text in monitor.lines:
+    for t, text in zip(monitor.stamps, monitor.lines):
         if " %s/" % vip.ip in text:
             out.append((t, "del" if text.startswith("Deleted") else "add"))
     return out
@@ -101,7 +101,7 @@ def test_planned_stop_hands_the_vip_to_the_standby_and_the_observer_follows(lab,
     wait_for(lambda: holder(consul) == "node-a", 30, message="node-a to lead")
     wait_for(lambda: w.addresses("a", vip), 5, message="the VIP on node-a")
     b = start("b", vip)
-    b.wait_line(r"following: node-a holds", 30)
+    b.wait_for_line(r"following: node-a holds", 30)
     assert w.addresses("b", vip) == ""
     w.run("obs", "ip", "neigh", "replace", vip.ip, "lladdr", w.macs["a"], "dev", "eth0", "nud", "stale")
     assert w.macs["a"] in w.neigh("obs", vip.ip)

@@ -272,17 +272,21 @@ class ClusterLab(Lab):
     each Consul in a network namespace of its own on a bridge."""
 
     def __init__(self, nodes="abc", key="service/cluster/leader", vip=SUBNET + "100", interval_ms=1000,
-                 vip_manager=True, hook=None, elector_args=(), workdir=None, consul_log_level=None):
+                 vip_manager=True, hook=None, elector_args=(), workdir=None, consul_log_level=None,
+                 manage_vip=False):
         """interval_ms: vip-manager's `interval` (its default, 1000, unless told).
+        manage_vip: every elector runs with --manage-vip (SPEC §12) and holds the
+        VIP on its node's bridge interface itself; no vip-manager runs.
         hook: the example fencing hook (SPEC §10.5); each elector runs it through
         a wrapper with its node's settings (hook_for).
         consul_log_level: every Consul agent's `log_level` (default: the
         environment's VIP_ELECTOR_LAB_CONSUL_LOG_LEVEL, else info); `debug` also
         logs the servers' serf/memberlist probes, session timers and HTTP requests."""
-        super().__init__(nodes=nodes, key=key, vip=vip, interval_ms=interval_ms, vip_manager=vip_manager,
-                         workdir=workdir, private_netns=True)
+        super().__init__(nodes=nodes, key=key, vip=vip, interval_ms=interval_ms,
+                         vip_manager=vip_manager and not manage_vip, workdir=workdir, private_netns=True)
         self.hook = hook
-        self.elector_args = list(elector_args)
+        self.manage_vip = manage_vip
+        self.elector_args = (["--manage-vip"] if manage_vip else []) + list(elector_args)
         self.consul_log_level = consul_log_level or os.environ.get("VIP_ELECTOR_LAB_CONSUL_LOG_LEVEL") or "info"
         self.hub = None
         self.servers: Dict[str, Member] = {}
@@ -550,6 +554,11 @@ class ClusterLab(Lab):
         os.chmod(wrapper, 0o755)
         return wrapper
 
+    @property
+    def tracks_vip(self) -> bool:
+        """Someone puts the VIP on the leader's node: vip-manager, or the electors themselves."""
+        return self.with_vip_manager or self.manage_vip
+
     def vip_holders_now(self):
         nodes = set()
         for node, m in self.agents.items():
@@ -707,7 +716,7 @@ class ClusterLab(Lab):
         sessions = self.sessions_by_name()
         if sessions != running:
             return None, "sessions %s, running electors %s" % (sessions, running)
-        if self.with_vip_manager and self.vip_nodes() != {leader}:
+        if self.tracks_vip and self.vip_nodes() != {leader}:
             return None, "VIP on %s, leader %s" % (sorted(self.vip_nodes()) or "no node", leader)
         return leader, ""
 

@@ -33,8 +33,9 @@ Layout (10.77.1.0/24, addresses of namespaces the lab creates):
 
 What the lab records for the invariants of §9.6: each elector's STATUS
 (its own notify socket) and lifecycle (start, exit, SIGSTOP, SIGCONT) give
-when it claimed leadership (`claims`); one `ip monitor address` per node
-namespace gives where the VIP was; `KeyWatcher` gives the key's history.
+when it claimed leadership (`claims`); one `ip monitor address all-nsid` in
+the hub gives where the VIP was, every node's events in the kernel's order
+(OrderedVipMonitor); `KeyWatcher` gives the key's history.
 
 Cleanup as in vipnet: PDEATHSIG on every process, anonymous namespaces held
 by a `sleep`, `close()` idempotent. Start processes from the main thread.
@@ -43,11 +44,13 @@ by a `sleep`, `close()` idempotent. Start processes from the main thread.
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Dict, List, Optional, Tuple
 
 from consul_agent import ConsulError
@@ -153,6 +156,62 @@ class UnitServer:
             pass
         self.listener.close()
         self._thread.join(10)
+
+
+# --- where the VIP is: every node's address events, in the kernel's order ----------
+
+# A line of `ip -ts -o monitor address all-nsid`: the index and name after the
+# nsid are resolved in the monitor's namespace (wrong for another's), the
+# label before the `\` of -o is the interface's own name in its namespace.
+_NSID_ADDR_LINE = re.compile(
+    r"^\[(?P<ts>[^\]]+)\]\s+\[nsid [^\]]+\]\s*(?P<deleted>Deleted\s+)?\d+:\s+\S+\s+"
+    r"inet\s+(?P<addr>[0-9.]+)/\d+\s+(?P<rest>[^\\]*)")
+
+
+class OrderedVipMonitor(VipMonitor):
+    """The VIP on every node, from one `ip monitor address all-nsid` in the hub.
+
+    One netlink socket receives the address events of every namespace the hub
+    has an nsid for (each member's, given by its veth pair) in the order the
+    kernel made them, so a handover is never seen out of order: one monitor
+    per node namespace stamps each event when its own process reads it, and a
+    monitor scheduled a few ms late makes a removal look later than the next
+    node's add — two holders that never were. Node interfaces' names
+    (`veth-X`) are unique across the lab.
+    """
+
+    def __init__(self, hub, vip, log_path):
+        self.vip = vip
+        self.events = []
+        self._holders = set()
+        self._cond = threading.Condition()
+        self._sentinel_seen = False
+        self.proc = spawn("ip-monitor", ["ip", "-ts", "-o", "monitor", "address", "all-nsid"],
+                          log_path, netns=hub, on_line=self._on_line)
+        deadline = time.monotonic() + 10
+        while not self._sentinel_seen:
+            hub.run(["ip", "addr", "replace", self.SENTINEL + "/32", "dev", "lo"])
+            with self._cond:
+                self._cond.wait_for(lambda: self._sentinel_seen, 0.2)
+            hub.run(["ip", "addr", "del", self.SENTINEL + "/32", "dev", "lo"], check=False)
+            if time.monotonic() > deadline:
+                raise TimeoutError("ip monitor all-nsid did not report the sentinel address")
+
+    def _on_line(self, proc, t_read, line):
+        m = _NSID_ADDR_LINE.match(line)
+        if not m:
+            return
+        t = datetime.fromisoformat(m.group("ts")).timestamp()
+        words = m.group("rest").split()
+        ifname = words[-1] if words else ""
+        added = not m.group("deleted")
+        with self._cond:
+            if m.group("addr") == self.SENTINEL:
+                self._sentinel_seen = True
+            elif m.group("addr") == self.vip:
+                self.events.append((t, ifname, added))
+                (self._holders.add if added else self._holders.discard)(ifname)
+            self._cond.notify_all()
 
 
 # --- observing through a server the lab is not disturbing ------------------------
@@ -320,9 +379,7 @@ class ClusterLab(Lab):
             self._add_member(name, name, SUBNET + str(i + 1), server=True)
         for node in self.nodes:
             self._add_member(self.name(node), node, SUBNET + str(NODE_IPS[node]), server=False)
-        for node in self.nodes:
-            self.vip_monitors.append(VipMonitor(self.agents[node].netns, self.vip, self.log("ip-monitor-" + node),
-                                                shared=self.vip_monitors[0] if self.vip_monitors else None))
+        self.vip_monitors.append(OrderedVipMonitor(self.hub, self.vip, self.log("ip-monitor")))
         self.vip_monitor = self.vip_monitors[0]   # answers for every node
         for m in list(self.servers.values()) + list(self.agents.values()):
             self._start_agent(m)

@@ -4,9 +4,11 @@ Issue 17 item 6, SPEC §12.1: the cluster lab of tests/test_cluster.py (three
 Consul servers with production raft timing, a client agent per node, each
 in a network namespace of its own on a bridge) with no vip-manager at all:
 every elector runs with `--manage-vip` and puts the VIP 10.77.1.100 on its
-node's bridge interface itself. One `ip monitor address` per node records
-every add and removal of the VIP (cluster.VipMonitor, the lab's VIP sampler
-for vip-manager mode).
+node's bridge interface itself. The lab's VIP sampler (the same as in
+vip-manager mode: cluster.OrderedVipMonitor, one `ip monitor address
+all-nsid` in the bridge's namespace) records every add and removal of the
+VIP on every node in the kernel's order, so a handover a few ms long cannot
+be seen inverted.
 
 Two faults, each on a settled lab (one leader, the key naming it, the VIP on
 it alone), checked against the invariants of §9.6 (tests/cluster_faults.py)
@@ -101,6 +103,6 @@ def test_planned_stop_hands_the_vip_over_never_on_two_nodes(faults):
                if t >= r.t_fault and ifname == lab.iface(r.leader) and not added]
     assert removed, "the stopped leader's VIP was never seen removed"
     taken = lab.vip_monitor.first_add(lab.iface(r.new_holder), r.t_fault)
-    assert taken is not None and taken >= removed[0], (removed, taken)
+    assert taken is not None and taken >= min(removed), (removed, taken)
     print("planned stop: the VIP on no node for %.1f ms (node-%s's removal to node-%s's add, as the "
-          "monitors read them)" % ((taken - removed[0]) * 1000, r.leader, r.new_holder))
+          "kernel reported them)" % ((taken - min(removed)) * 1000, r.leader, r.new_holder))

@@ -54,10 +54,13 @@ bench: deps
 # Random faults of SPEC §9.6 on the three-server cluster lab for MINUTES
 # minutes, invariants checked throughout (not part of `make test`).
 # FENCE=1: every elector with the example fencing hook.
+# VIP=1: every elector with --manage-vip, no vip-manager (SPEC §12).
 MINUTES ?= 10
 FENCE   ?=
+VIP     ?=
 chaos: deps
-	$(PYTHON) tests/tools/chaos --minutes $(MINUTES) $(if $(filter 1 yes true,$(FENCE)),--fence)
+	$(PYTHON) tests/tools/chaos --minutes $(MINUTES) $(if $(filter 1 yes true,$(FENCE)),--fence) \
+		$(if $(filter 1 yes true,$(VIP)),--manage-vip)
 
 # Build the Debian package into the parent directory and check it with lintian.
 # A clean PATH: a pyenv/virtualenv python3 first in PATH would make pybuild

@@ -33,8 +33,9 @@ Layout (10.77.1.0/24, addresses of namespaces the lab creates):
 
 What the lab records for the invariants of §9.6: each elector's STATUS
 (its own notify socket) and lifecycle (start, exit, SIGSTOP, SIGCONT) give
-when it claimed leadership (`claims`); one `ip monitor address` per node
-namespace gives where the VIP was; `KeyWatcher` gives the key's history.
+when it claimed leadership (`claims`); one `ip monitor address all-nsid` in
+the hub gives where the VIP was, every node's events in the kernel's order
+(OrderedVipMonitor); `KeyWatcher` gives the key's history.
 
 Cleanup as in vipnet: PDEATHSIG on every process, anonymous namespaces held
 by a `sleep`, `close()` idempotent. Start processes from the main thread.
@@ -43,11 +44,13 @@ by a `sleep`, `close()` idempotent. Start processes from the main thread.
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Dict, List, Optional, Tuple
 
 from consul_agent import ConsulError
@@ -153,6 +156,62 @@ class UnitServer:
             pass
         self.listener.close()
         self._thread.join(10)
+
+
+# --- where the VIP is: every node's address events, in the kernel's order ----------
+
+# A line of `ip -ts -o monitor address all-nsid`: the index and name after the
+# nsid are resolved in the monitor's namespace (wrong for another's), the
+# label before the `\` of -o is the interface's own name in its namespace.
+_NSID_ADDR_LINE = re.compile(
+    r"^\[(?P<ts>[^\]]+)\]\s+\[nsid [^\]]+\]\s*(?P<deleted>Deleted\s+)?\d+:\s+\S+\s+"
+    r"inet\s+(?P<addr>[0-9.]+)/\d+\s+(?P<rest>[^\\]*)")
+
+
+class OrderedVipMonitor(VipMonitor):
+    """The VIP on every node, from one `ip monitor address all-nsid` in the hub.
+
+    One netlink socket receives the address events of every namespace the hub
+    has an nsid for (each member's, given by its veth pair) in the order the
+    kernel made them, so a handover is never seen out of order: one monitor
+    per node namespace stamps each event when its own process reads it, and a
+    monitor scheduled a few ms late makes a removal look later than the next
+    node's add — two holders that never were. Node interfaces' names
+    (`veth-X`) are unique across the lab.
+    """
+
+    def __init__(self, hub, vip, log_path):
+        self.vip = vip
+        self.events = []
+        self._holders = set()
+        self._cond = threading.Condition()
+        self._sentinel_seen = False
+        self.proc = spawn("ip-monitor", ["ip", "-ts", "-o", "monitor", "address", "all-nsid"],
+                          log_path, netns=hub, on_line=self._on_line)
+        deadline = time.monotonic() + 10
+        while not self._sentinel_seen:
+            hub.run(["ip", "addr", "replace", self.SENTINEL + "/32", "dev", "lo"])
+            with self._cond:
+                self._cond.wait_for(lambda: self._sentinel_seen, 0.2)
+            hub.run(["ip", "addr", "del", self.SENTINEL + "/32", "dev", "lo"], check=False)
+            if time.monotonic() > deadline:
+                raise TimeoutError("ip monitor all-nsid did not report the sentinel address")
+
+    def _on_line(self, proc, t_read, line):
+        m = _NSID_ADDR_LINE.match(line)
+        if not m:
+            return
+        t = datetime.fromisoformat(m.group("ts")).timestamp()
+        words = m.group("rest").split()
+        ifname = words[-1] if words else ""
+        added = not m.group("deleted")
+        with self._cond:
+            if m.group("addr") == self.SENTINEL:
+                self._sentinel_seen = True
+            elif m.group("addr") == self.vip:
+                self.events.append((t, ifname, added))
+                (self._holders.add if added else self._holders.discard)(ifname)
+            self._cond.notify_all()
 
 
 # --- observing through a server the lab is not disturbing ------------------------
@@ -272,17 +331,21 @@ class ClusterLab(Lab):
     each Consul in a network namespace of its own on a bridge."""
 
     def __init__(self, nodes="abc", key="service/cluster/leader", vip=SUBNET + "100", interval_ms=1000,
-                 vip_manager=True, hook=None, elector_args=(), workdir=None, consul_log_level=None):
+                 vip_manager=True, hook=None, elector_args=(), workdir=None, consul_log_level=None,
+                 manage_vip=False):
         """interval_ms: vip-manager's `interval` (its default, 1000, unless told).
+        manage_vip: every elector runs with --manage-vip (SPEC §12) and holds the
+        VIP on its node's bridge interface itself; no vip-manager runs.
         hook: the example fencing hook (SPEC §10.5); each elector runs it through
         a wrapper with its node's settings (hook_for).
         consul_log_level: every Consul agent's `log_level` (default: the
         environment's VIP_ELECTOR_LAB_CONSUL_LOG_LEVEL, else info); `debug` also
         logs the servers' serf/memberlist probes, session timers and HTTP requests."""
-        super().__init__(nodes=nodes, key=key, vip=vip, interval_ms=interval_ms, vip_manager=vip_manager,
-                         workdir=workdir, private_netns=True)
+        super().__init__(nodes=nodes, key=key, vip=vip, interval_ms=interval_ms,
+                         vip_manager=vip_manager and not manage_vip, workdir=workdir, private_netns=True)
         self.hook = hook
-        self.elector_args = list(elector_args)
+        self.manage_vip = manage_vip
+        self.elector_args = (["--manage-vip"] if manage_vip else []) + list(elector_args)
         self.consul_log_level = consul_log_level or os.environ.get("VIP_ELECTOR_LAB_CONSUL_LOG_LEVEL") or "info"
         self.hub = None
         self.servers: Dict[str, Member] = {}
@@ -316,9 +379,7 @@ class ClusterLab(Lab):
             self._add_member(name, name, SUBNET + str(i + 1), server=True)
         for node in self.nodes:
             self._add_member(self.name(node), node, SUBNET + str(NODE_IPS[node]), server=False)
-        for node in self.nodes:
-            self.vip_monitors.append(VipMonitor(self.agents[node].netns, self.vip, self.log("ip-monitor-" + node),
-                                                shared=self.vip_monitors[0] if self.vip_monitors else None))
+        self.vip_monitors.append(OrderedVipMonitor(self.hub, self.vip, self.log("ip-monitor")))
         self.vip_monitor = self.vip_monitors[0]   # answers for every node
         for m in list(self.servers.values()) + list(self.agents.values()):
             self._start_agent(m)
@@ -550,6 +611,11 @@ class ClusterLab(Lab):
         os.chmod(wrapper, 0o755)
         return wrapper
 
+    @property
+    def tracks_vip(self) -> bool:
+        """Someone puts the VIP on the leader's node: vip-manager, or the electors themselves."""
+        return self.with_vip_manager or self.manage_vip
+
     def vip_holders_now(self):
         nodes = set()
         for node, m in self.agents.items():
@@ -707,7 +773,7 @@ class ClusterLab(Lab):
         sessions = self.sessions_by_name()
         if sessions != running:
             return None, "sessions %s, running electors %s" % (sessions, running)
-        if self.with_vip_manager and self.vip_nodes() != {leader}:
+        if self.tracks_vip and self.vip_nodes() != {leader}:
             return None, "VIP on %s, leader %s" % (sorted(self.vip_nodes()) or "no node", leader)
         return leader, ""
 

@@ -46,7 +46,7 @@ STOP_BUDGET = 5.0
 STOP_SLACK = 0.5
 
 KINDS = ("partition", "raft_kill", "raft_stall", "quorum_loss", "agent_restart", "check_flap",
-         "frozen_elector", "failover_raft_stalled", "elector_kill")
+         "frozen_elector", "failover_raft_stalled", "elector_kill", "planned_stop")
 COMBINATIONS = ("partition_flap", "raft_stall_failover", "quorum_loss_with_leader")
 # Faults that leave the holder's node, checks and elector as they were: leadership has no
 # reason to move at all (SPEC §11.4: a move then is a needless one). Every other fault
@@ -153,7 +153,7 @@ class Faults:
         overlaps = lab.claim_overlaps(r.t_fault, end)
         r.claim_overlap = _longest(overlaps)
         r.leaderless = _longest(lab.leaderless(r.t_heal, end))
-        if lab.with_vip_manager:
+        if lab.tracks_vip:
             r.vip_double = _longest(lab.vip_monitor.overlaps(r.t_fault, end))
             r.vip_none = _longest(_vip_gaps(lab, r.t_fault, end))
         for name, status, tail in lab.crashes(r.t_fault):
@@ -293,6 +293,32 @@ class Faults:
             r.errors.append("no leader among the other nodes within %.0fs of the heal: %s"
                             % (SETTLE_BOUND + LOAD_SLACK, e))
         lab.start_elector(r.leader)
+
+    def _stop_leader_elector(self, r):
+        """SIGTERM to the leader's elector; its exit status and time checked (§9.2)."""
+        lab = self.lab
+        t_term, t_exit, status = lab.stop_elector(r.leader)
+        r.notes.append("elector-%s stopped in %.1fs (status %s)" % (r.leader, t_exit - t_term, status))
+        if status != 0:
+            r.errors.append("elector-%s exited with status %s on SIGTERM" % (r.leader, status))
+        if t_exit - t_term > STOP_BUDGET + STOP_SLACK:
+            r.errors.append("elector-%s took %.1fs to exit on SIGTERM (SPEC §9.2: %.0fs)"
+                            % (r.leader, t_exit - t_term, STOP_BUDGET))
+
+    def _planned_stop(self, r):
+        """`systemctl stop vip-elector` on the leader node: another node leads (and,
+        with --manage-vip, holds the VIP) with two electors; the stopped one starts
+        again once that is settled and must settle as a follower."""
+        lab = self.lab
+        self._stop_leader_elector(r)
+        try:
+            lab.settle(SETTLE_BOUND + LOAD_SLACK)
+        except TimeoutError as e:
+            r.errors.append("no leader among the other nodes within %.0fs of the stop: %s"
+                            % (SETTLE_BOUND + LOAD_SLACK, e))
+        lab.start_elector(r.leader)
+        r.t_heal = time.time()
+
     def _raft_stall_failover(self, r):
         """Combination for chaos: the same with a random stall."""
         self._failover_raft_stalled(r, stall=random.uniform(4, 12))

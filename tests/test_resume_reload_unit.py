@@ -10,36 +10,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
-from vip_elector.config import Settings
 from vip_elector.consul import LOCK_FLAG, ConsulUnreachable, KeyState
-from vip_elector.election import Election, Outcome, Role, Timing
+from vip_elector.election import Election, Outcome, Role
 from vip_elector.state import SavedSession, StateStore
 from vip_elector.systemd import ElectionContext, Notifier
 
 from fake_consul import FakeConsul
-
-FAST = Timing(backoff_min=0.05, backoff_max=0.2, health_poll=0.05, lock_delay_retry=0.01,
-              watch_wait=0.5, renew_retry=0.05, shutdown_timeout=0.2, stop_budget=1.0,
-              release_reserve=0.4, turn_budget=1.5)
-
-
-def settings(**kw) -> Settings:
-    base = dict(config_path="/etc/vip-manager.yml", trigger_key="service/pg/leader", value="node-a",
-                scheme="http", host="127.0.0.1", port=8500, ttl=0.6, lock_delay=0.2)
-    base.update(kw)
-    return Settings(**base)
-
-
-def wait_for(predicate, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
-
+from test_election_unit import FAST, settings, wait_for
 
 class Severable:
     """The fake Consul as one daemon sees it; ``sever()`` cuts that daemon off for good."""

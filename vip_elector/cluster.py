@@ -79,12 +79,7 @@ class Candidate:
         if not entry.session:
             return None
         name = entry.key[len(candidates_prefix(trigger_key)):]
-        try:
-            data = json.loads(entry.value or "{}")
-        except ValueError:
-            data = {}
-        if not isinstance(data, dict):
-            data = {}
+        data = _record(entry)
 
         def number(k: str, default, kind=float):
             try:
@@ -99,6 +94,15 @@ class Candidate:
                    checks={str(k): str(v) for k, v in checks.items()}, session=entry.session,
                    pid=number("pid", 0, int), version=str(data.get("version") or ""),
                    ready=number("ready", 0, int))
+
+
+def _record(entry: Entry) -> dict:
+    """A key's JSON object; {} for anything else (a damaged or foreign value is no record)."""
+    try:
+        data = json.loads(entry.value or "{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -121,12 +125,7 @@ class Request:
 
     @classmethod
     def from_entry(cls, entry: Entry) -> "Request":
-        try:
-            data = json.loads(entry.value or "{}")
-        except ValueError:
-            data = {}
-        if not isinstance(data, dict):
-            data = {}
+        data = _record(entry)
         try:
             timeout = float(data.get("timeout", 10.0))
             requested = float(data.get("requested", 0.0))

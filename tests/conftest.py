@@ -143,3 +143,16 @@ def notify_socket(tmp_path):
     yield make
     for s in made:
         s.close()
+
+
+@pytest.fixture
+def acl_node_a(consul_factory):
+    """An agent with ACLs on (default deny), its node named as in the examples."""
+    return consul_factory(node="node-a", acl=True)
+
+
+@pytest.fixture
+def example_token(acl_node_a, key):
+    """A token with exactly examples/consul-acl-policy.hcl's rules, for this test's key."""
+    from consul_agent import elector_rules
+    return acl_node_a.create_token(elector_rules(key, acl_node_a.node), "vip-elector on node-a")

@@ -30,14 +30,16 @@ pytestmark = [pytest.mark.consul]
 compat = pytest.mark.compat
 
 
+# `acl_node_a` and `example_token` (conftest.py): an ACL agent named node-a and
+# a token made from examples/consul-acl-policy.hcl.
 @pytest.fixture
-def agent(consul_factory):
-    return consul_factory(node="node-a", acl=True)
+def agent(acl_node_a):
+    return acl_node_a
 
 
 @pytest.fixture
-def token(agent, key):
-    return agent.create_token(elector_rules(key, agent.node), "vip-elector on node-a")
+def token(example_token):
+    return example_token
 
 
 @pytest.fixture

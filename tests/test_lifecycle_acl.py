@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from consul_agent import elector_rules, wait_for
+from consul_agent import wait_for
 from elector_process import run_elector
 from helpers import sessions_named
 from vipnet import KeyWatcher
@@ -25,14 +25,16 @@ TTL_S = 10
 WATCH_S = 2 * TTL_S + 2
 
 
+# `acl_node_a` and `example_token` (conftest.py): an ACL agent named node-a and
+# a token made from examples/consul-acl-policy.hcl.
 @pytest.fixture
-def agent(consul_factory):
-    return consul_factory(node="node-a", acl=True)
+def agent(acl_node_a):
+    return acl_node_a
 
 
 @pytest.fixture
-def token(agent, key):
-    return agent.create_token(elector_rules(key, agent.node), "vip-elector on node-a")
+def token(example_token):
+    return example_token
 
 
 @pytest.fixture

@@ -316,11 +316,13 @@ class Exchange:
         if self.proxy.failing == "hang":     # cut off while Consul was answering
             self.hang()
             return
+        # Recorded before the bytes go out, so a client that has read its answer
+        # always finds it in the log; taken back if the client was gone.
+        self.request.status, self.request.answered = status, time.monotonic()
         self.send_head(status, headers, len(body))
         self.send_raw(body)
-        if not self.closed:
-            self.request.status = status
-            self.request.answered = time.monotonic()
+        if self.closed:
+            self.request.status, self.request.answered = None, None
 
     def wait_released(self, seconds: float) -> bool:
         """Sleep; False (and the connection closed) if released or the client left first."""

@@ -29,16 +29,23 @@
 #                  Without it Consul silently hides the check (an empty list,
 #                  not an error) and vip-elector would wait for it forever;
 #                  node read does not show a service's check.
-#   node    read:  see the node's own checks: needed when --check-id names a
-#                  node check (one defined without a service) instead; and
+#   node_prefix read: see the node's own checks: needed when --check-id names
+#                  a node check (one defined without a service) instead;
 #                  `vip-elector --check` reads the node's checks in the
 #                  catalog (serfHealth, vip-haproxy) to tell a check the
-#                  servers never got from one the token may not see. The
-#                  daemon itself needs it only for a node check.
+#                  servers never got from one the token may not see. And on
+#                  every node: when Consul itself ends the leader's session,
+#                  the others read the former leader's node in the catalog
+#                  once (serfHealth and its checks) to tell a stale "failed"
+#                  verdict after a partition heals (they leave the key to it,
+#                  SPEC §11.4) from a real failure (they take over the moment
+#                  the lock-delay ends). Without read on the other nodes a
+#                  failover waits 0.5 s longer, and 'vip-elector list' shows
+#                  the others' checks as they were when they last wrote.
 # agent read is not needed (the node's name is learned from the session).
 #
-# One token for all nodes: use `session_prefix "" { policy = "write" }` and
-# `node_prefix "" { policy = "read" }` instead of the node-specific rules.
+# One token for all nodes: use `session_prefix "" { policy = "write" }` instead
+# of the node-specific session rule.
 
 key "service/haproxy-vip/leader" {
   policy = "write"
@@ -56,6 +63,6 @@ service "haproxy" {
   policy = "read"
 }
 
-node "node-a" {
+node_prefix "" {
   policy = "read"
 }

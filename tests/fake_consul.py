@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Optional
 
-from vip_elector.consul import (LOCK_FLAG, CheckNotPassing, ConsulUnreachable, InvalidSession, KeyState,
+from vip_elector.consul import (LOCK_FLAG, CheckNotPassing, ConsulError, ConsulUnreachable, InvalidSession, KeyState,
                                 SessionInfo)
 
 
@@ -44,6 +44,9 @@ class FakeConsul:
         self.params_of: dict[str, tuple] = {}
         self.ttl, self.lock_delay = 0.6, 0.2
         self.leader = "10.0.0.1:8300"     # the raft leader
+        # Other nodes' checks in the catalog (/v1/health/node); a node not named: all passing.
+        self.node_checks: dict[str, dict[str, str]] = {}
+        self.catalog_fails = False
 
     # helpers for tests
     def _call(self, name: str) -> None:
@@ -82,6 +85,12 @@ class FakeConsul:
     def check_states(self, check_ids):
         self._call("check_states")
         return {c: self.checks.get(c) for c in check_ids}
+
+    def catalog_checks(self, node: str) -> dict:
+        self._call("catalog_checks")
+        if self.catalog_fails:
+            raise ConsulError("Unexpected response code: 500 (rpc error making call: timed out)")
+        return dict(self.node_checks.get(node, {"serfHealth": "passing", "vip-haproxy": "passing"}))
 
     def check_details(self, check_ids):
         self._call("check_details")

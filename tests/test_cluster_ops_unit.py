@@ -20,14 +20,17 @@ from test_election_unit import Running, wait_for
 KEY = "service/pg/leader"
 
 
-def other(consul: FakeConsul, name: str, priority: int = 100, ready: int = 0) -> str:
-    """Another node's candidate key, held by a live session of its own; returns the session."""
+def other(consul: FakeConsul, name: str, priority: int = 100, ready: int = 0,
+          checks: tuple = ("serfHealth", "vip-haproxy")) -> str:
+    """Another node's candidate key (its node named like it, its session bound to `checks`),
+    held by a live session of its own; returns the session."""
     with consul.cond:
         consul._next_session += 1
         sid = f"other-{consul._next_session}"
         consul.sessions.add(sid)
     consul.put_entry(candidate_key(KEY, name), json.dumps({"priority": priority, "node": name,
-                                                           "ready": ready}), sid)
+                                                           "ready": ready,
+                                                           "checks": {c: "passing" for c in checks}}), sid)
     return sid
 
 
@@ -112,17 +115,56 @@ def test_a_holder_freed_by_consul_that_comes_back_healthy_gets_the_key_back():
         assert r.election.role == Role.FOLLOWER
 
 
-def test_a_holder_that_does_not_come_back_costs_only_the_grace():
+def test_a_holder_whose_node_passes_again_is_deferred_to_before_it_is_back():
+    """The heal of a partition: b's node was marked failed for ~50 ms and its session ended;
+    the catalog says it passes again, so the key waits for b's new session."""
+    consul = FakeConsul()
+    sid = other(consul, "node-b")
+    holds(consul, "node-b", sid)
+    with Running(consul) as r:
+        wait_for(lambda: r.election.role == Role.FOLLOWER, what="following b")
+        consul.refuse_acquires = 3
+        consul.invalidate(sid)
+        wait_for(lambda: any("its node and checks pass again" in s for s in r.recorder.statuses()),
+                 what="deferring to b because its node passes")
+        assert consul.count("catalog_checks") == 1
+        assert consul.key is None, "took the key from a holder that is healthy again"
+        new = other(consul, "node-b")
+        holds(consul, "node-b", new)
+        wait_for(lambda: r.election.key.held_by(new), what="following b again")
+        assert r.election.role == Role.FOLLOWER and consul.count("catalog_checks") == 1
+
+
+def test_a_holder_whose_check_failed_is_not_waited_for():
+    """A real failover (b's check went critical, or b is cut off): no grace at all."""
     consul = FakeConsul()
     sid = other(consul, "node-b", priority=200)
     holds(consul, "node-b", sid)
+    consul.node_checks["node-b"] = {"serfHealth": "passing", "vip-haproxy": "critical"}
+    with Running(consul) as r:
+        wait_for(lambda: r.election.role == Role.FOLLOWER, what="following b")
+        consul.refuse_acquires = 3
+        consul.invalidate(sid)
+        wait_for(lambda: r.election.role == Role.LEADER, timeout=3, what="leadership")
+        assert consul.count("catalog_checks") == 1
+        assert not any("pass again" in s or "past the lock-delay" in s for s in r.recorder.statuses()), \
+            "deferred to a holder whose check is critical"
+
+
+def test_a_holder_whose_node_cannot_be_read_costs_only_the_grace():
+    consul = FakeConsul()
+    sid = other(consul, "node-b", priority=200)
+    holds(consul, "node-b", sid)
+    consul.catalog_fails = True
     with Running(consul) as r:
         wait_for(lambda: r.election.role == Role.FOLLOWER, what="following b")
         consul.refuse_acquires = 3
         t0 = time.monotonic()
         consul.invalidate(sid)        # b is really gone (its candidate key too)
+        wait_for(lambda: any("waiting 0.5s past the lock-delay" in s for s in r.recorder.statuses()),
+                 what="the grace, for want of b's node")
         wait_for(lambda: r.election.role == Role.LEADER, timeout=3, what="leadership")
-        assert time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 < 1.5 + r.election.settings.lock_delay
 
 
 # ------------------------------------------------------------------ switchover: the leader's side

@@ -18,11 +18,15 @@ Costs, by design:
   waited for: it is leaving.
 * Stickiness: when the key was freed by Consul (the holder did not ask: an
   acquire is refused by lock-delay, which a release never causes), the
-  others wait ``STICKY_GRACE`` past the lock-delay for the holder's name to
-  come back as a live candidate — a new session, so its node and checks pass
-  again — and then defer to it, for at most lock-delay + ``DEFER_LIMIT``
-  after the key was freed. A holder that does not come back costs
-  ``STICKY_GRACE`` on that failover, nothing else.
+  others look once, halfway through the lock-delay, at the holder's node in
+  the catalog (one read of ``/v1/health/node``, the node and checks its
+  candidate key named). Passing again — a ~50 ms "failed" verdict from stale
+  gossip after a partition heals, refuted at once — they defer to it, for at
+  most lock-delay + ``DEFER_LIMIT`` after the key was freed, and it takes the
+  key back. Still failing (its check is critical, it is cut off) they take
+  the key the moment the lock-delay ends: a real failover costs nothing.
+  Only when that read fails do they fall back to waiting ``STICKY_GRACE``
+  past the lock-delay for the holder's name to come back as a candidate.
 * Preemption (``--preempt-delay``) only asks, through the switchover request
   the leader carries out; a session whose checks fail ends (and with it the
   time its checks have passed), so a flapping favourite never qualifies.
@@ -41,11 +45,15 @@ from ..consul import ConsulClient, ConsulError, KeyState, PermissionDenied
 
 log = logging.getLogger("vip_elector")
 
-#: Consul freed the key (lock-delay): how long past the lock-delay the others wait for the
-#: holder to come back with a new session before they take the key (a holder that is really
-#: gone costs this much; one that is back gets up to DEFER_LIMIT). A loaded machine needs a
-#: few hundred milliseconds to notice, make a session and write its candidate key.
+#: Consul freed the key (lock-delay) and the holder's node could not be read: how long past
+#: the lock-delay the others wait for the holder to come back with a new session before they
+#: take the key. A loaded machine needs a few hundred milliseconds to notice, make a session
+#: and write its candidate key.
 STICKY_GRACE = 0.5
+#: When, as a share of the lock-delay after the key was freed, the others read the former
+#: holder's node: a stale "failed" verdict is refuted within ~50 ms, a real failure stays, and
+#: the acquires are refused until the lock-delay ends anyway.
+HEALTH_LOOK = 0.5
 #: After a refused or failed switchover, the same preemption is not asked again before this.
 PREEMPT_RETRY = 10.0
 REQUEST_GRACE = REQUEST_GRACE_SECONDS
@@ -78,6 +86,8 @@ class Cluster:
         self.holder_left = False                         # its candidate key was still there when the key went
         self.free_at: Optional[float] = None             # loop clock: first seen free
         self.refused = False                             # an acquire on this free key met lock-delay
+        self.holder_record: Optional[Candidate] = None   # the holder's candidate key, while it held
+        self.holder_health: Optional[str] = None         # "passing" | "failing" | "unknown", once read
         # Switchover requests (as leader) and preemption (as follower).
         self._seen_requests: dict[int, float] = {}       # ModifyIndex -> loop clock first seen
         self._handled: set[int] = set()
@@ -92,8 +102,12 @@ class Cluster:
             self.tree = Tree.build(self.settings.trigger_key, entries, self.settings.value)
         if key is not None and key.session:
             if self.holder is None or key.session != self.holder.session:
-                self.holder_name = key.value
+                self.holder_name, self.holder_record = key.value, None
+            record = self.tree.by_session(key.session)
+            if record is not None:
+                self.holder_record = record  # kept after the key is freed: its node and checks
             self.holder, self.free_at, self.refused, self.holder_left = key, None, False, False
+            self.holder_health = None
         elif self.free_at is None:
             self.free_at = self.clock()
             if self.holder is not None:  # its candidate key still there: it deleted the key itself
@@ -192,12 +206,9 @@ class Cluster:
         others = {n: c for n, c in self.tree.candidates.items() if n != me}
         sticky = self.holder_name
         if self.refused and sticky and sticky != me:
-            back = sticky in others
-            until = self.free_at + self.settings.lock_delay + (DEFER_LIMIT if back else STICKY_GRACE)
-            if self.clock() < until:
-                return until, (f"{sticky} held it until Consul freed it and is healthy again" if back else
-                               f"{sticky} held it until Consul freed it: waiting {STICKY_GRACE:g}s past "
-                               "the lock-delay for it to come back")
+            sticking = self._stick_to(sticky, sticky in others)
+            if sticking is not None:
+                return sticking
         if self.holder_name == me:
             return None  # the key was ours: nobody outranks its holder on a free key
         leaving = self.holder.session if self.holder is not None and self.holder_left else None
@@ -208,6 +219,53 @@ class Cluster:
             top = higher[0]
             return until, f"{top.name} has priority {top.priority} (ours is {mine})"
         return None
+
+    def _stick_to(self, sticky: str, back: bool) -> Optional[tuple[float, str]]:
+        """Consul freed the key: defer to its holder if its node and checks pass again."""
+        delay, now = self.settings.lock_delay, self.clock()
+        if back:
+            until = self.free_at + delay + DEFER_LIMIT
+            return (until, f"{sticky} held it until Consul freed it and is healthy again") if now < until else None
+        look_at = self.free_at + delay * HEALTH_LOOK
+        if self.holder_health is None:
+            if now < look_at:  # acquires are refused by lock-delay until then anyway
+                return look_at, f"{sticky} held it until Consul freed it: looking at its node soon"
+            self.holder_health = self._holder_health()
+        if self.holder_health == "passing":
+            until = self.free_at + delay + DEFER_LIMIT
+            why = f"{sticky} held it until Consul freed it, and its node and checks pass again"
+        elif self.holder_health == "unknown":
+            until = self.free_at + delay + STICKY_GRACE
+            why = (f"{sticky} held it until Consul freed it: waiting {STICKY_GRACE:g}s past "
+                   "the lock-delay for it to come back")
+        else:
+            return None  # a real failure: take the key the moment the lock-delay ends
+        return (until, why) if now < until else None
+
+    def _holder_health(self) -> str:
+        """The former holder's node and the checks its session was bound to, from the catalog."""
+        record = self.holder_record
+        if record is None or not record.node:
+            return "unknown"
+        try:
+            checks = self.consul.catalog_checks(record.node)
+        except ConsulError as e:
+            log.info("cannot read node %s's checks to see whether %s recovers: %s",
+                     record.node, record.name, e)
+            return "unknown"
+        if not checks:
+            return "unknown"  # a token without node:read on it sees nothing, not even serfHealth
+        wanted = set(record.checks) | {"serfHealth"}
+        failing = sorted(c for c in wanted if checks.get(c) != "passing")
+        if failing:
+            log.info("%s lost the key %s: on node %s, %s; taking over once the lock-delay ends",
+                     record.name, self.settings.trigger_key, record.node,
+                     ", ".join(f"check {c} is {checks.get(c) or 'missing'}" for c in failing))
+            return "failing"
+        log.info("%s lost the key %s although node %s and its checks pass again (a stale "
+                 "'failed' verdict): leaving the key to it", record.name, self.settings.trigger_key,
+                 record.node)
+        return "passing"
 
     # ------------------------------------------------------------------ §11.3: as leader
 

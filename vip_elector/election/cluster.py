@@ -49,8 +49,13 @@ STICKY_GRACE = 0.5
 #: After a refused or failed switchover, the same preemption is not asked again before this.
 PREEMPT_RETRY = 10.0
 REQUEST_GRACE = REQUEST_GRACE_SECONDS
-#: After a candidate-key write failed, the next attempt (it is never urgent).
+#: After a candidate-key write failed, the next attempt (it is never urgent)...
 RECORD_RETRY = 5.0
+#: ...unless it says we are ready for a switchover: the leader waits for it (answer_limit).
+RECORD_READY_RETRY = 0.25
+#: A candidate-key write gets this long: one that hangs must not hold the loop (its
+#: renewals) for a whole request timeout, nor let a switchover's answer limit pass.
+RECORD_WRITE_LIMIT = 2.0
 #: The same, when the token may not write it (a token made from an older example policy).
 RECORD_DENIED_RETRY = 600.0
 #: A hook's ``standby`` call gets at most this long to finish before the lock moves.
@@ -144,13 +149,16 @@ class Cluster:
                            since=self.role_since, up_since=self.up_since_wall,
                            checks={c: "passing" for c in s.checks}, pid=os.getpid(), version=__version__,
                            ready=ready)
+        left = self.consul.time_left()
         try:
-            written = self.consul.put_candidate(session, record.to_json())
+            with self.consul.time_limit(RECORD_WRITE_LIMIT if left is None else min(left, RECORD_WRITE_LIMIT)):
+                written = self.consul.put_candidate(session, record.to_json())
         except ConsulError as e:
             # A token of the policy before issue 16 (no key_prefix on <trigger-key>/): it will
             # not change until a reload, so ask seldom (the election itself is unaffected).
             denied = isinstance(e, PermissionDenied)
-            self.record_retry_at = self.clock() + (RECORD_DENIED_RETRY if denied else RECORD_RETRY)
+            self.record_retry_at = self.clock() + (RECORD_DENIED_RETRY if denied else
+                                                   RECORD_READY_RETRY if ready else RECORD_RETRY)
             reason = str(e)
             if reason != self._record_trouble:
                 hint = (f" (give the token key_prefix \"{s.trigger_key}/\" write: see "

@@ -127,6 +127,11 @@ class Election:
         self.act_at: Optional[float] = None      # act on the key as last seen
         self.paused_until = float("-inf")        # after an internal error, nothing is due before this
         self.lost_at = float("-inf")             # our session was last lost (then look at the checks often)
+        # A switchover's move Consul did not answer: (request, target session, target name,
+        # why), until the key read next says where the lock is.
+        self.moving: Optional[tuple[Request, str, str, str]] = None
+        self.kept = False                        # a switchover failed: the key never left (no new leadership)
+        self.stray_at = float("-inf")            # settle the lease's stray session (a refused reload's)
 
     @property
     def role(self) -> Role:
@@ -204,6 +209,8 @@ class Election:
         now = self.clock()
         due = [self.retry_at if self.lease.session is None else self.lease.renew_due(self._leading())]
         due += [t for t in (self.read_at, self.act_at, self.key.retry_at) if t is not None]
+        if self.lease.stray is not None:
+            due.append(self.stray_at)
         due += [t for t in self._cluster_due() if t is not None]
         wake = max(min(due), self.paused_until)
         until = self.lease.claim_until
@@ -222,6 +229,8 @@ class Election:
             return self._start if now >= self.retry_at else None
         if now >= self.lease.renew_due(self._leading()):
             return self._renew
+        if self.lease.stray is not None and now >= self.stray_at:
+            return self._settle_stray
         if self.read_at is not None and now >= self.read_at:
             return self._read_key
         if self.act_at is not None and now >= self.act_at:
@@ -387,6 +396,13 @@ class Election:
             elif renewal.recovered:
                 self.read_at = self.clock()
 
+    def _settle_stray(self) -> None:
+        """A refused reload's move went unanswered: the lock goes back to our session first."""
+        self.read_at = self.clock()  # then act on the key as it is
+        self.stray_at = self.clock() + self.trouble.backoff.next()  # if it fails (or raises): again then
+        if self.lease.settle_stray():
+            self.trouble.backoff.reset()
+
     def _replace(self) -> None:
         replaced = self.lease.replace()
         if isinstance(replaced, Replaced):
@@ -423,6 +439,9 @@ class Election:
         self.read_at = self.act_at = None
         self.reporter.session_gone(why)
         self.retry_at = self.clock()
+        self.kept = False
+        if self.moving is not None:  # whatever the move did, this node holds nothing now
+            self._settle_move(None)
 
     # ------------------------------------------------------------------
     # §4.2-§4.4: the key
@@ -459,6 +478,11 @@ class Election:
         self.act_at = None
         key: Optional[KeyState] = self.key.state
         self.cluster.observe(self.key.entries, key)
+        if self.moving is not None:
+            self._settle_move(key)
+        if self.lease.stray is not None:
+            self.read_at = self.clock()  # the key may be on the stray session: settle that first
+            return
         foreign = self.key.foreign(key)
         if foreign is not None:
             self.reporter.not_a_lock_key(key, foreign)
@@ -476,7 +500,8 @@ class Election:
             if not self.lease.confirmed_now(leading=True):
                 self._renew()  # confirm first: we claim only what Consul has just confirmed
             if self.lease.session is not None and self.lease.confirmed_now(leading=True):
-                self.reporter.leads(resumed=resumed)
+                self.reporter.leads(resumed=resumed, kept=self.kept)
+                self.kept = False
                 self._switchover()
         else:
             self._follow(key)
@@ -563,20 +588,46 @@ class Election:
             return  # its answer comes through the watch (or the deadline: _review_request)
         if not ready:
             self._refuse(req, f"{target.name}'s vip-elector did not answer within "
-                              f"{self.cluster.answer_limit(req):g}s (is it frozen or overloaded?); "
-                              f"{self.settings.value} keeps the key")
+                              f"{self.cluster.answer_limit(req):g}s (is it frozen or overloaded, or "
+                              f"its Consul agent failing? see its log); {self.settings.value} "
+                              f"keeps the key")
             return
         self.cluster.handled(req)
         self.reporter.hands_over(target.name, req.by)  # hook `standby` before the key leaves us
         self.reporter.finish_hooks(min(HANDOVER_HOOK_WAIT, self.settings.hook_timeout))
         self.read_at = self.clock()  # whatever happens next, the key says where it is
-        moved = self.consul.hand_over(self.lease.session, target.session, target.name)
+        try:
+            moved = self.consul.hand_over(self.lease.session, target.session, target.name)
+        except ConsulError as e:
+            # No answer is not "no" (REFERENCE §8), and this step's budget may be spent: the
+            # key, read in a step of its own, says whether Consul moved it. Until then this
+            # node claims nothing (it is a standby since hands_over).
+            log.warning("switchover to %s: Consul did not answer the move of the lock (%s); "
+                        "reading %s to learn where it is", target.name, e, self.settings.trigger_key)
+            self.moving = (req, target.session, target.name, str(e))
+            return
         if not moved:
+            self.kept = True  # unless the key read next says otherwise
             self._refuse(req, f"Consul refused the move ({target.name}'s session ended, or the key "
                               f"changed); {self.settings.value} keeps the key")
             return
         self.reporter.handed_over(target.name)
         self._drop_request(req, None)
+
+    def _settle_move(self, key: Optional[KeyState]) -> None:
+        """A move Consul did not answer, settled by the key read since: handed over, or refused
+        (the key is still ours, or gone). Still ours: leading again is no new leadership."""
+        req, session, name, error = self.moving
+        self.moving = None
+        if key is not None and key.session == session:
+            self.reporter.handed_over(name)
+            self._drop_request(req, None)
+            return
+        self.kept = key is not None and key.session == self.lease.session
+        self._refuse(req, f"Consul did not move the lock ({error}); "
+                          + (f"{self.settings.value} keeps the key: try again once Consul is healthy"
+                             if self.kept else "the key is no longer this node's: the candidates "
+                                               "compete for it as usual"))
 
     def _refuse(self, req: Request, why: str) -> None:
         self.cluster.handled(req)
@@ -597,6 +648,7 @@ class Election:
                         self.settings.trigger_key, e)
 
     def _follow(self, holder: KeyState) -> None:
+        self.kept = False
         self.key.stop_retrying()
         self.reporter.follows(holder)
 

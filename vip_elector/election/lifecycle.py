@@ -53,8 +53,8 @@ class Lifecycle:
         except ConfigError as e:
             return self._refused(str(e), verdict)
         except ConsulError as e:
-            return self._refused(f"cannot make the session the new configuration needs ({e}), so "
-                                 f"the key stays with the current one; try the reload again once "
+            return self._refused(f"the new configuration needs a new session, and {e}; the key "
+                                 f"stays with the current session: try the reload again once "
                                  f"Consul answers", verdict)
         except Exception as e:
             log.exception("internal error while reloading; still running as before")

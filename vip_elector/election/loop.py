@@ -468,17 +468,23 @@ class Election:
         """Act on the key as it is now, not as the (perhaps reconnecting) watcher last saw it."""
         self.read_at = None
         self.key.read()
-        self._act()
+        self._act(fresh=True)
 
-    def _act(self, resumed: bool = False) -> None:
+    def _act(self, resumed: bool = False, fresh: bool = False) -> None:
         """The key as last seen → what this node is (§4.3, §4.4, §4.6).
 
         ``resumed``: the session was just taken up from the previous run; if it
-        holds the key, the node leads on without a new leadership (§8.2)."""
+        holds the key, the node leads on without a new leadership (§8.2).
+        ``fresh``: the key was read just now (not a watch answer that may predate a move)."""
         self.act_at = None
         key: Optional[KeyState] = self.key.state
         self.cluster.observe(self.key.entries, key)
         if self.moving is not None:
+            # Only the target can hold it if the move was applied; that it is still ours, only
+            # a read made after the move can say (a watch answer may be older).
+            if not fresh and (key is None or key.session != self.moving[1]):
+                self.read_at = self.clock()
+                return
             self._settle_move(key)
         if self.lease.stray is not None:
             self.read_at = self.clock()  # the key may be on the stray session: settle that first

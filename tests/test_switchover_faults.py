@@ -309,6 +309,31 @@ def test_the_targets_ready_write_fails(consul, key, cluster, command, fault):
         watcher.close()
 
 
+@pytest.mark.parametrize("who,fault", [("node-a", "500"), ("node-a", "hang"),
+                                       ("node-b", "500"), ("node-b", "hang")])
+def test_a_daemons_watch_fails_once(consul, key, cluster, command, who, fault):
+    """The watch after the one that brings the request fails or hangs once. The leader's
+    misses the target's answer: it reads afresh when the answer is overdue, and hands over.
+    The target's misses the key moved to it: having said it is ready, it reads the key
+    itself until the request is gone, and says it leads at once (before: not for a minute,
+    the key its own and its hook `standby`). The switchover goes through either way."""
+    nodes = cluster("node-a", "node-b")
+    watcher = KeyWatcher(consul, key)
+    try:
+        since = time.time()
+        # The watch in flight was sent before this rule: the next one fails.
+        rule = nodes[who].proxy.inject(FAULTS[fault](), "GET", r"/v1/kv/%s" % key,
+                                       query={"recurse": True, "index": True}, times=1)
+        res = command("switchover", "--to", "node-b")
+        assert rule.hits, "the fault did not fire"
+        assert res.returncode == 0, res.stdout + res.stderr
+        settled(consul, key, nodes, "node-b", watcher, since)
+    finally:
+        watcher.close()
+        for n in nodes.values():
+            n.proxy.heal()  # a hung watch of a daemon's is let go before its teardown
+
+
 # ------------------------------------------------------------------------ the reload's move
 
 @pytest.mark.parametrize("step,fault", [(CREATE, "500"), (CREATE, "hang"), (TXN, "500"),

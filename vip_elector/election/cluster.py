@@ -58,6 +58,9 @@ RECORD_READY_RETRY = 0.25
 RECORD_WRITE_LIMIT = 2.0
 #: The same, when the token may not write it (a token made from an older example policy).
 RECORD_DENIED_RETRY = 600.0
+#: A target that said it is ready reads the key this often until the request is gone: a watch
+#: that hangs (or backs off) must not leave it unaware that it holds the key.
+READY_READ = 0.5
 #: A hook's ``standby`` call gets at most this long to finish before the lock moves.
 HANDOVER_HOOK_WAIT = 3.0
 
@@ -127,6 +130,11 @@ class Cluster:
         if session is None or self.written == (session, role, self._ready_for()):
             return None
         return self.record_retry_at
+
+    def awaiting_handover(self) -> bool:
+        """Our candidate key told the leader we are ready for its request, which is still
+        there: the key may become ours any moment (the loop looks, not only the watch)."""
+        return self.written is not None and self.written[2] != 0 and self._ready_for() == self.written[2]
 
     def _ready_for(self) -> int:
         """A switchover request naming us: our candidate key says we are ready for it, which
@@ -316,4 +324,4 @@ class Cluster:
                      f"{s.preempt_delay:g}s")
 
 
-__all__ = ["Cluster", "HANDOVER_HOOK_WAIT"]
+__all__ = ["Cluster", "HANDOVER_HOOK_WAIT", "READY_READ"]

@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 from ..state import SavedSession, StateStore
 from ..systemd import ElectionContext, Notifier
 from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, WatchFailed
-from .cluster import HANDOVER_HOOK_WAIT, Cluster
+from .cluster import HANDOVER_HOOK_WAIT, READY_READ, Cluster
 from .key import HeldByOther, RefusedByLockDelay, TriggerKey, Won
 from .lease import Confirmed, Failing, Gone, Lease, Replaced, Unhealthy
 from .lifecycle import Lifecycle
@@ -132,6 +132,7 @@ class Election:
         self.moving: Optional[tuple[Request, str, str, str]] = None
         self.kept = False                        # a switchover failed: the key never left (no new leadership)
         self.stray_at = float("-inf")            # settle the lease's stray session (a refused reload's)
+        self.reviewed = 0                        # the request whose overdue answer we read afresh
 
     @property
     def role(self) -> Role:
@@ -469,6 +470,7 @@ class Election:
         self.read_at = None
         self.key.read()
         self._act(fresh=True)
+        self._expect_handover()
 
     def _act(self, resumed: bool = False, fresh: bool = False) -> None:
         """The key as last seen → what this node is (§4.3, §4.4, §4.6).
@@ -557,6 +559,14 @@ class Election:
 
     def _write_record(self) -> None:
         self.cluster.write_record(self.lease.session, self._record_role(), self.lease.node)
+        self._expect_handover()
+
+    def _expect_handover(self) -> None:
+        """The target of a switchover, once it said it is ready: read the key every READY_READ
+        until the request is gone, so that it says it leads the moment the lock is moved to it
+        (its watch may hang or back off: the key would be its own, unclaimed, meanwhile)."""
+        if self.role != Role.LEADER and self.read_at is None and self.cluster.awaiting_handover():
+            self.read_at = self.clock() + READY_READ
 
     def _preempt(self) -> None:
         if self.key.state is not None:
@@ -569,6 +579,12 @@ class Election:
             return
         if self.cluster.request_expired(req):
             self._drop_request(req, f"no answer within its {req.timeout:g}s (its author gave up)")
+        elif self.reviewed != req.modify_index:
+            # The target's answer may be in a watch answer we have not had (a watch that hangs
+            # or backs off): read afresh once, and decide on that (_act); if the read fails,
+            # decide on what we know the next time.
+            self.reviewed = req.modify_index
+            self._read_key()
         else:
             self._switchover()
 

@@ -158,7 +158,7 @@ def settled(consul, key, nodes, leader, watcher, since):
                      message="%s to follow %s (status %r)" % (n.name, leader, n.status()))
     wait_for(lambda: consul.kv_get(key + "/switchover") is None, 15, message="the request gone")
     # A stretch of quiet: nobody takes the key back, nobody exits.
-    stays_alive([n.elector for n in nodes.values()], 1.0)
+    stays_alive([n.elector for n in nodes.values()], 0.5)
     seen = holders(watcher, since)
     assert None not in seen, "the key was free: %s" % watcher.history
     assert seen in (["node-a"], ["node-a", leader]), "a third holder, or a move back: %s" % seen

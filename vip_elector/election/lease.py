@@ -386,10 +386,15 @@ class Lease:
         return True
 
     def drop_replacement(self) -> None:
-        """A replacement made but never taken up (a stop, a reload, the old session gone)."""
+        """A replacement made but never taken up (a stop, a reload, the old session gone), and
+        a refused reload's session not settled yet (if it holds the key, destroying it frees
+        the key: on a stop, that is the release)."""
         if self.replacement is not None:
             self._destroy_quietly(self.replacement, "the replacement session")
             self.replacement = None
+        if self.stray is not None:
+            self._destroy_quietly(self.stray, "the session made for the refused reload")
+            self.stray = None
 
     # ------------------------------------------------------------------ the end of a session
 

@@ -108,6 +108,10 @@ class FakeConsul:
         finally:
             self._local.deadline = old
 
+    def time_left(self):
+        deadline = getattr(self._local, "deadline", None)
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
     def abort(self, thread_id: int) -> None:
         self.aborts += 1
         self._aborted.add(thread_id)

@@ -333,3 +333,60 @@ def test_a_thread_reusing_an_ended_threads_ident_does_not_inherit_its_abort(monk
         transport.get(lambda r: r, "/v1/kv/k")
     except ConsulUnreachable as e:
         assert "abandoned" not in str(e)
+
+
+def _failing_move(consul: FakeConsul, error: Exception, apply: bool, roles: list, r: Running) -> None:
+    """hand_over raises `error` once (after applying the move when `apply`)."""
+    real = consul.hand_over
+
+    def move(old, new, value):
+        roles.append(r.election.role)
+        consul.hand_over = real
+        if apply:
+            real(old, new, value)
+        raise error
+    consul.hand_over = move
+
+
+def test_a_move_that_fails_unapplied_is_refused_and_the_key_kept_without_a_new_leadership(caplog):
+    """A 500 on the hand_over txn: the key, read afresh, is still ours: refused with the cause,
+    leading again ('kept leadership'), never 'LOCK ACQUIRED' for a key that never left."""
+    import logging
+    from vip_elector.consul import ConsulServerError
+    consul = FakeConsul()
+    roles: list = []
+    with caplog.at_level(logging.INFO, logger="vip_elector"), Running(consul) as r:
+        _leading(consul, r)
+        sid = other(consul, "node-b")
+        _failing_move(consul, ConsulServerError("HTTP 500: rpc error"), False, roles, r)
+        index = ask(consul, "node-b")
+        consul.put_entry(candidate_key(KEY, "node-b"), json.dumps({"ready": index}), sid)
+        wait_for(lambda: "Consul did not move the lock (HTTP 500: rpc error); node-a keeps the key"
+                 in json.loads(consul.entries[request_key(KEY)].value).get("error", ""),
+                 what="the refusal, with the cause")
+        wait_for(lambda: r.election.role == Role.LEADER, what="leading again")
+        assert roles == [Role.FOLLOWER] and consul.key.value == "node-a"
+    messages = [rec.getMessage() for rec in caplog.records]
+    assert any("kept leadership" in m for m in messages), messages
+    assert sum("LOCK ACQUIRED" in m for m in messages) == 1, "only the first leadership"
+
+
+def test_a_move_applied_but_unanswered_leaves_the_old_leader_a_standby():
+    """No answer to the txn, which Consul applied: the key read afterwards names the target;
+    the old leader never claims again, and deletes the request."""
+    from vip_elector.consul import ConsulTimeout
+    consul = FakeConsul()
+    roles: list = []
+    with Running(consul) as r:
+        _leading(consul, r)
+        sid = other(consul, "node-b")
+        _failing_move(consul, ConsulTimeout("no answer (timed out)"), True, roles, r)
+        index = ask(consul, "node-b")
+        consul.put_entry(candidate_key(KEY, "node-b"), json.dumps({"ready": index}), sid)
+        wait_for(lambda: request_key(KEY) not in consul.entries, what="the request deleted")
+        assert consul.key.session == sid
+        time.sleep(0.3)
+        assert r.election.role == Role.FOLLOWER
+        statuses = r.recorder.statuses()
+        handing = max(i for i, s in enumerate(statuses) if "handing" in s)
+        assert not any(s.startswith("leader:") for s in statuses[handing:]), statuses[handing:]

@@ -211,3 +211,38 @@ def test_waiting_for_a_critical_check_shows_its_output(tmp_path):
              what="the check's output in the status")
     assert a.election.role == Role.WAITING
     a.stop()
+
+
+def test_a_reload_whose_move_and_the_read_after_it_go_unanswered_puts_the_lock_back(tmp_path, caplog):
+    """The move applied, its answer and the read after it lost: nobody knows which session
+    holds the key. The reload is refused; the loop, first thing, moves the lock back to the
+    session it runs with (one txn: never free) and destroys the other. It never stops leading."""
+    from vip_elector.consul import ConsulTimeout
+    consul = FakeConsul()
+    a = Daemon(consul, tmp_path)
+    wait_for(lambda: a.election.role == Role.LEADER)
+    old = consul.key.session
+    real_move, real_read = consul.move_lock, consul.read_key
+
+    def lost_read(*args, **kwargs):
+        consul.read_key = real_read
+        raise ConsulTimeout("no answer (timed out)")
+
+    def lost_move(o, n):
+        consul.move_lock = real_move
+        real_move(o, n)
+        consul.read_key = lost_read
+        raise ConsulTimeout("no answer (timed out)")
+    consul.move_lock = lost_move
+    a.election.reload_settings = lambda: settings(ttl=0.9)
+    caplog.set_level(logging.INFO, logger="vip_elector")
+    a.election.request_reload()
+    wait_for(lambda: a.verdicts, what="the verdict")
+    assert "nor the read after it" in a.verdicts[0], a.verdicts
+    wait_for(lambda: consul.key.session == old and consul.sessions == {old},
+             what="the lock back on the old session, the other destroyed")
+    assert consul.key.value == "node-a"
+    assert any("had been applied after all: moved back" in r.getMessage() for r in caplog.records)
+    assert a.election.role == Role.LEADER
+    assert not [s for s in a.statuses if s.startswith(("follower", "cut off", "waiting"))], a.statuses
+    assert a.stop() == Outcome.STOPPED

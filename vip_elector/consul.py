@@ -217,6 +217,11 @@ class _Transport:
         finally:
             state.deadline = old
 
+    def time_left(self) -> Optional[float]:
+        """What remains of this thread's time limit (None: none is set)."""
+        deadline = self._state().deadline
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
     def abort(self, thread_id: int) -> None:
         """End the request that thread has in flight, and refuse its next ones, until
         that thread calls ``reset_abort()`` (safe from any thread)."""
@@ -694,6 +699,10 @@ class ConsulClient:
     def time_limit(self, seconds: float):
         """A context in which every request of this thread ends within ``seconds``."""
         return self.transport.time_limit(seconds)
+
+    def time_left(self) -> Optional[float]:
+        """What remains of this thread's time limit, or None without one."""
+        return self.transport.time_left()
 
     def abort(self, thread_id: int) -> None:
         """End at once the request ``thread_id`` has in flight, and refuse its next

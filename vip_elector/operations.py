@@ -24,6 +24,11 @@ from .config import Settings, format_duration
 from .consul import ConsulClient, ConsulError, KeyState, PermissionDenied
 
 EXIT_OK, EXIT_FAILURE = 0, 1
+#: One blocking read of the wait lasts at most this: a read that hangs (a dead connection,
+#: a stalled agent) costs this much of the timeout, not all of it.
+WAIT_READ = 2.0
+#: Writing and deleting the request: one attempt gets this long.
+WRITE_LIMIT = 3.0
 
 
 class OperationFailed(Exception):
@@ -195,29 +200,23 @@ def _switchover(settings: Settings, consul: ConsulClient, to: Optional[str], tim
         _delete(consul, req.modify_index)  # refused or stale: its author gave up
     by = f"{getpass.getuser()}@{socket.gethostname()} (pid {os.getpid()})"  # tells our request from another's
     request = Request(target=target.name, source=key.value, timeout=timeout, requested=wall(), by=by)
-    try:
-        created = consul.put_request(request.to_json(), cas=0)
-    except PermissionDenied as e:
-        raise OperationFailed(f"{settings.token_words} may not write {k}/switchover: {e}; give it "
-                              f"key_prefix \"{k}/\" write (see examples/consul-acl-policy.hcl)") from None
-    except ConsulError as e:
-        raise OperationFailed(f"cannot write the switchover request to Consul at {settings.address}: {e}; "
-                              f"nothing changed, {key.value} keeps {k}") from None
+    created = _put_request(consul, settings, request, key)
     if not created:
         raise OperationFailed(f"a switchover is already in progress for {k} (another request appeared "
                               f"just now): wait for it to finish (candidates: {_names(tree, key)})")
     print(f"switchover: asked {key.value} to hand {k} over to {target.name} "
           f"(waiting up to {format_duration(timeout)})", file=out, flush=True)
     deadline = started + timeout
-    index, seen_request = 0, False
+    index = 0
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             break
+        wait = min(left, WAIT_READ)
         try:
-            with consul.time_limit(left + 0.5):
-                index, key, tree = _read(consul, settings, index or None, min(left, 30.0))
-        except OperationFailed:
+            with consul.time_limit(wait + 1.0):
+                index, key, tree = _read(consul, settings, index or None, wait)
+        except OperationFailed:  # a read that failed or hung: read afresh (Consul decides, not us)
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
@@ -225,25 +224,29 @@ def _switchover(settings: Settings, consul: ConsulClient, to: Optional[str], tim
             continue
         req = tree.request
         mine = req is not None and req.target == target.name and req.by == by
-        seen_request = seen_request or mine
-        new = tree.candidates.get(target.name)
-        if key is not None and key.session and new is not None and key.session == new.session \
-                and new.role == "leader":
+        if _leads(key, tree, target.name):
             took = time.monotonic() - started
             if mine:
-                _delete(consul, req.modify_index)
+                _delete(consul, req.modify_index)  # the old leader deletes it too: either is enough
             print(f"switched over: {target.name} holds {k} (took {took:.3f}s)", file=out)
             return EXIT_OK
         if mine and req.error:
             _delete(consul, req.modify_index)
             raise OperationFailed(f"{key.value if key else 'the leader'} refused: {req.error}")
     # Out of time: withdraw the request, so the leader does not act on it later.
-    _, key, tree = _read(consul, settings)
+    index, key, tree = _read_at_the_end(consul, settings, target.name, timeout)
     req = tree.request
+    withdrawn = "request withdrawn"
     if req is not None and req.target == target.name and req.by == by:
-        _delete(consul, req.modify_index)
+        if not _delete(consul, req.modify_index):
+            withdrawn = (f"the request could not be withdrawn: {tree.request.source or 'the leader'} "
+                         f"drops it within {format_duration(round(timeout + REQUEST_GRACE_SECONDS))}")
     new = tree.candidates.get(target.name)
     holder = _holder(key)
+    if _leads(key, tree, target.name):
+        took = time.monotonic() - started
+        print(f"switched over: {target.name} holds {k} (took {took:.3f}s)", file=out)
+        return EXIT_OK
     if key is not None and new is not None and key.session == new.session:
         raise OperationFailed(f"{target.name} holds {k} but did not say it leads within "
                               f"{format_duration(timeout)} (is its vip-elector stuck? see its log)")
@@ -251,12 +254,68 @@ def _switchover(settings: Settings, consul: ConsulClient, to: Optional[str], tim
         raise OperationFailed(f"{k} became free while waiting (its holder stopped or failed); "
                               f"the candidates compete as usual (candidates: {_names(tree, key)})")
     raise OperationFailed(f"{target.name} did not take over within {format_duration(timeout)}: "
-                          f"{holder} still holds {k} (request withdrawn; see the leader's log; "
+                          f"{holder} still holds {k} ({withdrawn}; see the leader's log; "
                           f"candidates: {_names(tree, key)})")
 
 
-def _delete(consul: ConsulClient, modify_index: int) -> None:
+def _leads(key: Optional[KeyState], tree: Tree, name: str) -> bool:
+    """``name`` holds the key and its candidate key says it leads: the switchover is done."""
+    new = tree.candidates.get(name)
+    return (key is not None and bool(key.session) and new is not None and key.session == new.session
+            and new.role == "leader")
+
+
+def _put_request(consul: ConsulClient, settings: Settings, request: Request, holder: KeyState) -> bool:
+    """Write the request (cas=0). An answer that failed or never came may hide a write Consul
+    applied (REFERENCE §8): the key says, so that "nothing changed" is never a guess."""
+    k = settings.trigger_key
     try:
-        consul.delete_request(modify_index)
+        with consul.time_limit(WRITE_LIMIT):
+            return consul.put_request(request.to_json(), cas=0)
+    except PermissionDenied as e:
+        raise OperationFailed(f"{settings.token_words} may not write {k}/switchover: {e}; give it "
+                              f"key_prefix \"{k}/\" write (see examples/consul-acl-policy.hcl)") from None
+    except ConsulError as e:
+        error = e
+    try:
+        with consul.time_limit(WRITE_LIMIT):
+            _, key, tree = _read(consul, settings)
+    except OperationFailed:
+        raise OperationFailed(f"cannot write the switchover request to Consul at {settings.address} "
+                              f"({error}), nor read back whether it was written: see 'vip-elector "
+                              f"list', and try again once Consul answers") from None
+    req = tree.request
+    if req is not None and req.by == request.by and req.requested == request.requested:
+        return True  # written after all: carry on
+    target = tree.candidates.get(request.target)
+    if key is not None and target is not None and key.session == target.session != holder.session:
+        return True  # written, and carried out (the leader deleted it) before we read it back
+    raise OperationFailed(f"cannot write the switchover request to Consul at {settings.address} "
+                          f"({error}); nothing changed, {holder.value} keeps {k}: try again once "
+                          f"Consul answers")
+
+
+def _read_at_the_end(consul: ConsulClient, settings: Settings, name: str,
+                     timeout: float) -> tuple[int, Optional[KeyState], Tree]:
+    """The last read, after the timeout: once more on failure (it decides what we say)."""
+    try:
+        with consul.time_limit(WRITE_LIMIT):
+            return _read(consul, settings)
+    except OperationFailed:
+        time.sleep(0.2)
+    try:
+        with consul.time_limit(WRITE_LIMIT):
+            return _read(consul, settings)
+    except OperationFailed as e:
+        raise OperationFailed(f"{e}; so whether {name} took over within {format_duration(timeout)} "
+                              f"is unknown: see 'vip-elector list'") from None
+
+
+def _delete(consul: ConsulClient, modify_index: int) -> bool:
+    """Delete our request (CAS): True when it is gone, or was changed by another (the leader)."""
+    try:
+        with consul.time_limit(WRITE_LIMIT):
+            consul.delete_request(modify_index)
+        return True
     except ConsulError:
-        pass  # the leader drops a stale request itself
+        return False  # the leader drops a stale request itself

@@ -57,10 +57,18 @@ HEALTH_LOOK = 0.5
 #: After a refused or failed switchover, the same preemption is not asked again before this.
 PREEMPT_RETRY = 10.0
 REQUEST_GRACE = REQUEST_GRACE_SECONDS
-#: After a candidate-key write failed, the next attempt (it is never urgent).
+#: After a candidate-key write failed, the next attempt (it is never urgent)...
 RECORD_RETRY = 5.0
+#: ...unless it says we are ready for a switchover: the leader waits for it (answer_limit).
+RECORD_READY_RETRY = 0.25
+#: A candidate-key write gets this long: one that hangs must not hold the loop (its
+#: renewals) for a whole request timeout, nor let a switchover's answer limit pass.
+RECORD_WRITE_LIMIT = 2.0
 #: The same, when the token may not write it (a token made from an older example policy).
 RECORD_DENIED_RETRY = 600.0
+#: A target that said it is ready reads the key this often until the request is gone: a watch
+#: that hangs (or backs off) must not leave it unaware that it holds the key.
+READY_READ = 0.5
 #: A hook's ``standby`` call gets at most this long to finish before the lock moves.
 HANDOVER_HOOK_WAIT = 3.0
 
@@ -137,6 +145,11 @@ class Cluster:
             return None
         return self.record_retry_at
 
+    def awaiting_handover(self) -> bool:
+        """Our candidate key told the leader we are ready for its request, which is still
+        there: the key may become ours any moment (the loop looks, not only the watch)."""
+        return self.written is not None and self.written[2] != 0 and self._ready_for() == self.written[2]
+
     def _ready_for(self) -> int:
         """A switchover request naming us: our candidate key says we are ready for it, which
         proves to the leader that our loop runs (a frozen target would never claim the key)."""
@@ -158,13 +171,16 @@ class Cluster:
                            since=self.role_since, up_since=self.up_since_wall,
                            checks={c: "passing" for c in s.checks}, pid=os.getpid(), version=__version__,
                            ready=ready)
+        left = self.consul.time_left()
         try:
-            written = self.consul.put_candidate(session, record.to_json())
+            with self.consul.time_limit(RECORD_WRITE_LIMIT if left is None else min(left, RECORD_WRITE_LIMIT)):
+                written = self.consul.put_candidate(session, record.to_json())
         except ConsulError as e:
             # A token of the policy before issue 16 (no key_prefix on <trigger-key>/): it will
             # not change until a reload, so ask seldom (the election itself is unaffected).
             denied = isinstance(e, PermissionDenied)
-            self.record_retry_at = self.clock() + (RECORD_DENIED_RETRY if denied else RECORD_RETRY)
+            self.record_retry_at = self.clock() + (RECORD_DENIED_RETRY if denied else
+                                                   RECORD_READY_RETRY if ready else RECORD_RETRY)
             reason = str(e)
             if reason != self._record_trouble:
                 hint = (f" (give the token key_prefix \"{s.trigger_key}/\" write: see "
@@ -366,4 +382,4 @@ class Cluster:
                      f"{s.preempt_delay:g}s")
 
 
-__all__ = ["Cluster", "HANDOVER_HOOK_WAIT"]
+__all__ = ["Cluster", "HANDOVER_HOOK_WAIT", "READY_READ"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 from ..config import ConfigError, Settings
-from ..consul import CheckNotPassing, ConsulClient, ConsulError, ConsulUnreachable, InvalidSession, KeyState
+from ..consul import CheckNotPassing, ConsulClient, ConsulError, InvalidSession, KeyState
 from ..state import SavedSession, StateStore
 from .timing import Timing
 
@@ -83,6 +83,11 @@ class NotReplaced:
     """Not this time: the old session stays ours, the doubt stays, the next good renewal retries."""
 
 
+class MoveFailed(ConsulError):
+    """The move of the lock failed or went unanswered, and the key read after it shows it
+    still held by the old session: nothing changed."""
+
+
 class Lease:
     """The session: create, renew, replace in place, destroy; and the claim window's rule."""
 
@@ -97,6 +102,7 @@ class Lease:
         self.failing: Optional[str] = None       # why the last renewal failed
         self.doubt: Optional[str] = None         # why the session is to be replaced (Consul trouble)
         self.replacement: Optional[str] = None   # the session replacing it, made but not yet ours
+        self.stray: Optional[str] = None         # a refused reload's session the lock may have moved to
         self._failed_at = 0.0
         self._renew_now = False
         self._doubts = Doubts(consul, settings, timing)
@@ -290,6 +296,16 @@ class Lease:
         if (tuple(new.checks), new.ttl, new.lock_delay) == (tuple(s.checks), s.ttl, s.lock_delay):
             return False
         old = self.session
+        # The loop waits meanwhile: confirm the session first, and end within the claim window
+        # less a renewal interval, so that a leader's claim cannot lapse however Consul answers
+        # (a hung request would otherwise end the claim: a standby hook, then a leader one).
+        sent = self.clock()
+        self.consul.renew_session(old)
+        self.confirmed_at = sent
+        with self.consul.time_limit(max(0.5, self.claim_window - self.renew_interval(True))):
+            return self._carry_over(old, new)
+
+    def _carry_over(self, old: str, new: Settings) -> bool:
         try:
             fresh = self.consul.create_session(new.checks, ttl=new.ttl, lock_delay=new.lock_delay)
         except CheckNotPassing as e:
@@ -298,12 +314,23 @@ class Lease:
             raise ConfigError(f"the new configuration binds check '{check}', which {state}: "
                               f"register it (or make it pass), or fix --check-id, then reload "
                               f"again") from None
+        except ConsulError as e:  # (unanswered, it may exist: not renewed, it ends within 2×TTL)
+            raise ConsulError(f"Consul did not create it ({e})") from None
         sent = self.clock()
-        moved = self._move_lock(old, fresh)
+        try:
+            moved = self._move_lock(old, fresh)
+        except MoveFailed as e:
+            self._destroy_quietly(fresh, "the session made for the new configuration")
+            raise ConsulError(f"Consul did not move the lock to it ({e})") from None
+        except ConsulError as e:
+            # Moved or not, nobody can tell now: both sessions are ours and the key is held by
+            # one of them (the move is all or nothing). The loop settles it first (settle_stray).
+            self.stray = fresh
+            raise ConsulError(f"Consul did not answer the move of the lock to it, nor the read "
+                              f"after it ({e})") from None
         if moved is None:
             self._destroy_quietly(fresh, "the session made for the new configuration")
-            raise ConsulError("Consul would not move the lock to the session made for the "
-                              "new configuration")
+            raise ConsulError("Consul refused to move the lock to it")
         _, key = moved
         self._destroy_quietly(old, "the session of the previous configuration")
         self.settings = new  # what the state handed to the new program describes
@@ -316,24 +343,58 @@ class Lease:
 
     def _move_lock(self, old: str, new: str) -> Optional[tuple[int, Optional[KeyState]]]:
         """Move the lock from ``old`` to ``new`` if ``old`` holds it: the key as it is then,
-        or None when Consul refused (``new`` not valid, or the key changed under us)."""
+        or None when Consul refused (``new`` not valid, or the key changed under us).
+
+        A move that fails or goes unanswered may still have been applied (REFERENCE §8;
+        a 500 is no proof either): the key, read after it, tells. Still ``old``'s: MoveFailed.
+        The move gets half of what is left of the step's budget, so that a hung one leaves
+        time for that read; a read that fails too raises its ConsulError (then nobody knows yet)."""
         index, key = self.consul.read_key()
         if key is None or key.session != old:
             return index, key
+        error: Optional[ConsulError] = None
+        left = self.consul.time_left()
         try:
-            refused = not self.consul.move_lock(old, new)
-        except ConsulUnreachable:
-            refused = False  # no answer is not "no": the key tells what Consul did
-        if not refused:
-            index, key = self.consul.read_key()
-            refused = key is not None and key.session == old
-        return None if refused else (index, key)
+            with self.consul.time_limit(self.timing.turn_budget / 3 if left is None else left / 2):
+                if not self.consul.move_lock(old, new):
+                    return None  # rolled back as a whole: nothing changed
+        except ConsulError as e:
+            error = e
+        index, key = self.consul.read_key()
+        if key is not None and key.session == old:
+            if error is not None:
+                raise MoveFailed(str(error)) from None
+            return None
+        return index, key
+
+    def settle_stray(self) -> bool:
+        """A refused reload's session that the lock may have moved to (its move unanswered):
+        move the lock back to ours if it did, then destroy it. True once settled; a Consul
+        error (raised) leaves it for the next step. Never free: both moves are one txn each."""
+        stray = self.stray
+        if stray is None or self.session is None:
+            self.stray = None
+            return True
+        _, key = self.consul.read_key()
+        if key is not None and key.session == stray:
+            if self._move_lock(stray, self.session) is None:
+                return False  # Consul refused (the stray holds it still): try again
+            log.info("the refused reload's move of %s had been applied after all: moved back to "
+                     "session %s", self.settings.trigger_key, self.session)
+        self.stray = None
+        self._destroy_quietly(stray, "the session made for the refused reload")
+        return True
 
     def drop_replacement(self) -> None:
-        """A replacement made but never taken up (a stop, a reload, the old session gone)."""
+        """A replacement made but never taken up (a stop, a reload, the old session gone), and
+        a refused reload's session not settled yet (if it holds the key, destroying it frees
+        the key: on a stop, that is the release)."""
         if self.replacement is not None:
             self._destroy_quietly(self.replacement, "the replacement session")
             self.replacement = None
+        if self.stray is not None:
+            self._destroy_quietly(self.stray, "the session made for the refused reload")
+            self.stray = None
 
     # ------------------------------------------------------------------ the end of a session
 

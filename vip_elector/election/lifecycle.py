@@ -45,6 +45,9 @@ class Lifecycle:
         ``verdict``: told None when it applies, else why not."""
         self.notifier.reloading()
         log.info("reload requested: reading the configuration again")
+        if self.lease.stray is not None:  # the key may be on it: the loop settles that first
+            return self._refused("the previous reload's move of the lock went unanswered and is "
+                                 "not settled yet: try the reload again in a few seconds", verdict)
         try:
             new = read_settings() if read_settings is not None else None
             if new is not None and self.lease.session is not None:
@@ -53,8 +56,8 @@ class Lifecycle:
         except ConfigError as e:
             return self._refused(str(e), verdict)
         except ConsulError as e:
-            return self._refused(f"cannot make the session the new configuration needs ({e}), so "
-                                 f"the key stays with the current one; try the reload again once "
+            return self._refused(f"the new configuration needs a new session, and {e}; the key "
+                                 f"stays with the current session: try the reload again once "
                                  f"Consul answers", verdict)
         except Exception as e:
             log.exception("internal error while reloading; still running as before")

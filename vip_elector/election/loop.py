@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 from ..state import SavedSession, StateStore
 from ..systemd import ElectionContext, Notifier
 from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, WatchFailed
-from .cluster import HANDOVER_HOOK_WAIT, Cluster
+from .cluster import HANDOVER_HOOK_WAIT, READY_READ, Cluster
 from .key import HeldByOther, RefusedByLockDelay, TriggerKey, Won
 from .lease import Confirmed, Failing, Gone, Lease, Replaced, Unhealthy
 from .lifecycle import Lifecycle
@@ -127,6 +127,12 @@ class Election:
         self.act_at: Optional[float] = None      # act on the key as last seen
         self.paused_until = float("-inf")        # after an internal error, nothing is due before this
         self.lost_at = float("-inf")             # our session was last lost (then look at the checks often)
+        # A switchover's move Consul did not answer: (request, target session, target name,
+        # why), until the key read next says where the lock is.
+        self.moving: Optional[tuple[Request, str, str, str]] = None
+        self.kept = False                        # a switchover failed: the key never left (no new leadership)
+        self.stray_at = float("-inf")            # settle the lease's stray session (a refused reload's)
+        self.reviewed = 0                        # the request whose overdue answer we read afresh
 
     @property
     def role(self) -> Role:
@@ -204,6 +210,8 @@ class Election:
         now = self.clock()
         due = [self.retry_at if self.lease.session is None else self.lease.renew_due(self._leading())]
         due += [t for t in (self.read_at, self.act_at, self.key.retry_at) if t is not None]
+        if self.lease.stray is not None:
+            due.append(self.stray_at)
         due += [t for t in self._cluster_due() if t is not None]
         wake = max(min(due), self.paused_until)
         until = self.lease.claim_until
@@ -222,6 +230,8 @@ class Election:
             return self._start if now >= self.retry_at else None
         if now >= self.lease.renew_due(self._leading()):
             return self._renew
+        if self.lease.stray is not None and now >= self.stray_at:
+            return self._settle_stray
         if self.read_at is not None and now >= self.read_at:
             return self._read_key
         if self.act_at is not None and now >= self.act_at:
@@ -387,6 +397,13 @@ class Election:
             elif renewal.recovered:
                 self.read_at = self.clock()
 
+    def _settle_stray(self) -> None:
+        """A refused reload's move went unanswered: the lock goes back to our session first."""
+        self.read_at = self.clock()  # then act on the key as it is
+        self.stray_at = self.clock() + self.trouble.backoff.next()  # if it fails (or raises): again then
+        if self.lease.settle_stray():
+            self.trouble.backoff.reset()
+
     def _replace(self) -> None:
         replaced = self.lease.replace()
         if isinstance(replaced, Replaced):
@@ -423,6 +440,9 @@ class Election:
         self.read_at = self.act_at = None
         self.reporter.session_gone(why)
         self.retry_at = self.clock()
+        self.kept = False
+        if self.moving is not None:  # whatever the move did, this node holds nothing now
+            self._settle_move(None)
 
     # ------------------------------------------------------------------
     # §4.2-§4.4: the key
@@ -449,16 +469,28 @@ class Election:
         """Act on the key as it is now, not as the (perhaps reconnecting) watcher last saw it."""
         self.read_at = None
         self.key.read()
-        self._act()
+        self._act(fresh=True)
+        self._expect_handover()
 
-    def _act(self, resumed: bool = False) -> None:
+    def _act(self, resumed: bool = False, fresh: bool = False) -> None:
         """The key as last seen → what this node is (§4.3, §4.4, §4.6).
 
         ``resumed``: the session was just taken up from the previous run; if it
-        holds the key, the node leads on without a new leadership (§8.2)."""
+        holds the key, the node leads on without a new leadership (§8.2).
+        ``fresh``: the key was read just now (not a watch answer that may predate a move)."""
         self.act_at = None
         key: Optional[KeyState] = self.key.state
         self.cluster.observe(self.key.entries, key)
+        if self.moving is not None:
+            # Only the target can hold it if the move was applied; that it is still ours, only
+            # a read made after the move can say (a watch answer may be older).
+            if not fresh and (key is None or key.session != self.moving[1]):
+                self.read_at = self.clock()
+                return
+            self._settle_move(key)
+        if self.lease.stray is not None:
+            self.read_at = self.clock()  # the key may be on the stray session: settle that first
+            return
         foreign = self.key.foreign(key)
         if foreign is not None:
             self.reporter.not_a_lock_key(key, foreign)
@@ -476,7 +508,8 @@ class Election:
             if not self.lease.confirmed_now(leading=True):
                 self._renew()  # confirm first: we claim only what Consul has just confirmed
             if self.lease.session is not None and self.lease.confirmed_now(leading=True):
-                self.reporter.leads(resumed=resumed)
+                self.reporter.leads(resumed=resumed, kept=self.kept)
+                self.kept = False
                 self._switchover()
         else:
             self._follow(key)
@@ -526,6 +559,14 @@ class Election:
 
     def _write_record(self) -> None:
         self.cluster.write_record(self.lease.session, self._record_role(), self.lease.node)
+        self._expect_handover()
+
+    def _expect_handover(self) -> None:
+        """The target of a switchover, once it said it is ready: read the key every READY_READ
+        until the request is gone, so that it says it leads the moment the lock is moved to it
+        (its watch may hang or back off: the key would be its own, unclaimed, meanwhile)."""
+        if self.role != Role.LEADER and self.read_at is None and self.cluster.awaiting_handover():
+            self.read_at = self.clock() + READY_READ
 
     def _preempt(self) -> None:
         if self.key.state is not None:
@@ -538,6 +579,12 @@ class Election:
             return
         if self.cluster.request_expired(req):
             self._drop_request(req, f"no answer within its {req.timeout:g}s (its author gave up)")
+        elif self.reviewed != req.modify_index:
+            # The target's answer may be in a watch answer we have not had (a watch that hangs
+            # or backs off): read afresh once, and decide on that (_act); if the read fails,
+            # decide on what we know the next time.
+            self.reviewed = req.modify_index
+            self._read_key()
         else:
             self._switchover()
 
@@ -563,20 +610,46 @@ class Election:
             return  # its answer comes through the watch (or the deadline: _review_request)
         if not ready:
             self._refuse(req, f"{target.name}'s vip-elector did not answer within "
-                              f"{self.cluster.answer_limit(req):g}s (is it frozen or overloaded?); "
-                              f"{self.settings.value} keeps the key")
+                              f"{self.cluster.answer_limit(req):g}s (is it frozen or overloaded, or "
+                              f"its Consul agent failing? see its log); {self.settings.value} "
+                              f"keeps the key")
             return
         self.cluster.handled(req)
         self.reporter.hands_over(target.name, req.by)  # hook `standby` before the key leaves us
         self.reporter.finish_hooks(min(HANDOVER_HOOK_WAIT, self.settings.hook_timeout))
         self.read_at = self.clock()  # whatever happens next, the key says where it is
-        moved = self.consul.hand_over(self.lease.session, target.session, target.name)
+        try:
+            moved = self.consul.hand_over(self.lease.session, target.session, target.name)
+        except ConsulError as e:
+            # No answer is not "no" (REFERENCE §8), and this step's budget may be spent: the
+            # key, read in a step of its own, says whether Consul moved it. Until then this
+            # node claims nothing (it is a standby since hands_over).
+            log.warning("switchover to %s: Consul did not answer the move of the lock (%s); "
+                        "reading %s to learn where it is", target.name, e, self.settings.trigger_key)
+            self.moving = (req, target.session, target.name, str(e))
+            return
         if not moved:
+            self.kept = True  # unless the key read next says otherwise
             self._refuse(req, f"Consul refused the move ({target.name}'s session ended, or the key "
                               f"changed); {self.settings.value} keeps the key")
             return
         self.reporter.handed_over(target.name)
         self._drop_request(req, None)
+
+    def _settle_move(self, key: Optional[KeyState]) -> None:
+        """A move Consul did not answer, settled by the key read since: handed over, or refused
+        (the key is still ours, or gone). Still ours: leading again is no new leadership."""
+        req, session, name, error = self.moving
+        self.moving = None
+        if key is not None and key.session == session:
+            self.reporter.handed_over(name)
+            self._drop_request(req, None)
+            return
+        self.kept = key is not None and key.session == self.lease.session
+        self._refuse(req, f"Consul did not move the lock ({error}); "
+                          + (f"{self.settings.value} keeps the key: try again once Consul is healthy"
+                             if self.kept else "the key is no longer this node's: the candidates "
+                                               "compete for it as usual"))
 
     def _refuse(self, req: Request, why: str) -> None:
         self.cluster.handled(req)
@@ -597,6 +670,7 @@ class Election:
                         self.settings.trigger_key, e)
 
     def _follow(self, holder: KeyState) -> None:
+        self.kept = False
         self.key.stop_retrying()
         self.reporter.follows(holder)
 

@@ -75,9 +75,10 @@ class Reporter:
     def starting(self) -> None:
         self._become(Role.STARTING, f"starting: connecting to Consul at {self.settings.address}")
 
-    def leads(self, resumed: bool = False) -> None:
-        """The session holds the key, confirmed; ``resumed``: the previous run's (SPEC §8.2)."""
-        self._become(Role.LEADER, self._leader_status(), resumed=resumed)
+    def leads(self, resumed: bool = False, kept: bool = False) -> None:
+        """The session holds the key, confirmed; ``resumed``: the previous run's (SPEC §8.2);
+        ``kept``: a switchover's move failed and the key never left (SPEC §11.3)."""
+        self._become(Role.LEADER, self._leader_status(), resumed=resumed, kept=kept)
 
     def follows(self, holder: KeyState) -> None:
         """Another session holds the key (SPEC §4.4)."""
@@ -232,7 +233,7 @@ class Reporter:
         return f"leader: holding {self.settings.trigger_key} as {self.settings.value}"
 
     def _become(self, role: Role, status: str, why: str = "", said: tuple = (),
-                resumed: bool = False) -> None:
+                resumed: bool = False, kept: bool = False) -> None:
         previous = self.role
         self.role = role
         self.context.role = role.value
@@ -249,6 +250,13 @@ class Reporter:
                      "key was not touched", self.settings.value, self.settings.trigger_key,
                      self.session)
             self.hooks.announce(LEADER, "this node still holds the key (resumed)", self.session)
+        elif previous != Role.LEADER and role == Role.LEADER and kept:
+            # Not a new leadership either: the switchover's standby ends, the key never left.
+            log.info("kept leadership: the switchover's move failed and this node (%s) still "
+                     "holds %s with session %s", self.settings.value, self.settings.trigger_key,
+                     self.session)
+            self.hooks.announce(LEADER, "this node still holds the key (the switchover failed)",
+                                self.session)
         elif previous != Role.LEADER and role == Role.LEADER:
             log.info("LOCK ACQUIRED: this node (%s) now holds %s", self.settings.value,
                      self.settings.trigger_key, extra={"MESSAGE_ID": MESSAGE_ACQUIRED})

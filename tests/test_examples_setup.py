@@ -57,7 +57,7 @@ def test_the_examples_name_one_key_node_service_and_check():
     assert service_check() == (SERVICE, CHECK)
     assert policy_rules() == {("key", KEY): "write", ("key_prefix", KEY + "/"): "write",  # SPEC §11
                               ("session", NODE): "write", ("service", SERVICE): "read",
-                              ("node", NODE): "read"}
+                              ("node_prefix", ""): "read"}
     opts = default_opts()
     assert "--check-id=%s" % CHECK in opts and "--vip-manager-config=/etc/vip-manager.yml" in opts
     assert "--check-id=%s" % CHECK in service.EXAMPLE_OPTS

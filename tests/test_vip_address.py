@@ -255,6 +255,7 @@ def test_missing_interface(world, made):
 def test_interface_that_disappears(world, made):
     world.run("a", "ip", "link", "add", "tmp0", "type", "veth", "peer", "name", "tmp1")
     world.run("a", "ip", "link", "set", "tmp0", "up")
+    world.run("a", "ip", "link", "set", "tmp1", "up")   # the peer up: tmp0 has carrier
     t = made("a", VipSettings("10.92.0.100", 24, "tmp0"))
     assert t.claim() is True
     world.run("a", "ip", "link", "del", "tmp0")

@@ -340,6 +340,22 @@ class Lease:
     def forget(self, why: str) -> None:
         """Consul says the session is gone: nothing of it is kept (a fresh start makes its own)."""
         log.warning("session %s is gone: %s", self.session, why)
+        self._clear()
+
+    def withdraw(self, why: str) -> None:
+        """Give the session up on purpose (its locks released first): destroyed, nothing kept.
+
+        Consul not answering does not keep it: it is no longer renewed, and Consul
+        ends it within 2×TTL."""
+        try:
+            self.consul.destroy_session(self.session)
+            log.info("session %s destroyed: %s", self.session, why)
+        except ConsulError as e:
+            log.warning("could not destroy session %s: %s (no longer renewed, Consul ends it within "
+                        "%gs)", self.session, e, 2 * self.settings.ttl)
+        self._clear()
+
+    def _clear(self) -> None:
         self.session = None
         self.doubt = None
         self.drop_replacement()

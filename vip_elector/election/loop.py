@@ -67,9 +67,9 @@ if TYPE_CHECKING:
     from ..address import VirtualAddress
 from ..state import SavedSession, StateStore
 from ..systemd import ElectionContext, Notifier
-from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, WatchFailed
+from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, VipFault, WatchFailed
 from .cluster import HANDOVER_HOOK_WAIT, Cluster
-from .key import HeldByOther, RefusedByLockDelay, TriggerKey, Won
+from .key import HeldByOther, RefusedByLockDelay, Release, TriggerKey, Won
 from .lease import Confirmed, Failing, Gone, Lease, Replaced, Unhealthy
 from .lifecycle import Lifecycle
 from .previous_run import PreviousRun
@@ -110,6 +110,10 @@ class Election:
                                  hooks or Hooks(None, 0, settings.trigger_key, settings.value),
                                  consul, self._critical_seen, self.metrics, vip)
         self.lease = Lease(consul, settings, timing, clock, self.state, self.reporter.use_session)
+        self.vip = vip
+        self.reporter.claim_left = self._claim_left
+        if vip is not None:
+            vip.on_fault = lambda why: self.events.put(VipFault(why))  # from the VIP's keeper thread
         self.key = TriggerKey(consul, settings, timing, clock)
         self.cluster = Cluster(consul, settings, clock)  # SPEC §11: candidates, priority, switchover
         self.previous = PreviousRun(consul, settings, clock, self.state, self.reporter, saved)
@@ -192,6 +196,8 @@ class Election:
             if isinstance(event, CheckCritical):
                 self.consul.reset_abort()
                 self._turn(self._on_check_critical, event)
+            if isinstance(event, VipFault):
+                self._turn(self._on_vip_fault, event)
             if isinstance(event, (KeyChanged, WatchFailed)):
                 try:
                     self._turn(self._on_watch, event)
@@ -293,6 +299,22 @@ class Election:
             budget = min(budget, max(0.05, until - self.clock()))
         return budget
 
+    def _claim_left(self) -> float:
+        """Seconds until the claim window ends (§9.3); 0 without a confirmation."""
+        until = self.lease.claim_until
+        return 0.0 if until is None else max(0.0, until - self.clock())
+
+    def _vip_holding_off(self) -> bool:
+        """--manage-vip: the VIP cannot be held here now (a fault, or one too recent): do not
+        compete; the node says so and looks again (§12, keepalived's FAULT state)."""
+        held = self.vip.holding_off() if self.vip is not None else None
+        if held is None:
+            return False
+        why, left = held
+        self.reporter.vip_fault(why, left, gave_up=False)
+        self.retry_at = self.clock() + min(self.timing.health_poll, max(0.05, left))
+        return True
+
     def _leading(self) -> bool:
         """The session holds the key, or claims (or claimed) it: a leader's cadence."""
         return self.key.held_by(self.lease.session) or self.role in (Role.LEADER, Role.CUT_OFF)
@@ -309,6 +331,8 @@ class Election:
             if resumed is not None:
                 self._take_up(resumed.session, resumed.confirmed_at, resumed.node)
                 return
+        if self._vip_holding_off():
+            return
         self._create_session()
 
     def _connect(self) -> None:
@@ -376,6 +400,7 @@ class Election:
                 self._cut_off(renewal.reason)
         elif isinstance(renewal, Confirmed):
             self._recovered()
+            self.reporter.claim_extended()  # the VIP's lifetime follows the claim window
             if renewal.recovered:
                 log.info("Consul confirms session %s again", self.lease.session)
                 # The watch went through the same trouble and may sit in its backoff (up to
@@ -409,6 +434,31 @@ class Election:
             return
         self.reporter.check_critical(event.check_id)
         self.lease.renew_now()  # learn now whether Consul has the session still
+
+    def _on_vip_fault(self, event: VipFault) -> None:
+        """The VIP cannot be held here (interface missing or down, adding failed): as a planned
+        handover, the key is released at once for a healthy node, and the session (with our
+        candidate key) destroyed, so that this node does not compete until the fault has been
+        gone for the hold-off (§12; keepalived's FAULT state)."""
+        held = self.vip.holding_off() if self.vip is not None else None
+        if held is None or self.lease.session is None:
+            return  # over already, or no candidacy to withdraw (_start looks before competing)
+        why, left = held
+        holds = self.role == Role.LEADER or self.key.held_by(self.lease.session)
+        self.reporter.vip_fault(why, left, gave_up=holds)  # standby hook, VIP off
+        if holds:
+            self.reporter.finish_hooks(min(HANDOVER_HOOK_WAIT, self.settings.hook_timeout))
+            try:
+                if self.key.release(self.lease.session) == Release.RELEASED:
+                    self.reporter.released_on_fault()
+            except ConsulError as e:
+                log.warning("could not release %s: %s; Consul frees it when the session ends",
+                            self.settings.trigger_key, e)
+        self.lease.withdraw(f"withdrawn while the VIP cannot be held here ({why})")
+        self.cluster.session_lost()
+        self.key.stop_retrying()
+        self.read_at = self.act_at = None
+        self.retry_at = self.clock() + min(self.timing.health_poll, max(0.05, left))
 
     def _critical_seen(self, check_id: str) -> None:
         """From the health watch's thread: end the claim now, even mid-request."""
@@ -482,6 +532,10 @@ class Election:
             self._follow(key)
 
     def _acquire(self) -> None:
+        if self.vip is not None and self.vip.holding_off() is not None:
+            self.key.stop_retrying()
+            self.events.put(VipFault("held off"))  # withdraw: the next turn destroys the session
+            return
         if self.lease.failing is not None:
             self.key.retry_at = None
             return  # it would not be confirmed anyway; a good renewal decides again

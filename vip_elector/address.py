@@ -229,6 +229,7 @@ class VirtualAddress:
         self._wake = threading.Condition(self._lock)
         self._closed = False
         self._last_error: Optional[str] = None  # logged once per cause (settle and the keeper)
+        self._last_error_claiming: Optional[bool] = None
         self.errors: dict[str, int] = {"add": 0, "remove": 0}  # failed netlink changes, by action
         self.on_error: Callable[[str], None] = lambda action: None  # the metrics sink
         # FAULT (keepalived's word): the interface missing or down, or adding failed.
@@ -379,7 +380,7 @@ class VirtualAddress:
         if claiming:
             self._fault(text, add_failed=not isinstance(e, (InterfaceMissing, InterfaceDown)))
         if text != self._last_error:
-            self._last_error = text
+            self._last_error, self._last_error_claiming = text, claiming
             if claiming:
                 log.error("VIP %s cannot be added: %s", self.vip, text)
             else:
@@ -391,7 +392,7 @@ class VirtualAddress:
     def _succeeded(self, claiming: Optional[bool]) -> None:
         if claiming is None:
             return
-        if self._last_error is not None:
+        if self._last_error is not None and self._last_error_claiming == claiming:
             log.info("VIP %s %s again", self.vip, "held" if claiming else "off this node")
         self._last_error = None
         if claiming:

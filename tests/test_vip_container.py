@@ -20,6 +20,8 @@ In file order, one node's life:
   stop:        the VIP is removed, before the key is released
   start limit: two kill -9 in a row with StartLimitBurst=2: the unit fails for
                good, OnFailure= runs vip-elector-drop-vip@, the VIP is gone
+  apt purge:   the package (built from this tree) installed over it, the node
+               leads again, `apt-get purge`: the VIP is gone and stays gone
 """
 
 import os
@@ -246,3 +248,31 @@ def test_exposure_with_the_drop_in_is_reported(installed):
     score = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)", res.stdout).group(1))
     print("systemd-analyze security with the manage-vip drop-in: %s" % score)
     assert score <= 2.0, res.stdout[-2000:]
+
+
+def test_apt_purge_leaves_no_address_behind(installed, net, key):
+    """The package installed over the hand-made install (the same paths), the VIP enabled and
+    held, then `apt-get purge`: the prerm's stop removes the VIP (before the key is released),
+    nothing puts it back, and the package is gone (issue 17 item 8)."""
+    from debbuild import build_deb, build_unavailable
+    from package_steps import apt_install, apt_purge, assert_quiet
+    reason = build_unavailable()
+    if reason:
+        pytest.skip(reason)
+    ct = installed
+    res = apt_install(ct, build_deb())
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    set_opts(ct, "--vip-manager-config=/etc/vip-manager.yml")    # the drop-in, linked above, enables it
+    ct.run(["systemctl", "reset-failed", UNIT], check=False)
+    ct.systemctl("restart", UNIT)
+    wait_leading(ct, net, key)
+    since = time.time()
+    assert_quiet(apt_purge(ct), "apt-get purge")
+    assert ct.run(["dpkg-query", "-W", "-f=${Status}", "vip-elector"], check=False).stdout \
+        in ("", "unknown ok not-installed"), "the package is still installed"
+    assert net.vip_lines() == [], "apt purge left the VIP on %s" % IFACE
+    assert net.removals(since), "the monitor saw no removal"
+    assert net.consul.kv_get(key) is None, "the stop before the purge hands the key over"
+    # And it stays gone: no process of ours is left to put it back.
+    assert ct.run(["pgrep", "-f", "vip_elector|vip-elector"], check=False).stdout.strip() == ""
+    assert net.vip_lines() == []

@@ -153,3 +153,23 @@ def test_a_follower_with_a_fault_withdraws_its_candidacy():
         looked = vip.looked
         wait_for(lambda: vip.looked >= looked + 3, what="the loop to look at the fault again")
         assert consul.key is None and r.election.session is None
+
+
+def test_a_withdrawal_consul_does_not_answer_is_retried_until_it_does():
+    """The faulted interface may be the way to Consul too: the release and the destroy are
+    tried again until Consul answers, so the session never waits out its TTL holding the key."""
+    consul = FakeConsul()
+    r, vip = running(consul)
+    with r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        session = r.election.session
+        consul.reachable = False
+        vip.fault = ("interface eth0 has no carrier", 10.0)
+        vip.on_fault(vip.fault[0])
+        wait_for(lambda: r.election.role == Role.WAITING)
+        assert vip.decisions[-1] is False                # the VIP off at once, Consul or not
+        assert consul.key is not None and session in consul.sessions
+        consul.reachable = True
+        wait_for(lambda: consul.key is None and session not in consul.sessions,
+                 what=lambda: f"the withdrawal to be retried: {consul.key}, {consul.sessions}")
+        assert r.election.session is None and r.election.role == Role.WAITING

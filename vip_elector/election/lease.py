@@ -342,17 +342,8 @@ class Lease:
         log.warning("session %s is gone: %s", self.session, why)
         self._clear()
 
-    def withdraw(self, why: str) -> None:
-        """Give the session up on purpose (its locks released first): destroyed, nothing kept.
-
-        Consul not answering does not keep it: it is no longer renewed, and Consul
-        ends it within 2×TTL."""
-        try:
-            self.consul.destroy_session(self.session)
-            log.info("session %s destroyed: %s", self.session, why)
-        except ConsulError as e:
-            log.warning("could not destroy session %s: %s (no longer renewed, Consul ends it within "
-                        "%gs)", self.session, e, 2 * self.settings.ttl)
+    def forget_quietly(self) -> None:
+        """The session was given up on purpose (destroyed by us): nothing of it is kept."""
         self._clear()
 
     def _clear(self) -> None:

@@ -131,6 +131,10 @@ class Election:
         self.act_at: Optional[float] = None      # act on the key as last seen
         self.paused_until = float("-inf")        # after an internal error, nothing is due before this
         self.lost_at = float("-inf")             # our session was last lost (then look at the checks often)
+        # --manage-vip's fault (§12): the session being given up, and when to try again.
+        self.withdrawing: Optional[str] = None
+        self.withdraw_failing: Optional[str] = None
+        self.withdraw_at = float("inf")
 
     @property
     def role(self) -> Role:
@@ -209,6 +213,8 @@ class Election:
         """The one place that knows when the loop must be awake next."""
         now = self.clock()
         due = [self.retry_at if self.lease.session is None else self.lease.renew_due(self._leading())]
+        if self.withdrawing is not None:
+            due = [self.withdraw_at]
         due += [t for t in (self.read_at, self.act_at, self.key.retry_at) if t is not None]
         due += [t for t in self._cluster_due() if t is not None]
         wake = max(min(due), self.paused_until)
@@ -224,6 +230,8 @@ class Election:
         """The step due now, if any, in the order of SPEC §4: session, renewal, key, acquire."""
         if now < self.paused_until:
             return None
+        if self.withdrawing is not None:
+            return self._withdraw if now >= self.withdraw_at else None
         if self.lease.session is None:
             return self._start if now >= self.retry_at else None
         if now >= self.lease.renew_due(self._leading()):
@@ -436,29 +444,50 @@ class Election:
         self.lease.renew_now()  # learn now whether Consul has the session still
 
     def _on_vip_fault(self, event: VipFault) -> None:
-        """The VIP cannot be held here (interface missing or down, adding failed): as a planned
-        handover, the key is released at once for a healthy node, and the session (with our
-        candidate key) destroyed, so that this node does not compete until the fault has been
-        gone for the hold-off (§12; keepalived's FAULT state)."""
+        """The VIP cannot be held here (interface missing or down, adding failed): as in a
+        planned handover, the key is released at once for a healthy node, and the session (with
+        our candidate key) destroyed, so that this node does not compete until the fault has
+        been gone for the hold-off (§12; keepalived's FAULT state)."""
         held = self.vip.holding_off() if self.vip is not None else None
-        if held is None or self.lease.session is None:
-            return  # over already, or no candidacy to withdraw (_start looks before competing)
+        if held is None or self.lease.session is None or self.withdrawing is not None:
+            return  # over already, or nothing to withdraw (_start looks before competing)
         why, left = held
         holds = self.role == Role.LEADER or self.key.held_by(self.lease.session)
         self.reporter.vip_fault(why, left, gave_up=holds)  # standby hook, VIP off
         if holds:
             self.reporter.finish_hooks(min(HANDOVER_HOOK_WAIT, self.settings.hook_timeout))
-            try:
-                if self.key.release(self.lease.session) == Release.RELEASED:
-                    self.reporter.released_on_fault()
-            except ConsulError as e:
-                log.warning("could not release %s: %s; Consul frees it when the session ends",
-                            self.settings.trigger_key, e)
-        self.lease.withdraw(f"withdrawn while the VIP cannot be held here ({why})")
-        self.cluster.session_lost()
+        self.withdrawing = why
         self.key.stop_retrying()
         self.read_at = self.act_at = None
-        self.retry_at = self.clock() + min(self.timing.health_poll, max(0.05, left))
+        self._withdraw()
+
+    def _withdraw(self) -> None:
+        """Release the key (if ours) and destroy the session; retried every ``renew_retry``
+        while Consul does not answer (the same interface may be the way to it), so that the
+        session never outlives the withdrawal: its key would wait for the TTL otherwise."""
+        session, why = self.lease.session, self.withdrawing or ""
+        try:
+            with self.consul.time_limit(min(self._budget(), 2 * self.timing.shutdown_timeout + 0.5)):
+                if self.key.held_by(session) or self.key.state is None:
+                    if self.key.release(session) == Release.RELEASED:
+                        self.reporter.released_on_fault()
+                self.consul.destroy_session(session)
+        except InvalidSession:
+            pass  # gone already, and its key with it
+        except ConsulError as e:
+            if self.withdraw_failing != str(e):
+                log.warning("cannot withdraw session %s yet (%s): trying again every %gs",
+                            session, e, self.timing.renew_retry)
+            self.withdraw_failing = str(e)
+            self.withdraw_at = self.clock() + self.timing.renew_retry
+            return
+        log.info("session %s destroyed: withdrawn while the VIP cannot be held here (%s)", session, why)
+        self.lease.forget_quietly()
+        self.cluster.session_lost()
+        self.withdrawing = self.withdraw_failing = None
+        self.withdraw_at = float("inf")
+        held = self.vip.holding_off() if self.vip is not None else None
+        self.retry_at = self.clock() + min(self.timing.health_poll, max(0.05, held[1] if held else 0.0))
 
     def _critical_seen(self, check_id: str) -> None:
         """From the health watch's thread: end the claim now, even mid-request."""
@@ -507,6 +536,8 @@ class Election:
         ``resumed``: the session was just taken up from the previous run; if it
         holds the key, the node leads on without a new leadership (§8.2)."""
         self.act_at = None
+        if self.withdrawing is not None:
+            return  # giving the session up (the VIP's fault): never a claim on the way
         key: Optional[KeyState] = self.key.state
         self.cluster.observe(self.key.entries, key)
         foreign = self.key.foreign(key)
@@ -534,7 +565,7 @@ class Election:
     def _acquire(self) -> None:
         if self.vip is not None and self.vip.holding_off() is not None:
             self.key.stop_retrying()
-            self.events.put(VipFault("held off"))  # withdraw: the next turn destroys the session
+            self.events.put(VipFault("held off"))  # withdraw: the next event destroys the session
             return
         if self.lease.failing is not None:
             self.key.retry_at = None

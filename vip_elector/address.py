@@ -534,7 +534,7 @@ class VirtualAddress:
             return True  # the claim was extended (a confirmed renewal): so is the lifetime
         info = found.get_attr("IFA_CACHEINFO")
         valid = info["ifa_valid"] if info is not None else INFINITY_LIFE_TIME
-        return valid > lifetime
+        return valid == INFINITY_LIFE_TIME or valid > lifetime + 1  # 1: the kernel rounds its age down
 
     def _put(self, index: int, lifetime: Optional[int], replace: bool) -> None:
         """Add the address, or renew its lifetime (``RTM_NEWADDR`` with ``NLM_F_REPLACE``)."""

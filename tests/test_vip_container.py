@@ -274,7 +274,7 @@ def test_apt_purge_leaves_no_address_behind(installed, net, key):
     if reason:
         pytest.skip(reason)
     ct = installed
-    res = apt_install(ct, build_deb())
+    res = apt_install(ct, build_deb(), "-o", "Dpkg::Options::=--force-confold")  # /etc/default: ours
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     set_opts(ct, "--vip-manager-config=/etc/vip-manager.yml")    # the drop-in, linked above, enables it
     ct.run(["systemctl", "reset-failed", UNIT], check=False)

@@ -367,6 +367,27 @@ def test_renewed_claims_keep_it_and_the_kernel_removes_it_once_they_stop(world, 
     assert a.wanted is True                         # still the decision: only the window ended
 
 
+def test_a_request_held_up_on_its_way_never_outlasts_the_claim(world, made):
+    """The process frozen between computing a lifetime and the kernel taking it (here: the
+    request held up 1.5 s on its way, which is all a test can make of that): the lifetime is
+    set again, shorter, so that the address still ends before the claim does."""
+    a = made("a", V4)
+    real = a._ipr.addr
+    held = {"once": True}
+
+    def addr(command, *args, **kw):
+        if command == "replace" and held["once"]:
+            held["once"] = False
+            threading.Event().wait(1.5)
+        return real(command, *args, **kw)
+
+    a._ipr.addr = addr
+    started = time.monotonic()
+    assert a.claim(hold=3.5) is True                # 2 s asked; 2 s no longer fit once it arrived
+    valid, _ = lifetimes(world.addresses("a", V4))
+    assert valid is not None and time.monotonic() - started + expiry_bound(valid) <= 3.5, valid
+
+
 # --- a removal that fails is retried, logged once, counted ---------------------
 
 def test_a_failing_removal_is_retried_logged_once_and_counted(world, made, caplog):

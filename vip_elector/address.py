@@ -11,12 +11,14 @@ takes it off again; the election loop says when. What the loop may rely on:
   and each claim with a later end (a confirmed renewal) renews them with an
   ``RTM_NEWADDR`` replace. So the kernel itself removes the address of a
   process that is frozen, wedged or dead (see ``lifetime_for``); a claim
-  whose window is too short for one whole second adds nothing.
+  whose window is too short for one whole second adds nothing, and no
+  announcement goes out once the window has ended (a process frozen in
+  the middle of a burst).
 * ``release()`` removes it and cancels announcements not yet sent: once it
   returns, this node sends nothing more for the VIP. Idempotent: "not
   there" is success. It never waits for anything but one netlink request.
 * ``enforce(claiming)`` is the level-triggered form of the two, cheap enough
-  for every loop turn (one netlink request when nothing changes). ``keep()``
+  for every loop turn (three small netlink requests when nothing changes). ``keep()``
   runs it every 0.5 s in a thread of its own, on the last decision the loop
   made, so a leader puts back an address someone removed within a second
   and a standby removes a stale copy, however long the loop sleeps.

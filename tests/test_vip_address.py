@@ -424,6 +424,12 @@ def test_an_interface_down_or_deleted_is_a_fault_until_it_is_back(world, made):
     world.run("a", "ip", "link", "add", "flt0", "type", "veth", "peer", "name", "flt1")
     world.run("a", "ip", "link", "set", "flt0", "up")
     world.run("a", "ip", "link", "set", "flt1", "up")
+    probe = made("a", VipSettings("10.93.0.100", 24, "flt0"))   # what --check asks
+    assert probe.unusable() is None
+    world.run("a", "ip", "link", "set", "flt1", "down")    # the peer down: no carrier
+    assert "flt0 has no carrier" in probe.unusable()
+    world.run("a", "ip", "link", "set", "flt1", "up")
+    wait_for(lambda: probe.unusable() is None, 5, message="the carrier back")
     faults = []
     f = made("a", VipSettings("10.93.0.100", 24, "flt0"), keep_interval=0.05)
     f.on_fault = faults.append

@@ -268,6 +268,15 @@ class VirtualAddress:
             link = self._link(missing_ok=True)
             return link is not None and self._find(link[0]) is not None
 
+    def unusable(self) -> Optional[str]:
+        """Why the interface cannot carry the VIP now (missing, down, no carrier), or None."""
+        with self._lock:
+            try:
+                self._usable(self._link())
+            except (InterfaceMissing, InterfaceDown) as e:
+                return str(e)
+            return None
+
     def claim(self, hold: Optional[float] = None) -> bool:
         """Put the VIP on the interface and announce the takeover; True if it was added now.
 

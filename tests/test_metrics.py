@@ -51,9 +51,9 @@ class Clock:
         return self.t
 
 
-def make(clock=None, hooks=True, process=False):
+def make(clock=None, hooks=True, process=False, vip=False):
     return Metrics("9.9", "service/pg/leader", "node-a", hooks=hooks, clock=clock or Clock(),
-                   process=process)
+                   process=process, vip=vip)
 
 
 # -- the address ---------------------------------------------------------------
@@ -230,6 +230,16 @@ def test_replacements_and_hook_runs_are_counted():
                  state="leader", result="ok") is None  # no --hook: no series
 
 
+def test_vip_errors_are_counted_by_action_with_manage_vip_only():
+    m = make(vip=True)
+    m.vip_error("remove")
+    m.vip_error("remove")
+    got = samples(m.exposition().decode())
+    assert value(got, "vip_elector_vip_errors_total", action="remove") == 2
+    assert value(got, "vip_elector_vip_errors_total", action="add") == 0
+    assert value(make().exposition().decode(), "vip_elector_vip_errors_total", action="add") is None
+
+
 def test_a_broken_metric_never_raises_into_the_loop(caplog):
     m = make()
     m.transitions = None  # any bug inside
@@ -241,7 +251,7 @@ def test_a_broken_metric_never_raises_into_the_loop(caplog):
 def test_null_metrics_take_every_call():
     n = NullMetrics()
     n.role("leader"); n.session_confirmed(1.0); n.session_replaced()
-    n.consul_error(c.ConsulError("x")); n.hook_run("leader", "ok"); n.close()
+    n.consul_error(c.ConsulError("x")); n.hook_run("leader", "ok"); n.vip_error("add"); n.close()
 
 
 def test_the_process_collector_is_there_when_asked():

@@ -15,11 +15,14 @@ In file order, one node's life:
   no drop-in:  `--manage-vip` in the options → exit 78, the journal names the
                capability and the drop-in to link
   one link:    the drop-in linked, the node leads, the VIP is on vip0
-  kill -9:     systemd restarts the daemon, which resumes: the VIP was never
-               removed (ExecStopPost= saw SERVICE_RESULT=signal and kept it)
+  kill -9:     systemd restarts the daemon, which resumes: nothing removed the
+               VIP (ExecStopPost= saw SERVICE_RESULT=signal and kept it), but
+               its kernel lifetime may have run out in the gap (then re-added)
   stop:        the VIP is removed, before the key is released
   start limit: two kill -9 in a row with StartLimitBurst=2: the unit fails for
                good, OnFailure= runs vip-elector-drop-vip@, the VIP is gone
+  apt purge:   the package (built from this tree) installed over it, the node
+               leads again, `apt-get purge`: the VIP is gone and stays gone
 """
 
 import os
@@ -188,11 +191,24 @@ def test_one_link_enables_it_and_the_leader_holds_the_vip(installed, net, key):
 
 
 def test_kill_9_is_restarted_and_keeps_the_vip(installed, net, key):
+    """Nothing removes the VIP on the way (ExecStopPost= keeps it, the new daemon resumes and
+    renews its lifetime) — but the kernel may: the dead daemon's address lives at most its
+    claim window's remainder (~2-3 s), so a restart slower than that (RestartSec=1s plus the
+    start) finds it gone and adds it back. Reported, never two holders: that is the price."""
     ct = installed
     since = time.time()
     kill9(ct)
     wait_leading(ct, net, key)
-    assert net.removals(since) == [], "the VIP was removed during a restart"
+    removed = net.removals(since)
+    assert all("valid_lft 0sec" in text for _, text in removed), \
+        "the VIP was removed during a restart, not by its lifetime: %s" % removed
+    text = journal(ct, "-u", UNIT, "--since", "-2min")
+    assert "VIP %s/%d on %s removed" % (VIP, PREFIX, IFACE) not in text, text[-2000:]
+    if removed:
+        back = [t for t, line in zip(net.monitor.stamps, net.monitor.lines)
+                if t >= removed[0][0] and not line.startswith("Deleted") and " %s/" % VIP in line]
+        print("kill -9: the VIP's lifetime ran out %.1fs after the kill; back %.1fs later, "
+              "when the restarted daemon resumed" % (removed[0][0] - since, back[0] - removed[0][0]))
     assert unit(ct, "ActiveState")["ActiveState"] == "active"
     text = journal(ct, "-u", UNIT, "--since", "-2min")
     assert "keeping VIP %s/%d on %s" % (VIP, PREFIX, IFACE) in text, text[-2000:]
@@ -224,7 +240,7 @@ def test_start_limit_hit_leaves_no_vip(installed, net, key):
         since = time.time()
         kill9(ct)                                   # start 2 of 2: restarted, VIP kept
         wait_leading(ct, net, key)
-        assert net.removals(since) == []
+        assert all("valid_lft 0sec" in text for _, text in net.removals(since))  # at most its lifetime
         ct.run(["kill", "-9", main_pid(ct)])        # a third start would pass the limit
         wait_for(lambda: unit(ct, "ActiveState")["ActiveState"] == "failed", 30,
                  message="the unit to fail for good")
@@ -246,3 +262,29 @@ def test_exposure_with_the_drop_in_is_reported(installed):
     score = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)", res.stdout).group(1))
     print("systemd-analyze security with the manage-vip drop-in: %s" % score)
     assert score <= 2.0, res.stdout[-2000:]
+
+
+def test_apt_purge_leaves_no_address_behind(installed, net, key):
+    """The package installed over the hand-made install (the same paths), the VIP enabled and
+    held, then `apt-get purge`: the prerm's stop removes the VIP (before the key is released),
+    nothing puts it back, and the package is gone (issue 17 item 8)."""
+    from debbuild import build_deb, build_unavailable
+    from package_steps import apt_install, apt_purge, assert_quiet
+    reason = build_unavailable()
+    if reason:
+        pytest.skip(reason)
+    ct = installed
+    res = apt_install(ct, build_deb(), "-o", "Dpkg::Options::=--force-confold")  # /etc/default: ours
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    set_opts(ct, "--vip-manager-config=/etc/vip-manager.yml")    # the drop-in, linked above, enables it
+    ct.run(["systemctl", "reset-failed", UNIT], check=False)
+    ct.systemctl("restart", UNIT)
+    wait_leading(ct, net, key)
+    since = time.time()
+    assert_quiet(apt_purge(ct), "apt-get purge")
+    assert ct.run(["dpkg-query", "-W", "-f=${Status}", "vip-elector"], check=False).stdout \
+        in ("", "unknown ok not-installed"), "the package is still installed"
+    assert net.vip_lines() == [], "apt purge left the VIP on %s" % IFACE
+    assert net.removals(since), "the monitor saw no removal"
+    assert net.consul.kv_get(key) is None, "the stop before the purge hands the key over"
+    assert unit(ct, "ActiveState")["ActiveState"] in ("inactive", "failed")

@@ -24,11 +24,21 @@ class FakeVip:
         self.decisions: list = []
         self.with_roles: list = []   # (decision, the role the node is in as it is made)
         self.role_of = lambda: None
+        self.holds: list = []        # the claim window left, for each claim (the address's lifetime)
+        self.fault = None            # what holding_off() answers
+        self.on_fault = lambda why: None
+        self.looked = 0              # holding_off() calls: the loop looking before it competes
 
-    def settle(self, claiming):
+    def settle(self, claiming, hold=None):
         self.decisions.append(claiming)
         self.with_roles.append((claiming, self.role_of()))
         self.calls.append(f"vip:{claiming}")
+        if claiming:
+            self.holds.append(hold)
+
+    def holding_off(self):
+        self.looked += 1
+        return self.fault
 
 
 def running(consul: FakeConsul) -> tuple[Running, FakeVip]:
@@ -89,3 +99,77 @@ def test_planned_stop_removes_it_before_the_key_is_released():
     assert consul.key is None
     assert "vip:False" in consul.calls
     assert consul.calls.index("vip:False") < consul.calls.index("delete_if_unchanged"), consul.calls
+
+
+def test_every_claim_carries_the_claim_window_left_and_renewals_extend_it():
+    """The address's kernel lifetime follows the claim (SPEC §9.3): each claim says how much
+    of the window is left, and each confirmed renewal claims again (the lifetime is renewed)."""
+    consul = FakeConsul()
+    r, vip = running(consul)
+    window = r.election.lease.claim_window
+    with r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        first = len(vip.holds)
+        wait_for(lambda: len(vip.holds) >= first + 3, what=lambda: f"renewals to claim again: {vip.holds}")
+    assert all(hold is not None and 0 < hold <= window for hold in vip.holds), (window, vip.holds)
+
+
+def test_a_leader_that_cannot_hold_the_vip_hands_the_key_over_and_waits_out_the_fault():
+    """keepalived's FAULT state: the key is released at once (a CAS delete, no lock-delay for
+    the standby), the session with it; no acquire while the fault lasts; back afterwards."""
+    consul = FakeConsul()
+    r, vip = running(consul)
+    with r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        session = r.election.session
+        consul.calls.clear()
+        vip.fault = ("interface eth0 is down: bring it up (ip link set eth0 up)", 10.0)
+        vip.on_fault(vip.fault[0])                     # what the VIP's keeper thread does
+        wait_for(lambda: r.election.role == Role.WAITING and consul.key is None,
+                 what=lambda: f"the key released: {r.election.role}, {consul.key}")
+        assert session not in consul.sessions          # candidacy withdrawn with the session
+        assert consul.calls.index("vip:False") < consul.calls.index("delete_if_unchanged"), consul.calls
+        wait_for(lambda: any("VIP fault: interface eth0 is down" in s for s in r.recorder.statuses()))
+        consul.calls.clear()
+        looked = vip.looked
+        wait_for(lambda: vip.looked >= looked + 3, what="the loop to look at the fault again")
+        assert "create_session" not in consul.calls and "acquire" not in consul.calls, consul.calls
+        vip.fault = None                               # the interface is back and the hold-off over
+        wait_for(lambda: r.election.role == Role.LEADER, what="leading again after the fault")
+        assert r.election.session != session
+
+
+def test_a_follower_with_a_fault_withdraws_its_candidacy():
+    consul = FakeConsul()
+    consul.sessions.add("other")
+    consul.set_key(KeyState("node-b", LOCK_FLAG, "other", 0))
+    r, vip = running(consul)
+    with r:
+        wait_for(lambda: r.election.role == Role.FOLLOWER)
+        vip.fault = ("interface eth0 does not exist", 10.0)
+        vip.on_fault(vip.fault[0])
+        wait_for(lambda: r.election.role == Role.WAITING and r.election.session is None)
+        consul.set_key(None)                           # the key is free: not for this node now
+        looked = vip.looked
+        wait_for(lambda: vip.looked >= looked + 3, what="the loop to look at the fault again")
+        assert consul.key is None and r.election.session is None
+
+
+def test_a_withdrawal_consul_does_not_answer_is_retried_until_it_does():
+    """The faulted interface may be the way to Consul too: the release and the destroy are
+    tried again until Consul answers, so the session never waits out its TTL holding the key."""
+    consul = FakeConsul()
+    r, vip = running(consul)
+    with r:
+        wait_for(lambda: r.election.role == Role.LEADER)
+        session = r.election.session
+        consul.reachable = False
+        vip.fault = ("interface eth0 has no carrier", 10.0)
+        vip.on_fault(vip.fault[0])
+        wait_for(lambda: r.election.role == Role.WAITING)
+        assert vip.decisions[-1] is False                # the VIP off at once, Consul or not
+        assert consul.key is not None and session in consul.sessions
+        consul.reachable = True
+        wait_for(lambda: consul.key is None and session not in consul.sessions,
+                 what=lambda: f"the withdrawal to be retried: {consul.key}, {consul.sessions}")
+        assert r.election.session is None and r.election.role == Role.WAITING

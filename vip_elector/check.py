@@ -188,8 +188,12 @@ def vip_lines(settings: Settings) -> list[tuple[bool, str]]:
     try:
         with VirtualAddress(vip, announce=False, manage=False) as address:
             present = address.present()
+            unusable = address.unusable()
     except AddressError as e:
         return [(False, f"VIP {vip} (--manage-vip): {e}")]
+    if unusable:
+        return [(False, f"VIP {vip} (--manage-vip): {unusable}; until it is usable this node does "
+                        "not compete (a leader gives the key up)")]
     where = "is on this node now" if present else "is not on this node now"
     return [(True, f"VIP {vip} (--manage-vip, from {settings.config_path}) {where}")]
 

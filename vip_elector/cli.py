@@ -320,6 +320,7 @@ def _run_daemon(settings: Settings, consul, notifier: Notifier, context: Electio
                         reload_settings=lambda: reloader.prepare(validate),
                         reload_verdict=reloader.verdict, metrics=metrics, vip=vip)
     if vip is not None:
+        vip.on_error = metrics.vip_error
         vip.keep()
     relay = signals.SignalRelay(election.on_signal).start()
     _log_start(settings, reexec)
@@ -367,7 +368,7 @@ def _serve_metrics(settings: Settings, reexec: bool):
     if address is None:
         return NullMetrics()
     metrics = Metrics(__version__, settings.trigger_key, settings.value, hooks=bool(settings.hook),
-                      priority=settings.priority)
+                      priority=settings.priority, vip=settings.vip is not None)
     try:
         metrics.serve(bind(address))
     except ConfigError as e:

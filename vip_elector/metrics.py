@@ -55,6 +55,8 @@ ROLES = ("starting", "waiting", "follower", "leader", "cut-off", "stopping")
 ERROR_KINDS = ("unreachable", "timeout", "denied", "server_error", "bad_answer")
 HOOK_STATES = ("leader", "standby")
 HOOK_RESULTS = ("ok", "failed", "killed", "not_run")
+#: What vip_errors_total counts (--manage-vip): netlink changes of the VIP that failed.
+VIP_ACTIONS = ("add", "remove")
 #: A scraper that sends nothing for this long is dropped (its thread ends).
 SCRAPE_TIMEOUT = 10.0
 
@@ -214,6 +216,9 @@ class NullMetrics:
     def hook_run(self, state: str, result: str) -> None:
         """A hook call ended: state leader|standby, result ok|failed|killed|not_run."""
 
+    def vip_error(self, action: str) -> None:
+        """--manage-vip: adding or removing the VIP failed (the keeper retries): add|remove."""
+
     def close(self) -> None:
         """Stop serving; the socket is closed (before a reload's exec, or at exit)."""
 
@@ -238,7 +243,7 @@ class Metrics(NullMetrics):
 
     def __init__(self, version: str, key: str, value: str, hooks: bool = False,
                  clock: Callable[[], float] = time.monotonic, process: bool = True,
-                 priority: int = 100):
+                 priority: int = 100, vip: bool = False):
         from prometheus_client import CollectorRegistry, Counter, Gauge
         self.clock = clock
         self._failed = False
@@ -288,6 +293,14 @@ class Metrics(NullMetrics):
             for state in HOOK_STATES:
                 for result in HOOK_RESULTS:
                     self.hooks.labels(state, result)
+        self.vip_errors = None
+        if vip:
+            self.vip_errors = Counter("vip_elector_vip_errors", "--manage-vip: changes of the "
+                                      "VIP that failed, by action (add, remove); each is retried "
+                                      "every 0.5 s, and the address's lifetime ends a stuck one.",
+                                      ["action"], registry=r)
+            for action in VIP_ACTIONS:
+                self.vip_errors.labels(action)
 
     # ---------------------------------------------------------- the sink
 
@@ -320,6 +333,11 @@ class Metrics(NullMetrics):
     @_guarded
     def hook_run(self, state: str, result: str) -> None:
         self.hooks.labels(state, result).inc()
+
+    @_guarded
+    def vip_error(self, action: str) -> None:
+        if self.vip_errors is not None:
+            self.vip_errors.labels(action).inc()
 
     def _confirmed_age(self) -> float:
         at = self._confirmed_at

@@ -44,9 +44,14 @@ class CheckCritical:
     check_id: str                # the bound check the local agent says is critical
 
 
+@dataclass(frozen=True)
+class VipFault:
+    why: str                     # --manage-vip: the interface is missing or down, or adding failed
+
+
 RELOAD = Reload()
 
-Event = Union[KeyChanged, WatchFailed, Stop, Reload, CheckCritical]
+Event = Union[KeyChanged, WatchFailed, Stop, Reload, CheckCritical, VipFault]
 
 
 class Inbox:

@@ -401,6 +401,13 @@ class Lease:
     def forget(self, why: str) -> None:
         """Consul says the session is gone: nothing of it is kept (a fresh start makes its own)."""
         log.warning("session %s is gone: %s", self.session, why)
+        self._clear()
+
+    def forget_quietly(self) -> None:
+        """The session was given up on purpose (destroyed by us): nothing of it is kept."""
+        self._clear()
+
+    def _clear(self) -> None:
         self.session = None
         self.doubt = None
         self.drop_replacement()

@@ -67,9 +67,9 @@ if TYPE_CHECKING:
     from ..address import VirtualAddress
 from ..state import SavedSession, StateStore
 from ..systemd import ElectionContext, Notifier
-from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, WatchFailed
+from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, VipFault, WatchFailed
 from .cluster import HANDOVER_HOOK_WAIT, READY_READ, Cluster
-from .key import HeldByOther, RefusedByLockDelay, TriggerKey, Won
+from .key import HeldByOther, RefusedByLockDelay, Release, TriggerKey, Won
 from .lease import Confirmed, Failing, Gone, Lease, Replaced, Unhealthy
 from .lifecycle import Lifecycle
 from .previous_run import PreviousRun
@@ -110,6 +110,10 @@ class Election:
                                  hooks or Hooks(None, 0, settings.trigger_key, settings.value),
                                  consul, self._critical_seen, self.metrics, vip)
         self.lease = Lease(consul, settings, timing, clock, self.state, self.reporter.use_session)
+        self.vip = vip
+        self.reporter.claim_left = self._claim_left
+        if vip is not None:
+            vip.on_fault = lambda why: self.events.put(VipFault(why))  # from the VIP's keeper thread
         self.key = TriggerKey(consul, settings, timing, clock)
         self.cluster = Cluster(consul, settings, clock)  # SPEC §11: candidates, priority, switchover
         self.previous = PreviousRun(consul, settings, clock, self.state, self.reporter, saved)
@@ -133,6 +137,10 @@ class Election:
         self.kept = False                        # a switchover failed: the key never left (no new leadership)
         self.stray_at = float("-inf")            # settle the lease's stray session (a refused reload's)
         self.reviewed = 0                        # the request whose overdue answer we read afresh
+        # --manage-vip's fault (§12): the session being given up, and when to try again.
+        self.withdrawing: Optional[str] = None
+        self.withdraw_failing: Optional[str] = None
+        self.withdraw_at = float("inf")
 
     @property
     def role(self) -> Role:
@@ -198,6 +206,8 @@ class Election:
             if isinstance(event, CheckCritical):
                 self.consul.reset_abort()
                 self._turn(self._on_check_critical, event)
+            if isinstance(event, VipFault):
+                self._turn(self._on_vip_fault, event)
             if isinstance(event, (KeyChanged, WatchFailed)):
                 try:
                     self._turn(self._on_watch, event)
@@ -209,6 +219,8 @@ class Election:
         """The one place that knows when the loop must be awake next."""
         now = self.clock()
         due = [self.retry_at if self.lease.session is None else self.lease.renew_due(self._leading())]
+        if self.withdrawing is not None:
+            due = [self.withdraw_at]
         due += [t for t in (self.read_at, self.act_at, self.key.retry_at) if t is not None]
         if self.lease.stray is not None:
             due.append(self.stray_at)
@@ -226,6 +238,8 @@ class Election:
         """The step due now, if any, in the order of SPEC §4: session, renewal, key, acquire."""
         if now < self.paused_until:
             return None
+        if self.withdrawing is not None:
+            return self._withdraw if now >= self.withdraw_at else None
         if self.lease.session is None:
             return self._start if now >= self.retry_at else None
         if now >= self.lease.renew_due(self._leading()):
@@ -303,6 +317,22 @@ class Election:
             budget = min(budget, max(0.05, until - self.clock()))
         return budget
 
+    def _claim_left(self) -> float:
+        """Seconds until the claim window ends (§9.3); 0 without a confirmation."""
+        until = self.lease.claim_until
+        return 0.0 if until is None else max(0.0, until - self.clock())
+
+    def _vip_holding_off(self) -> bool:
+        """--manage-vip: the VIP cannot be held here now (a fault, or one too recent): do not
+        compete; the node says so and looks again (§12, keepalived's FAULT state)."""
+        held = self.vip.holding_off() if self.vip is not None else None
+        if held is None:
+            return False
+        why, left = held
+        self.reporter.vip_fault(why, left, gave_up=False)
+        self.retry_at = self.clock() + min(self.timing.health_poll, max(0.05, left))
+        return True
+
     def _leading(self) -> bool:
         """The session holds the key, or claims (or claimed) it: a leader's cadence."""
         return self.key.held_by(self.lease.session) or self.role in (Role.LEADER, Role.CUT_OFF)
@@ -319,6 +349,8 @@ class Election:
             if resumed is not None:
                 self._take_up(resumed.session, resumed.confirmed_at, resumed.node)
                 return
+        if self._vip_holding_off():
+            return
         self._create_session()
 
     def _connect(self) -> None:
@@ -386,6 +418,7 @@ class Election:
                 self._cut_off(renewal.reason)
         elif isinstance(renewal, Confirmed):
             self._recovered()
+            self.reporter.claim_extended()  # the VIP's lifetime follows the claim window
             if renewal.recovered:
                 log.info("Consul confirms session %s again", self.lease.session)
                 # The watch went through the same trouble and may sit in its backoff (up to
@@ -426,6 +459,52 @@ class Election:
             return
         self.reporter.check_critical(event.check_id)
         self.lease.renew_now()  # learn now whether Consul has the session still
+
+    def _on_vip_fault(self, event: VipFault) -> None:
+        """The VIP cannot be held here (interface missing or down, adding failed): as in a
+        planned handover, the key is released at once for a healthy node, and the session (with
+        our candidate key) destroyed, so that this node does not compete until the fault has
+        been gone for the hold-off (§12; keepalived's FAULT state)."""
+        held = self.vip.holding_off() if self.vip is not None else None
+        if held is None or self.lease.session is None or self.withdrawing is not None:
+            return  # over already, or nothing to withdraw (_start looks before competing)
+        why, left = held
+        holds = self.role == Role.LEADER or self.key.held_by(self.lease.session)
+        self.reporter.vip_fault(why, left, gave_up=holds)  # standby hook, VIP off
+        if holds:
+            self.reporter.finish_hooks(min(HANDOVER_HOOK_WAIT, self.settings.hook_timeout))
+        self.withdrawing = why
+        self.key.stop_retrying()
+        self.read_at = self.act_at = None
+        self._withdraw()
+
+    def _withdraw(self) -> None:
+        """Release the key (if ours) and destroy the session; retried every ``renew_retry``
+        while Consul does not answer (the same interface may be the way to it), so that the
+        session never outlives the withdrawal: its key would wait for the TTL otherwise."""
+        session, why = self.lease.session, self.withdrawing or ""
+        try:
+            with self.consul.time_limit(min(self._budget(), 2 * self.timing.shutdown_timeout + 0.5)):
+                if self.key.held_by(session) or self.key.state is None:
+                    if self.key.release(session) == Release.RELEASED:
+                        self.reporter.released_on_fault()
+                self.consul.destroy_session(session)
+        except InvalidSession:
+            pass  # gone already, and its key with it
+        except ConsulError as e:
+            if self.withdraw_failing != str(e):
+                log.warning("cannot withdraw session %s yet (%s): trying again every %gs",
+                            session, e, self.timing.renew_retry)
+            self.withdraw_failing = str(e)
+            self.withdraw_at = self.clock() + self.timing.renew_retry
+            return
+        log.info("session %s destroyed: withdrawn while the VIP cannot be held here (%s)", session, why)
+        self.lease.forget_quietly()
+        self.cluster.session_lost()
+        self.withdrawing = self.withdraw_failing = None
+        self.withdraw_at = float("inf")
+        held = self.vip.holding_off() if self.vip is not None else None
+        self.retry_at = self.clock() + min(self.timing.health_poll, max(0.05, held[1] if held else 0.0))
 
     def _critical_seen(self, check_id: str) -> None:
         """From the health watch's thread: end the claim now, even mid-request."""
@@ -479,6 +558,8 @@ class Election:
         holds the key, the node leads on without a new leadership (§8.2).
         ``fresh``: the key was read just now (not a watch answer that may predate a move)."""
         self.act_at = None
+        if self.withdrawing is not None:
+            return  # giving the session up (the VIP's fault): never a claim on the way
         key: Optional[KeyState] = self.key.state
         self.cluster.observe(self.key.entries, key)
         if self.moving is not None:
@@ -515,6 +596,10 @@ class Election:
             self._follow(key)
 
     def _acquire(self) -> None:
+        if self.vip is not None and self.vip.holding_off() is not None:
+            self.key.stop_retrying()
+            self.events.put(VipFault("held off"))  # withdraw: the next event destroys the session
+            return
         if self.lease.failing is not None:
             self.key.retry_at = None
             return  # it would not be confirmed anyway; a good renewal decides again

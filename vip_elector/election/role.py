@@ -59,6 +59,8 @@ class Reporter:
         self._said: tuple = ()                 # which situation the status describes
         self._health: Optional[HealthWatch] = None
         self._handing_over = False             # a switchover: no LOCK LOST for the standby it begins with
+        # Seconds the claim window has left (§9.3), for the VIP's lifetime (§12); set by the loop.
+        self.claim_left: Callable[[], float] = lambda: 0.0
 
     @property
     def watching_health(self) -> bool:
@@ -185,6 +187,34 @@ class Reporter:
     def stopping(self) -> None:
         self._become(Role.STOPPING, "stopping", "planned stop")
 
+    def claim_extended(self) -> None:
+        """A leader's renewal was confirmed: the VIP's lifetime follows the claim window (§12)."""
+        if self.vip is not None and self.role == Role.LEADER:
+            self.vip.settle(True, self.claim_left())
+
+    def vip_fault(self, why: str, seconds: float, gave_up: bool) -> None:
+        """--manage-vip cannot hold the address here (keepalived's FAULT): not competing.
+
+        Said once per fault (the status counts the hold-off down)."""
+        said = ("vip fault", why)
+        status = (f"waiting: VIP fault: {why}; not competing for {self.settings.trigger_key} until "
+                  f"it has had no fault for {seconds:.0f}s")
+        if self._said != said:
+            log.error("VIP fault: %s; %s, and not competing for it until the interface has been "
+                      "usable for %gs", why,
+                      f"gave up {self.settings.trigger_key} so that a healthy node takes the VIP"
+                      if gave_up else f"withdrew this node's candidacy for {self.settings.trigger_key}",
+                      seconds, extra={"MESSAGE_ID": MESSAGE_WAITING})
+        self._handing_over = gave_up  # not LOCK LOST: it lets go (LOCK RELEASED follows)
+        try:
+            self._become(Role.WAITING, status, f"VIP fault: {why}", said)
+        finally:
+            self._handing_over = False
+
+    def released_on_fault(self) -> None:
+        log.info("LOCK RELEASED: this node (%s) gave up %s: it cannot hold the VIP",
+                 self.settings.value, self.settings.trigger_key, extra={"MESSAGE_ID": MESSAGE_RELEASED})
+
     # ------------------------------------------------------------------
     # Releases (the key changes hands because we let go)
 
@@ -242,7 +272,9 @@ class Reporter:
             # Before anything is said or announced: the address is added before
             # the leader hook runs, and removed before the key can leave (§12.1);
             # while starting, a crashed leader's address stays until it knows.
-            self.vip.settle({Role.LEADER: True, Role.STARTING: None}.get(role, False))
+            # A leader's address lives no longer than its claim window (its kernel lifetime).
+            claiming = {Role.LEADER: True, Role.STARTING: None}.get(role, False)
+            self.vip.settle(claiming, self.claim_left() if claiming else None)
         self._watch_health(role == Role.LEADER)
         if previous != Role.LEADER and role == Role.LEADER and resumed:
             # Not a new leadership (the audit's MESSAGE_ID): the key was not touched.

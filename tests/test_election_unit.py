@@ -352,7 +352,7 @@ def test_cut_off_leader_stops_claiming_then_leads_again_with_the_key_unchanged(c
         assert (consul.key.value, consul.key.flags) == (key_before.value, key_before.flags)
         assert consul.count("acquire") == 1 and consul.count("delete_if_unchanged") == 0, \
             "the key moved to the new session in one step, never free"
-        assert consul.sessions == {new}, "the old session destroyed"
+        wait_for(lambda: consul.sessions == {new}, what="the old session destroyed")
     messages = [rec.getMessage() for rec in caplog.records]
     assert any("LOCK LOST" in m and "cannot confirm" in m for m in messages)
     assert any(f"replaced by {new}" in m for m in messages)
@@ -623,7 +623,8 @@ def test_a_move_applied_but_unanswered_is_recognised_from_the_key():
         consul.move_lock = applied_then_lost
         replace_soon(consul)
         wait_for(lambda: r.election.session != old, what="the replacement adopted")
-        assert consul.key.session == r.election.session and consul.sessions == {r.election.session}
+        wait_for(lambda: consul.key.session == r.election.session and consul.sessions == {r.election.session},
+                 what="the key on the new session, and the old one destroyed")
         assert r.election.role == Role.LEADER
 
 
@@ -669,7 +670,9 @@ def test_consul_errors_in_a_replacement_keep_the_lead_and_it_finishes_later(capl
         replace_soon(consul)
         wait_for(lambda: created and moved, what="both failures")
         wait_for(lambda: r.election.session != old, what="the replacement at a later renewal")
-        assert consul.key.session == r.election.session and consul.sessions == {r.election.session}
+        # The old session is destroyed just after the new one is taken up: wait for that.
+        wait_for(lambda: consul.key.session == r.election.session and consul.sessions == {r.election.session},
+                 what="the key on the new session, and the old one destroyed")
         assert consul.count("create_session") == 3, "one failed, one made, and the first session"
         wait_for(lambda: r.election.role == Role.LEADER, what="leading")
     assert not [rec for rec in caplog.records if "internal error" in rec.getMessage()]

@@ -260,6 +260,21 @@ def test_the_request_delete_at_the_end_fails(consul, key, cluster, command, faul
 
 # ------------------------------------------------------------------------ the daemons' steps
 
+def switched_through(consul, key, nodes, command, inject):
+    """A fault that must not stop `switchover --to node-b`: it fires, the command succeeds,
+    and node-b ends up leading (see settled)."""
+    watcher = KeyWatcher(consul, key)
+    try:
+        since = time.time()
+        rule = inject()
+        res = command("switchover", "--to", "node-b")
+        assert rule.hits, "the fault did not fire"
+        assert res.returncode == 0, res.stdout + res.stderr
+        settled(consul, key, nodes, "node-b", watcher, since)
+    finally:
+        watcher.close()
+
+
 @pytest.mark.parametrize("fault", ["500", "hang", "applied"])
 def test_the_leaders_move_fails(consul, key, cluster, command, fault):
     """The leader's /v1/txn: 500 or unanswered and not applied -> refused, the leader keeps
@@ -297,16 +312,8 @@ def test_the_targets_ready_write_fails(consul, key, cluster, command, fault):
     again soon enough, and the switchover goes through."""
     nodes = cluster("node-a", "node-b")
     b = nodes["node-b"]
-    watcher = KeyWatcher(consul, key)
-    try:
-        since = time.time()
-        rule = b.proxy.inject(FAULTS[fault](), "PUT", r"/v1/kv/%s/candidates/node-b" % key, times=1)
-        res = command("switchover", "--to", "node-b")
-        assert rule.hits, "the fault did not fire"
-        assert res.returncode == 0, res.stdout + res.stderr
-        settled(consul, key, nodes, "node-b", watcher, since)
-    finally:
-        watcher.close()
+    switched_through(consul, key, nodes, command, lambda: b.proxy.inject(
+        FAULTS[fault](), "PUT", r"/v1/kv/%s/candidates/node-b" % key, times=1))
 
 
 @pytest.mark.parametrize("who,fault", [("node-a", "500"), ("node-a", "hang"),
@@ -318,18 +325,11 @@ def test_a_daemons_watch_fails_once(consul, key, cluster, command, who, fault):
     itself until the request is gone, and says it leads at once (before: not for a minute,
     the key its own and its hook `standby`). The switchover goes through either way."""
     nodes = cluster("node-a", "node-b")
-    watcher = KeyWatcher(consul, key)
     try:
-        since = time.time()
         # The watch in flight was sent before this rule: the next one fails.
-        rule = nodes[who].proxy.inject(FAULTS[fault](), "GET", r"/v1/kv/%s" % key,
-                                       query={"recurse": True, "index": True}, times=1)
-        res = command("switchover", "--to", "node-b")
-        assert rule.hits, "the fault did not fire"
-        assert res.returncode == 0, res.stdout + res.stderr
-        settled(consul, key, nodes, "node-b", watcher, since)
+        switched_through(consul, key, nodes, command, lambda: nodes[who].proxy.inject(
+            FAULTS[fault](), "GET", r"/v1/kv/%s" % key, query={"recurse": True, "index": True}, times=1))
     finally:
-        watcher.close()
         for n in nodes.values():
             n.proxy.heal()  # a hung watch of a daemon's is let go before its teardown
 

@@ -48,6 +48,14 @@ def running(consul: FakeConsul) -> tuple[Running, FakeVip]:
     return r, vip
 
 
+def held_by_node_b() -> FakeConsul:
+    """A Consul whose key node-b's live session holds: the elector under test follows."""
+    consul = FakeConsul()
+    consul.sessions.add("other")
+    consul.set_key(KeyState("node-b", LOCK_FLAG, "other", 0))
+    return consul
+
+
 def test_starting_leaves_the_address_then_leading_claims_it():
     consul = FakeConsul()
     r, vip = running(consul)
@@ -59,9 +67,7 @@ def test_starting_leaves_the_address_then_leading_claims_it():
 
 
 def test_a_follower_removes_it_and_takes_it_on_takeover():
-    consul = FakeConsul()
-    consul.sessions.add("other")
-    consul.set_key(KeyState("node-b", LOCK_FLAG, "other", 0))
+    consul = held_by_node_b()
     r, vip = running(consul)
     with r:
         wait_for(lambda: r.election.role == Role.FOLLOWER)
@@ -140,9 +146,7 @@ def test_a_leader_that_cannot_hold_the_vip_hands_the_key_over_and_waits_out_the_
 
 
 def test_a_follower_with_a_fault_withdraws_its_candidacy():
-    consul = FakeConsul()
-    consul.sessions.add("other")
-    consul.set_key(KeyState("node-b", LOCK_FLAG, "other", 0))
+    consul = held_by_node_b()
     r, vip = running(consul)
     with r:
         wait_for(lambda: r.election.role == Role.FOLLOWER)

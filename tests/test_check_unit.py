@@ -16,11 +16,12 @@ from vip_elector.consul import (LOCK_FLAG, ConsulUnreachable, KeyState, Permissi
                                 SessionInfo)
 
 CALLS = ("read_key", "node_name", "create_session", "session_info", "destroy_session",
-         "can_write_key", "can_write_candidate", "visible_checks", "catalog_checks")
+         "can_write_key", "can_write_candidate", "visible_checks", "catalog_checks", "read_tree")
 # Calls whose failure the report rightly shrugs off: words for messages (node_name),
 # the probe's own clean-up (session_info, destroy_session: the session has a TTL),
-# a cross-check the session probe settles (catalog_checks).
-NOT_A_PROBLEM = ("node_name", "session_info", "destroy_session", "catalog_checks")
+# a cross-check the session probe settles (catalog_checks), the other candidates (read_tree:
+# only for a warning).
+NOT_A_PROBLEM = ("node_name", "session_info", "destroy_session", "catalog_checks", "read_tree")
 
 
 def settings(**kw):
@@ -33,8 +34,9 @@ def settings(**kw):
 class StandIn:
     """Answers like a healthy agent; `fail[name]` makes that call raise instead."""
 
-    def __init__(self, key=None, **fail):
+    def __init__(self, key=None, hidden=(), **fail):
         self.key, self.fail, self.calls = key, fail, []
+        self.hidden = set(hidden)  # nodes the token may not read (Consul shows nothing of them)
 
     def _call(self, name):
         self.calls.append(name)
@@ -73,7 +75,14 @@ class StandIn:
 
     def catalog_checks(self, node):
         self._call("catalog_checks")
-        return {"serfHealth": "passing", "pg-primary": "passing"}
+        return {} if node in self.hidden else {"serfHealth": "passing", "pg-primary": "passing"}
+
+    def read_tree(self, index=None, wait=None):
+        """Another candidate, node-b on node2, besides our own candidate key."""
+        from vip_elector.cluster import Entry
+        self._call("read_tree")
+        return 7, self.key, [Entry("service/pg/leader/candidates/node-b", '{"node": "node2"}', "s-b", 5),
+                             Entry("service/pg/leader/candidates/node-a", '{"node": "node1"}', "s-1", 6)]
 
 
 def report(consul, **kw):
@@ -101,6 +110,14 @@ def test_agent_that_stops_answering_at_any_call_is_a_report_not_a_traceback(call
     else:
         assert not ok and lines[-1].endswith("problem(s) found"), text
         assert any(line.startswith("FAIL") and "no answer (timed out)" in line for line in lines), text
+
+
+def test_a_token_that_cannot_read_another_candidates_node_is_warned():
+    ok, text = report(StandIn())
+    assert "may not read node" not in text, text
+    ok, text = report(StandIn(hidden={"node2"}))
+    warn = [line for line in text.splitlines() if "may not read node node2" in line]
+    assert ok and warn and 'node_prefix "" { policy = "read" }' in warn[0], text
 
 
 def test_refused_write_names_the_token_and_the_fix():

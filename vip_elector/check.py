@@ -181,6 +181,22 @@ def check_lines(settings: Settings, consul: ConsulClient, check_id: str, node: O
                     "service:read on that service")]
 
 
+def _unreadable_peer(settings: Settings, consul: ConsulClient, node: Optional[str]) -> Optional[str]:
+    """Another candidate's node this token cannot read in the catalog (SPEC §11.4's stickiness
+    reads the former holder's node), or None; a read Consul refuses or fails is no verdict."""
+    from .cluster import Tree
+    try:
+        _, _, entries = consul.read_tree()
+        peers = {c.node for c in Tree.build(settings.trigger_key, entries, settings.value).candidates.values()
+                 if c.node and c.node != node and c.name != settings.value}
+        for peer in sorted(peers):
+            if not consul.catalog_checks(peer):  # serfHealth is always there for a visible node
+                return peer
+    except ConsulError:
+        return None
+    return None
+
+
 def vip_lines(settings: Settings) -> list[tuple[bool, str]]:
     """--manage-vip: the address as configured, and whether this node has it now (SPEC §12)."""
     from .address import AddressError, VirtualAddress
@@ -265,6 +281,13 @@ def run_check(settings: Settings, consul: ConsulClient, out: TextIO = sys.stdout
               file=out)
     except ConsulError as e:
         report(False, f"write right on {settings.trigger_key}/candidates/: {e}")
+
+    hidden = _unreadable_peer(settings, consul, node)
+    if hidden:
+        print(f"warn  {who} may not read node {hidden}, where another candidate runs: when Consul "
+              f"ends a leader's session the others cannot tell a stale 'failed' verdict (a partition "
+              f"healing) from a failure, so a failover waits 0.5 s longer and may move the VIP a "
+              f"second time; add node_prefix \"\" {{ policy = \"read\" }} ({POLICY_EXAMPLE})", file=out)
 
     for check_id in settings.check_ids:  # each --check-id (SPEC §11.5)
         for line in check_lines(settings, consul, check_id, node, probe):

@@ -135,6 +135,23 @@ def test_a_holder_whose_node_passes_again_is_deferred_to_before_it_is_back():
         assert r.election.role == Role.FOLLOWER and consul.count("catalog_checks") == 1
 
 
+def test_a_killed_holder_whose_node_passes_costs_only_the_grace():
+    """SIGKILL: the TTL ran out, the node and its checks pass, the elector never comes back:
+    the grace (0.5 s past the lock-delay), not the whole deferral of a holder that is back."""
+    consul = FakeConsul()
+    sid = other(consul, "node-b")
+    holds(consul, "node-b", sid)
+    with Running(consul) as r:
+        wait_for(lambda: r.election.role == Role.FOLLOWER, what="following b")
+        consul.refuse_acquires = 3
+        t0 = time.monotonic()
+        consul.invalidate(sid)
+        wait_for(lambda: r.election.role == Role.LEADER, timeout=5, what="leadership")
+        took = time.monotonic() - t0
+        assert consul.count("catalog_checks") == 1
+        assert took < r.election.settings.lock_delay + 1.5, "waited like for a holder that is back: %.2fs" % took
+
+
 def test_a_holder_whose_check_failed_is_not_waited_for():
     """A real failover (b's check went critical, or b is cut off): no grace at all."""
     consul = FakeConsul()

@@ -20,13 +20,16 @@ Costs, by design:
   acquire is refused by lock-delay, which a release never causes), the
   others look once, halfway through the lock-delay, at the holder's node in
   the catalog (one read of ``/v1/health/node``, the node and checks its
-  candidate key named). Passing again — a ~50 ms "failed" verdict from stale
-  gossip after a partition heals, refuted at once — they defer to it, for at
-  most lock-delay + ``DEFER_LIMIT`` after the key was freed, and it takes the
-  key back. Still failing (its check is critical, it is cut off) they take
-  the key the moment the lock-delay ends: a real failover costs nothing.
-  Only when that read fails do they fall back to waiting ``STICKY_GRACE``
-  past the lock-delay for the holder's name to come back as a candidate.
+  candidate key named). Still failing (its check is critical, it is cut off)
+  they take the key the moment the lock-delay ends: a real failover costs
+  nothing. Passing again — a ~50 ms "failed" verdict from stale gossip after
+  a partition heals, refuted at once — or not readable, they wait
+  ``STICKY_GRACE`` past the lock-delay for the holder's name to come back as
+  a live candidate (a new session: a live elector makes one within
+  milliseconds), then defer to it for at most lock-delay + ``DEFER_LIMIT``
+  after the key was freed, and it takes the key back. A holder whose node
+  passes but that does not come back (killed: its TTL ran out) costs
+  ``STICKY_GRACE`` on that failover.
 * Preemption (``--preempt-delay``) only asks, through the switchover request
   the leader carries out; a session whose checks fail ends (and with it the
   time its checks have passed), so a flapping favourite never qualifies.
@@ -45,7 +48,7 @@ from ..consul import ConsulClient, ConsulError, KeyState, PermissionDenied
 
 log = logging.getLogger("vip_elector")
 
-#: Consul freed the key (lock-delay) and the holder's node could not be read: how long past
+#: Consul freed the key (lock-delay) and the holder's node passes (or could not be read): how long past
 #: the lock-delay the others wait for the holder to come back with a new session before they
 #: take the key. A loaded machine needs a few hundred milliseconds to notice, make a session
 #: and write its candidate key.
@@ -247,15 +250,16 @@ class Cluster:
             if now < look_at:  # acquires are refused by lock-delay until then anyway
                 return look_at, f"{sticky} held it until Consul freed it: looking at its node soon"
             self.holder_health = self._holder_health()
-        if self.holder_health == "passing":
-            until = self.free_at + delay + DEFER_LIMIT
-            why = f"{sticky} held it until Consul freed it, and its node and checks pass again"
-        elif self.holder_health == "unknown":
-            until = self.free_at + delay + STICKY_GRACE
-            why = (f"{sticky} held it until Consul freed it: waiting {STICKY_GRACE:g}s past "
-                   "the lock-delay for it to come back")
-        else:
+        if self.holder_health == "failing":
             return None  # a real failure: take the key the moment the lock-delay ends
+        # Its node passes (or could not be read) but its elector has no session yet: a live one
+        # makes one within milliseconds of losing the old, a killed one (its TTL ran out) never.
+        until = self.free_at + delay + STICKY_GRACE
+        why = (f"{sticky} held it until Consul freed it, and its node and checks pass again: waiting "
+               f"{STICKY_GRACE:g}s past the lock-delay for it to come back"
+               if self.holder_health == "passing" else
+               f"{sticky} held it until Consul freed it: waiting {STICKY_GRACE:g}s past "
+               "the lock-delay for it to come back")
         return (until, why) if now < until else None
 
     def _holder_health(self) -> str:

@@ -99,6 +99,9 @@ class Cluster:
         self.refused = False                             # an acquire on this free key met lock-delay
         self.holder_record: Optional[Candidate] = None   # the holder's candidate key, while it held
         self.holder_health: Optional[str] = None         # "passing" | "failing" | "unknown", once read
+        # Every candidate's last record by name: a watch answer taken just as the key moved may
+        # lack the new holder's (seen in the lab), and its node and checks rarely change.
+        self._known: dict[str, Candidate] = {}
         # Switchover requests (as leader) and preemption (as follower).
         self._seen_requests: dict[int, float] = {}       # ModifyIndex -> loop clock first seen
         self._handled: set[int] = set()
@@ -111,6 +114,7 @@ class Cluster:
         """A read or watch answer: the tree under the key, and the key itself."""
         if entries is not None:
             self.tree = Tree.build(self.settings.trigger_key, entries, self.settings.value)
+            self._known.update(self.tree.candidates)
         if key is not None and key.session:
             if self.holder is None or key.session != self.holder.session:
                 self.holder_name, self.holder_record = key.value, None
@@ -264,8 +268,10 @@ class Cluster:
 
     def _holder_health(self) -> str:
         """The former holder's node and the checks its session was bound to, from the catalog."""
-        record = self.holder_record
+        record = self.holder_record or self._known.get(self.holder_name or "")
         if record is None or not record.node:
+            log.info("cannot tell whether %s recovers: its candidate key (with its node) was never "
+                     "seen", self.holder_name)
             return "unknown"
         try:
             checks = self.consul.catalog_checks(record.node)

@@ -208,6 +208,17 @@ class FakeConsul:
             self.key = KeyState(self.key.value, self.key.flags, new, self.index)
             return True
 
+    def delete_candidate(self, modify_index: int) -> bool:
+        self._call("delete_candidate")
+        name = "%s/candidates/%s" % (self.key_name, self.value)
+        with self.cond:
+            entry = self.entries.get(name)
+            if entry is None or entry.modify_index != modify_index:
+                return False
+            del self.entries[name]
+            self._bump()
+            return True
+
     def delete_if_unchanged(self, modify_index: int, key=None) -> bool:
         self._call("delete_if_unchanged")
         with self.cond:

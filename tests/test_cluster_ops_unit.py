@@ -55,7 +55,9 @@ def test_the_candidate_key_follows_the_role_and_goes_with_the_session():
         writes = consul.count("put_candidate")
         time.sleep(0.5)  # idle: renewals only, no candidate writes
         assert consul.count("put_candidate") == writes
-    assert candidate_key(KEY, "node-a") not in consul.entries  # destroyed with the session
+    assert candidate_key(KEY, "node-a") not in consul.entries
+    # Deleted before the session's destroy, which would put it under lock-delay for the next run.
+    assert consul.calls.index("delete_candidate") < consul.calls.index("destroy_session"), consul.calls
 
 
 # ------------------------------------------------------------------ a free key: priorities

@@ -640,6 +640,12 @@ class ConsulClient:
         return self._kv_put(candidate_key(self.key, self.settings.value), record, acquire=session_id)
 
     @_translated
+    def delete_candidate(self, modify_index: int) -> bool:
+        """Our candidate key, deleted if unchanged since ``modify_index`` (a planned stop)."""
+        from .cluster import candidate_key
+        return bool(self._lib.kv.delete(candidate_key(self.key, self.settings.value), cas=modify_index))
+
+    @_translated
     def put_request(self, record: str, cas: int) -> bool:
         """Write the switchover request only if unchanged since ``cas`` (0: only if absent)."""
         from .cluster import request_key

@@ -206,6 +206,19 @@ class Cluster:
         self.written = (session, role, ready)
         self.record_retry_at = float("-inf")
 
+    def withdraw_record(self, session: Optional[str]) -> None:
+        """A planned stop, before the session is destroyed: delete our candidate key. The
+        destroy would delete it too, but under the lock-delay, so the next run (a restart, an
+        upgrade) could not write its own for a lock-delay: a node nobody sees as a candidate,
+        whose node the others do not know if it leads and fails then (§11.4)."""
+        own = self.tree.own
+        if session is None or own is None or own.session != session:
+            return
+        try:
+            self.consul.delete_candidate(own.modify_index)
+        except ConsulError as e:
+            log.debug("candidate key not deleted before the session (%s): it goes with it", e)
+
     def _node_of(self, session: str) -> str:
         if self._node[0] != session:
             try:

@@ -17,6 +17,7 @@ from ..config import ConfigError, Settings
 from ..consul import ConsulClient, ConsulError
 from ..state import StateStore
 from ..systemd import MESSAGE_CONFIG_ERROR, Notifier
+from .cluster import Cluster
 from .key import Release, TriggerKey
 from .lease import Lease
 from .previous_run import PreviousRun
@@ -32,10 +33,10 @@ class Lifecycle:
 
     def __init__(self, consul: ConsulClient, timing: Timing, clock: Callable[[], float],
                  notifier: Notifier, state: StateStore, lease: Lease, key: TriggerKey,
-                 previous: PreviousRun, reporter: Reporter, watcher: KeyWatcher):
+                 previous: PreviousRun, reporter: Reporter, watcher: KeyWatcher, cluster: Cluster):
         self.consul, self.timing, self.clock, self.notifier = consul, timing, clock, notifier
         self.state, self.lease, self.key, self.previous = state, lease, key, previous
-        self.reporter, self.watcher = reporter, watcher
+        self.reporter, self.watcher, self.cluster = reporter, watcher, cluster
 
     def reload(self, read_settings: Optional[Callable[[], Optional[Settings]]],
                verdict: Callable[[Optional[str]], None]) -> bool:
@@ -98,6 +99,8 @@ class Lifecycle:
             if holds and self.lease.session is not None:
                 self._release_key()
             if self.lease.session is not None:
+                with self.consul.time_limit(min(self.timing.shutdown_timeout, left())):
+                    self.cluster.withdraw_record(self.lease.session)
                 with self.consul.time_limit(min(self.timing.shutdown_timeout, left())):
                     self.lease.destroy()
             self.lease.drop_replacement()

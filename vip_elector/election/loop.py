@@ -118,7 +118,7 @@ class Election:
         self.cluster = Cluster(consul, settings, clock)  # SPEC §11: candidates, priority, switchover
         self.previous = PreviousRun(consul, settings, clock, self.state, self.reporter, saved)
         self.lifecycle = Lifecycle(consul, timing, clock, notifier, self.state, self.lease, self.key,
-                                   self.previous, self.reporter, self.watcher)
+                                   self.previous, self.reporter, self.watcher, self.cluster)
         self.trouble = ConsulTrouble(settings, Backoff(timing.backoff_min, timing.backoff_max, rng),
                                      self.watcher)
         self.bug_backoff = Backoff(timing.backoff_min, timing.backoff_max, rng)  # internal errors

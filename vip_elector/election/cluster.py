@@ -10,8 +10,11 @@ Costs, by design:
   raft-leader read, one blocking query a minute).
 * The candidate key is written once per session, and again when the role
   changes between leader and standby: never on a hot path. It is acquired
-  with the session (behaviour delete), so a stop's session destroy, a crash's
-  TTL or a failed check removes it: a planned stop adds no request.
+  with the session (behaviour delete), so a crash's TTL or a failed check
+  removes it. A planned stop deletes it itself, after the key's release and
+  before the session's destroy (one request off the handover's path): the
+  destroy would leave it under lock-delay, and the next run could not write
+  its own for that long.
 * A free key: the highest priority present acquires at once (no request is
   added before the acquire); the others defer to it for at most
   ``DEFER_LIMIT``. The holder whose key was deleted (a planned stop) is never

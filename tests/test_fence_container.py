@@ -107,7 +107,9 @@ def test_example_hook_starts_and_stops_vip_manager_under_the_sandbox(ct, consul,
     wait_leading(ct, consul, key, NAME)
     wait_for(lambda: unit_state(ct, "vip-manager") == "active", 20,
              message="the hook's `leader` call to start vip-manager (through polkit)")
-    assert any("leader: exited 0" in l for l in hook_lines(ct, "vip-elector-fence"))
+    # The hook logs its exit a moment after the vip-manager it started is active.
+    wait_for(lambda: any("leader: exited 0" in l for l in hook_lines(ct, "vip-elector-fence")), 20,
+             message="the hook's `leader` call to exit 0")
     ct.systemctl("stop", "vip-elector")            # a planned stop: `standby` before the release
     assert unit_state(ct, "vip-manager") == "inactive", hook_lines(ct, "vip-elector-fence")
     lines = hook_lines(ct, "vip-elector-fence")

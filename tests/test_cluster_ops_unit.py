@@ -154,6 +154,30 @@ def test_a_killed_holder_whose_node_passes_costs_only_the_grace():
         assert took < r.election.settings.lock_delay + 1.5, "waited like for a holder that is back: %.2fs" % took
 
 
+def test_a_node_without_a_session_still_learns_who_holds_the_key():
+    """The partition lab's needless move: a node that was cut off (or waits for its check, or
+    sits out a VIP fault) held the key before; the key moved to c meanwhile. When Consul then
+    frees c's key, the node must defer to c, not take it as the key it remembered holding."""
+    consul = FakeConsul()
+    consul.checks["serfHealth"] = "critical"       # no session: the node only watches
+    sid = other(consul, "node-a")                  # our own name held it (before our restart)
+    holds(consul, "node-a", sid)
+    with Running(consul) as r:
+        wait_for(lambda: consul.count("create_session") >= 1, what="a refused session")
+        c = other(consul, "node-c")
+        holds(consul, "node-c", c)                 # the key moved while we had no session
+        wait_for(lambda: r.election.cluster.holder_name == "node-c", what="c seen as the holder")
+        consul.refuse_acquires = 3
+        consul.invalidate(c)                       # stale 'failed' gossip ends c's session
+        consul.checks["serfHealth"] = "passing"
+        wait_for(lambda: any("node-c held it until Consul freed it" in s for s in r.recorder.statuses()),
+                 what="deferring to c")
+        new = other(consul, "node-c")
+        holds(consul, "node-c", new)
+        wait_for(lambda: r.election.key.held_by(new), what="following c again")
+        assert r.election.role == Role.FOLLOWER
+
+
 def test_a_holder_whose_check_failed_is_not_waited_for():
     """A real failover (b's check went critical, or b is cut off): no grace at all."""
     consul = FakeConsul()

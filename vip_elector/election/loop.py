@@ -541,6 +541,9 @@ class Election:
         if not self.key.observe(event.index, event.state, event.entries):
             self.read_at = now  # older than what we read ourselves: read afresh
             return
+        # Known with or without a session (waiting for a check, a VIP fault's hold-off): who
+        # holds the key is what a later free key is judged by (§11.4), never a stale memory.
+        self.cluster.observe(self.key.entries, self.key.state)
         if self.lease.session is not None:
             self._act()
 
@@ -558,10 +561,10 @@ class Election:
         holds the key, the node leads on without a new leadership (§8.2).
         ``fresh``: the key was read just now (not a watch answer that may predate a move)."""
         self.act_at = None
-        if self.withdrawing is not None:
-            return  # giving the session up (the VIP's fault): never a claim on the way
         key: Optional[KeyState] = self.key.state
         self.cluster.observe(self.key.entries, key)
+        if self.withdrawing is not None:
+            return  # giving the session up (the VIP's fault): never a claim on the way
         if self.moving is not None:
             # Only the target can hold it if the move was applied; that it is still ours, only
             # a read made after the move can say (a watch answer may be older).

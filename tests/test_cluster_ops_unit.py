@@ -7,6 +7,7 @@ the real-agent suite (test_cluster_ops_consul.py) proves the same with real daem
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -98,14 +99,24 @@ def test_a_leaving_higher_priority_holder_is_not_waited_for():
 
 # ------------------------------------------------------------------ stickiness
 
-def test_a_holder_freed_by_consul_that_comes_back_healthy_gets_the_key_back():
-    consul = FakeConsul()
-    sid = other(consul, "node-b")
+@contextlib.contextmanager
+def b_freed_by_consul(consul: FakeConsul, priority: int = 100):
+    """node-b leads and we follow; then Consul ends b's session (stale gossip, a failed check,
+    its TTL: the key is under lock-delay, our acquires are refused three times). Yields the
+    running elector and when b's session ended."""
+    sid = other(consul, "node-b", priority=priority)
     holds(consul, "node-b", sid)
     with Running(consul) as r:
         wait_for(lambda: r.election.role == Role.FOLLOWER, what="following b")
-        consul.refuse_acquires = 3    # lock-delay: Consul freed the key, b did not release it
-        consul.invalidate(sid)        # stale "failed" gossip: key and candidate key go together
+        consul.refuse_acquires = 3
+        t0 = time.monotonic()
+        consul.invalidate(sid)        # key and candidate key go together
+        yield r, t0
+
+
+def test_a_holder_freed_by_consul_that_comes_back_healthy_gets_the_key_back():
+    consul = FakeConsul()
+    with b_freed_by_consul(consul) as (r, t0):
         wait_for(lambda: consul.count("acquire") >= 1, what="an acquire refused by lock-delay")
         new = other(consul, "node-b")  # b, healthy again: a new session
         wait_for(lambda: any("held it until Consul freed it" in s for s in r.recorder.statuses()),
@@ -121,12 +132,7 @@ def test_a_holder_whose_node_passes_again_is_deferred_to_before_it_is_back():
     """The heal of a partition: b's node was marked failed for ~50 ms and its session ended;
     the catalog says it passes again, so the key waits for b's new session."""
     consul = FakeConsul()
-    sid = other(consul, "node-b")
-    holds(consul, "node-b", sid)
-    with Running(consul) as r:
-        wait_for(lambda: r.election.role == Role.FOLLOWER, what="following b")
-        consul.refuse_acquires = 3
-        consul.invalidate(sid)
+    with b_freed_by_consul(consul) as (r, t0):
         wait_for(lambda: any("its node and checks pass again" in s for s in r.recorder.statuses()),
                  what="deferring to b because its node passes")
         assert consul.count("catalog_checks") == 1
@@ -141,13 +147,7 @@ def test_a_killed_holder_whose_node_passes_costs_only_the_grace():
     """SIGKILL: the TTL ran out, the node and its checks pass, the elector never comes back:
     the grace (0.5 s past the lock-delay), not the whole deferral of a holder that is back."""
     consul = FakeConsul()
-    sid = other(consul, "node-b")
-    holds(consul, "node-b", sid)
-    with Running(consul) as r:
-        wait_for(lambda: r.election.role == Role.FOLLOWER, what="following b")
-        consul.refuse_acquires = 3
-        t0 = time.monotonic()
-        consul.invalidate(sid)
+    with b_freed_by_consul(consul) as (r, t0):
         wait_for(lambda: r.election.role == Role.LEADER, timeout=5, what="leadership")
         took = time.monotonic() - t0
         assert consul.count("catalog_checks") == 1
@@ -181,13 +181,8 @@ def test_a_node_without_a_session_still_learns_who_holds_the_key():
 def test_a_holder_whose_check_failed_is_not_waited_for():
     """A real failover (b's check went critical, or b is cut off): no grace at all."""
     consul = FakeConsul()
-    sid = other(consul, "node-b", priority=200)
-    holds(consul, "node-b", sid)
     consul.node_checks["node-b"] = {"serfHealth": "passing", "vip-haproxy": "critical"}
-    with Running(consul) as r:
-        wait_for(lambda: r.election.role == Role.FOLLOWER, what="following b")
-        consul.refuse_acquires = 3
-        consul.invalidate(sid)
+    with b_freed_by_consul(consul, priority=200) as (r, t0):
         wait_for(lambda: r.election.role == Role.LEADER, timeout=3, what="leadership")
         assert consul.count("catalog_checks") == 1
         assert not any("pass again" in s or "past the lock-delay" in s for s in r.recorder.statuses()), \
@@ -196,14 +191,8 @@ def test_a_holder_whose_check_failed_is_not_waited_for():
 
 def test_a_holder_whose_node_cannot_be_read_costs_only_the_grace():
     consul = FakeConsul()
-    sid = other(consul, "node-b", priority=200)
-    holds(consul, "node-b", sid)
     consul.catalog_fails = True
-    with Running(consul) as r:
-        wait_for(lambda: r.election.role == Role.FOLLOWER, what="following b")
-        consul.refuse_acquires = 3
-        t0 = time.monotonic()
-        consul.invalidate(sid)        # b is really gone (its candidate key too)
+    with b_freed_by_consul(consul, priority=200) as (r, t0):
         wait_for(lambda: any("waiting 0.5s past the lock-delay" in s for s in r.recorder.statuses()),
                  what="the grace, for want of b's node")
         wait_for(lambda: r.election.role == Role.LEADER, timeout=3, what="leadership")

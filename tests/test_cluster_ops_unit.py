@@ -16,7 +16,7 @@ from vip_elector.consul import LOCK_FLAG, KeyState
 from vip_elector.election import Role
 
 from fake_consul import FakeConsul
-from test_election_unit import Running, wait_for
+from test_election_unit import Running, fail_once, wait_for
 
 KEY = "service/pg/leader"
 
@@ -59,6 +59,19 @@ def test_the_candidate_key_follows_the_role_and_goes_with_the_session():
     assert candidate_key(KEY, "node-a") not in consul.entries
     # Deleted before the session's destroy, which would put it under lock-delay for the next run.
     assert consul.calls.index("delete_candidate") < consul.calls.index("destroy_session"), consul.calls
+
+
+def test_a_stop_whose_candidate_key_delete_fails_still_ends_the_session():
+    """Consul answers the planned stop's candidate-key delete with a 500: the session's destroy
+    still removes the key (under lock-delay), and the stop is as quick as ever."""
+    from vip_elector.consul import ConsulError
+    consul = FakeConsul()
+    with Running(consul) as r:
+        wait_for(lambda: record(consul, "node-a").get("role") == "leader", what="a leader's record")
+        fail_once(consul, "delete_candidate", ConsulError("Unexpected response code: 500 (rpc error)"))
+    assert "delete_candidate" in consul.calls and "destroy_session" in consul.calls
+    assert not consul.sessions and candidate_key(KEY, "node-a") not in consul.entries
+    assert consul.key is None
 
 
 # ------------------------------------------------------------------ a free key: priorities

@@ -373,7 +373,10 @@ class ClusterLab(Lab):
     # lifecycle
     def start(self):
         self.hub = Netns()
-        self.hub.run(["ip", "link", "add", "br0", "type", "bridge", "forward_delay", "0"])
+        # a fixed MAC: a bridge's own follows its lowest port's, which a port added
+        # or removed would change under every agent's ARP cache
+        self.hub.run(["ip", "link", "add", "br0", "address", "02:90:00:00:00:fe", "type", "bridge",
+                      "forward_delay", "0"])
         self.hub.run(["ip", "link", "set", "br0", "up"])
         for i, name in enumerate(SERVERS):
             self._add_member(name, name, SUBNET + str(i + 1), server=True)

@@ -47,6 +47,9 @@ def sh(*argv, check=True):
     return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=30)
 
 
+BRIDGE_MAC = "02:91:00:00:00:fe"
+
+
 class World:
     def __init__(self):
         tag = uuid.uuid4().hex[:6]
@@ -55,7 +58,10 @@ class World:
         for name in self.ns.values():
             sh("ip", "netns", "add", name)
         sw = self.ns["switch"]
-        self.run("switch", "ip", "link", "add", "br0", "type", "bridge")
+        # A bridge's MAC follows its lowest port's unless set: a port deleted or added (the
+        # VIP-fault tests do both) would change the Consul agent's MAC on br0 under the
+        # nodes' ARP caches and cut them off from it for up to a minute (a CI run saw it).
+        self.run("switch", "ip", "link", "add", "br0", "address", BRIDGE_MAC, "type", "bridge")
         self.run("switch", "ip", "link", "set", "br0", "up")
         for i, node in enumerate(("a", "b", "obs")):
             port = f"p-{node}"
@@ -134,6 +140,21 @@ def made(world):
 
 
 # --- claim, release -----------------------------------------------------------------
+
+def test_the_bridge_keeps_its_mac_when_ports_come_and_go(world):
+    """The harness itself: the VIP-fault tests delete and add ports; the nodes reach the
+    Consul agent on br0 only while br0 keeps the MAC in their ARP caches."""
+    def mac():
+        return world.run("switch", "cat", "/sys/class/net/br0/address").strip()
+    assert mac() == BRIDGE_MAC
+    for n in range(4):          # random MACs: some lower than every port's
+        port = "t-%d" % n
+        world.run("switch", "ip", "link", "add", port, "type", "veth", "peer", "name", "t-peer-%d" % n)
+        world.run("switch", "ip", "link", "set", port, "master", "br0", "up")
+    for n in range(4):
+        world.run("switch", "ip", "link", "del", "t-%d" % n)
+        assert mac() == BRIDGE_MAC
+
 
 @pytest.mark.parametrize("vip", [V4, V6], ids=["ipv4", "ipv6"])
 def test_claim_adds_release_removes_both_idempotent(world, made, vip):

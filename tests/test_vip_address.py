@@ -393,7 +393,7 @@ def test_a_request_held_up_on_its_way_never_outlasts_the_claim(world, made):
     request held up 1.5 s on its way, which is all a test can make of that): the lifetime is
     set again, shorter, so that the address still ends before the claim does."""
     a = made("a", V4)
-    real = a._ipr.addr
+    real = a.netlink.ipr.addr
     held = {"once": True}
 
     def addr(command, *args, **kw):
@@ -402,7 +402,7 @@ def test_a_request_held_up_on_its_way_never_outlasts_the_claim(world, made):
             threading.Event().wait(1.5)
         return real(command, *args, **kw)
 
-    a._ipr.addr = addr
+    a.netlink.ipr.addr = addr
     started = time.monotonic()
     assert a.claim(hold=3.5) is True                # 2 s asked; 2 s no longer fit once it arrived
     valid, _ = lifetimes(world.addresses("a", V4))
@@ -417,7 +417,7 @@ def test_a_failing_removal_is_retried_logged_once_and_counted(world, made, caplo
     a.claim(hold=4.0)
     counted = []
     a.on_error = counted.append
-    real = a._ipr.addr
+    real = a.netlink.ipr.addr
     failures = {"left": 6}
 
     def addr(command, *args, **kw):                 # the kernel refusing a delete (it cannot be made to)
@@ -426,7 +426,7 @@ def test_a_failing_removal_is_retried_logged_once_and_counted(world, made, caplo
             raise NetlinkError(errno.EBUSY)
         return real(command, *args, **kw)
 
-    a._ipr.addr = addr
+    a.netlink.ipr.addr = addr
     a.keep()
     caplog.set_level("INFO", logger="vip_elector")
     assert a.settle(False) is None                  # the loop's form: logged, never raised

@@ -79,3 +79,14 @@ def test_package_installs_what_the_messages_name():
     assert DROP_IN_TARGET.startswith("/etc/systemd/system/vip-elector.service.d/")
     assert "python3-pyroute2" in read("debian", "control")
     assert DROP_IN.replace("-", "\\-") in read("debian", "vip-elector.8")
+
+
+def test_setup_cfg_lists_every_package_of_the_source_tree():
+    """pybuild installs only the packages setup.cfg names: a subpackage left out (vip_elector.address,
+    vip_elector.election) would be missing from the .deb while every source-tree test passes."""
+    listed = re.search(r"^packages\s*=\s*(.+)$", read("setup.cfg"), re.M).group(1)
+    listed = {name.strip() for name in listed.split(",")}
+    found = {os.path.relpath(root, SOURCE).replace(os.sep, ".")
+             for root, _, files in os.walk(os.path.join(SOURCE, "vip_elector"))
+             if "__init__.py" in files}
+    assert "vip_elector.address" in found and listed == found, (listed, found)

@@ -633,17 +633,13 @@ class ClusterLab(Lab):
         return {self.node_of_iface(i) for i in self.vip_monitor.holders()}
 
     # vip-elector
-    def state_dir(self, node):
-        return os.path.join(self.dir, "state-" + node)
-
     def start_elector(self, node, addr=None, extra=(), env=None, on_line=None):
         """Start (or restart, same --state-dir) node's elector in its namespace."""
         if node in self.electors:
             self._retired.append(self.electors.pop(node))
-        os.makedirs(self.state_dir(node), exist_ok=True)   # as systemd's RuntimeDirectory=
         if node not in self.notify:
             self.notify[node] = NotifySocket(os.path.join(self.dir, "notify-%s.sock" % node))
-        args = ["--state-dir", self.state_dir(node)] + (["--hook", self.hook_for(node)] if self.hook else [])
+        args = ["--hook", self.hook_for(node)] if self.hook else []   # --state-dir: elector_argv
         env = dict(env or {}, NOTIFY_SOCKET=self.notify[node].path)
         t = self.note("start elector-%s" % node)
         proc = spawn("elector-" + node, self.elector_argv(node, addr, args + self.elector_args + list(extra)),

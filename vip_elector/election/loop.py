@@ -58,8 +58,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..config import ConfigError, Settings
-from ..cluster import Request
-from ..consul import ConsulClient, ConsulError, ConsulUnreachable, InvalidSession, KeyState, PermissionDenied
+from ..consul import ConsulClient, ConsulError, ConsulUnreachable, InvalidSession, KeyState
 from ..hooks import Hooks
 from ..metrics import NullMetrics
 
@@ -69,13 +68,16 @@ from ..state import SavedSession, StateStore
 from ..systemd import ElectionContext, Notifier
 from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, VipFault, WatchFailed
 from .cluster import HANDOVER_HOOK_WAIT, READY_READ, Cluster
-from .key import HeldByOther, RefusedByLockDelay, Release, TriggerKey, Won
+from .key import HeldByOther, RefusedByLockDelay, TriggerKey, Won
 from .lease import Confirmed, Failing, Gone, Lease, Replaced, Unhealthy
 from .lifecycle import Lifecycle
 from .previous_run import PreviousRun
 from .role import Reporter, Role
+from .switchover import HandedOver, Kept, Moved, Review, Switchover
 from .timing import Backoff, Timing
+from .trouble import ConsulTrouble
 from .watch import KeyWatcher
+from .withdrawal import Withdrawal
 
 log = logging.getLogger("vip_elector")
 
@@ -121,6 +123,8 @@ class Election:
                                    self.previous, self.reporter, self.watcher, self.cluster)
         self.trouble = ConsulTrouble(settings, Backoff(timing.backoff_min, timing.backoff_max, rng),
                                      self.watcher)
+        self.switchover = Switchover(consul, settings, self.cluster)  # §11.3, as the leader
+        self.withdrawal = Withdrawal(consul, self.key, self.reporter, timing, clock, vip)  # §12's fault
         self.bug_backoff = Backoff(timing.backoff_min, timing.backoff_max, rng)  # internal errors
         self.main_thread = threading.get_ident()
         self.stop_requested = False              # set once, from the signal thread
@@ -131,16 +135,8 @@ class Election:
         self.act_at: Optional[float] = None      # act on the key as last seen
         self.paused_until = float("-inf")        # after an internal error, nothing is due before this
         self.lost_at = float("-inf")             # our session was last lost (then look at the checks often)
-        # A switchover's move Consul did not answer: (request, target session, target name,
-        # why), until the key read next says where the lock is.
-        self.moving: Optional[tuple[Request, str, str, str]] = None
         self.kept = False                        # a switchover failed: the key never left (no new leadership)
         self.stray_at = float("-inf")            # settle the lease's stray session (a refused reload's)
-        self.reviewed = 0                        # the request whose overdue answer we read afresh
-        # --manage-vip's fault (§12): the session being given up, and when to try again.
-        self.withdrawing: Optional[str] = None
-        self.withdraw_failing: Optional[str] = None
-        self.withdraw_at = float("inf")
 
     @property
     def role(self) -> Role:
@@ -219,8 +215,8 @@ class Election:
         """The one place that knows when the loop must be awake next."""
         now = self.clock()
         due = [self.retry_at if self.lease.session is None else self.lease.renew_due(self._leading())]
-        if self.withdrawing is not None:
-            due = [self.withdraw_at]
+        if self.withdrawal.active:
+            due = [self.withdrawal.at]
         due += [t for t in (self.read_at, self.act_at, self.key.retry_at) if t is not None]
         if self.lease.stray is not None:
             due.append(self.stray_at)
@@ -238,8 +234,8 @@ class Election:
         """The step due now, if any, in the order of SPEC §4: session, renewal, key, acquire."""
         if now < self.paused_until:
             return None
-        if self.withdrawing is not None:
-            return self._withdraw if now >= self.withdraw_at else None
+        if self.withdrawal.active:
+            return self._withdraw if now >= self.withdrawal.at else None
         if self.lease.session is None:
             return self._start if now >= self.retry_at else None
         if now >= self.lease.renew_due(self._leading()):
@@ -325,12 +321,12 @@ class Election:
     def _vip_holding_off(self) -> bool:
         """--manage-vip: the VIP cannot be held here now (a fault, or one too recent): do not
         compete; the node says so and looks again (§12, keepalived's FAULT state)."""
-        held = self.vip.holding_off() if self.vip is not None else None
+        held = self.withdrawal.holding_off()
         if held is None:
             return False
         why, left = held
         self.reporter.vip_fault(why, left, gave_up=False)
-        self.retry_at = self.clock() + min(self.timing.health_poll, max(0.05, left))
+        self.retry_at = self.clock() + self.withdrawal.look_in(left)
         return True
 
     def _leading(self) -> bool:
@@ -465,46 +461,28 @@ class Election:
         planned handover, the key is released at once for a healthy node, and the session (with
         our candidate key) destroyed, so that this node does not compete until the fault has
         been gone for the hold-off (§12; keepalived's FAULT state)."""
-        held = self.vip.holding_off() if self.vip is not None else None
-        if held is None or self.lease.session is None or self.withdrawing is not None:
+        held = self.withdrawal.holding_off()
+        if held is None or self.lease.session is None or self.withdrawal.active:
             return  # over already, or nothing to withdraw (_start looks before competing)
         why, left = held
         holds = self.role == Role.LEADER or self.key.held_by(self.lease.session)
         self.reporter.vip_fault(why, left, gave_up=holds)  # standby hook, VIP off
         if holds:
             self.reporter.finish_hooks(min(HANDOVER_HOOK_WAIT, self.settings.hook_timeout))
-        self.withdrawing = why
+        self.withdrawal.begin(why)
         self.key.stop_retrying()
         self.read_at = self.act_at = None
         self._withdraw()
 
     def _withdraw(self) -> None:
-        """Release the key (if ours) and destroy the session; retried every ``renew_retry``
-        while Consul does not answer (the same interface may be the way to it), so that the
-        session never outlives the withdrawal: its key would wait for the TTL otherwise."""
-        session, why = self.lease.session, self.withdrawing or ""
-        try:
-            with self.consul.time_limit(min(self._budget(), 2 * self.timing.shutdown_timeout + 0.5)):
-                if self.key.held_by(session) or self.key.state is None:
-                    if self.key.release(session) == Release.RELEASED:
-                        self.reporter.released_on_fault()
-                self.consul.destroy_session(session)
-        except InvalidSession:
-            pass  # gone already, and its key with it
-        except ConsulError as e:
-            if self.withdraw_failing != str(e):
-                log.warning("cannot withdraw session %s yet (%s): trying again every %gs",
-                            session, e, self.timing.renew_retry)
-            self.withdraw_failing = str(e)
-            self.withdraw_at = self.clock() + self.timing.renew_retry
+        """Release the key (if ours) and destroy the session, again while Consul does not
+        answer; then the node looks again (after the hold-off) whether it may compete."""
+        withdrawn = self.withdrawal.attempt(self.lease.session, self._budget())
+        if withdrawn is None:
             return
-        log.info("session %s destroyed: withdrawn while the VIP cannot be held here (%s)", session, why)
         self.lease.forget_quietly()
         self.cluster.session_lost()
-        self.withdrawing = self.withdraw_failing = None
-        self.withdraw_at = float("inf")
-        held = self.vip.holding_off() if self.vip is not None else None
-        self.retry_at = self.clock() + min(self.timing.health_poll, max(0.05, held[1] if held else 0.0))
+        self.retry_at = self.clock() + withdrawn.look_in
 
     def _critical_seen(self, check_id: str) -> None:
         """From the health watch's thread: end the claim now, even mid-request."""
@@ -520,8 +498,8 @@ class Election:
         self.reporter.session_gone(why)
         self.retry_at = self.clock()
         self.kept = False
-        if self.moving is not None:  # whatever the move did, this node holds nothing now
-            self._settle_move(None)
+        if self.switchover.moving is not None:  # whatever the move did, this node holds nothing now
+            self._moved(self.switchover.settle(None, None))
 
     # ------------------------------------------------------------------
     # §4.2-§4.4: the key
@@ -563,15 +541,16 @@ class Election:
         self.act_at = None
         key: Optional[KeyState] = self.key.state
         self.cluster.observe(self.key.entries, key)
-        if self.withdrawing is not None:
+        if self.withdrawal.active:
             return  # giving the session up (the VIP's fault): never a claim on the way
-        if self.moving is not None:
+        moving = self.switchover.moving
+        if moving is not None:
             # Only the target can hold it if the move was applied; that it is still ours, only
             # a read made after the move can say (a watch answer may be older).
-            if not fresh and (key is None or key.session != self.moving[1]):
+            if not fresh and not moving.applied(key):
                 self.read_at = self.clock()
                 return
-            self._settle_move(key)
+            self._moved(self.switchover.settle(key, self.lease.session))
         if self.lease.stray is not None:
             self.read_at = self.clock()  # the key may be on the stray session: settle that first
             return
@@ -599,7 +578,7 @@ class Election:
             self._follow(key)
 
     def _acquire(self) -> None:
-        if self.vip is not None and self.vip.holding_off() is not None:
+        if self.withdrawal.holding_off() is not None:
             self.key.stop_retrying()
             self.events.put(VipFault("held off"))  # withdraw: the next event destroys the session
             return
@@ -661,138 +640,33 @@ class Election:
             self.cluster.preempt(self.key.state)
 
     def _review_request(self) -> None:
-        """The request's time is up: drop it if stale, else decide on it (an overdue target)."""
-        req = self.cluster.tree.request
-        if req is None:
-            return
-        if self.cluster.request_expired(req):
-            self._drop_request(req, f"no answer within its {req.timeout:g}s (its author gave up)")
-        elif self.reviewed != req.modify_index:
-            # The target's answer may be in a watch answer we have not had (a watch that hangs
-            # or backs off): read afresh once, and decide on that (_act); if the read fails,
-            # decide on what we know the next time.
-            self.reviewed = req.modify_index
-            self._read_key()
-        else:
+        """The request's time is up: the switchover says whether to read the key first."""
+        review = self.switchover.review()
+        if review is Review.READ_KEY:
+            self._read_key()  # _act decides on the key as read
+        elif review is Review.DECIDE:
             self._switchover()
 
     def _switchover(self) -> None:
-        """A switchover asked of us (SPEC §11.3): the lock moves in one transaction from our
-        session to the target's, with its name as the value: the key is never free, no
-        third node can take it, and a refused move leaves it ours."""
-        req: Optional[Request] = self.cluster.pending_request()
-        if req is None:
+        """A switchover asked of us (SPEC §11.3): standby first (hook ``standby`` before the key
+        leaves us), then the lock moves in one transaction to the target's session."""
+        handover = self.switchover.decide()
+        if handover is None:
             return
-        if self.cluster.request_expired(req):
-            self._drop_request(req, "it is stale (its author gave up)")
-            return
-        if req.target == self.settings.value:
-            self._drop_request(req, "this node holds the key already")
-            return
-        target, why = self.cluster.check_target(req)
-        if target is None:
-            self._refuse(req, why)
-            return
-        ready = self.cluster.target_ready(req, target)
-        if ready is None:
-            return  # its answer comes through the watch (or the deadline: _review_request)
-        if not ready:
-            self._refuse(req, f"{target.name}'s vip-elector did not answer within "
-                              f"{self.cluster.answer_limit(req):g}s (is it frozen or overloaded, or "
-                              f"its Consul agent failing? see its log); {self.settings.value} "
-                              f"keeps the key")
-            return
-        self.cluster.handled(req)
-        self.reporter.hands_over(target.name, req.by)  # hook `standby` before the key leaves us
+        self.reporter.hands_over(handover.target.name, handover.request.by)
         self.reporter.finish_hooks(min(HANDOVER_HOOK_WAIT, self.settings.hook_timeout))
         self.read_at = self.clock()  # whatever happens next, the key says where it is
-        try:
-            moved = self.consul.hand_over(self.lease.session, target.session, target.name)
-        except ConsulError as e:
-            # No answer is not "no" (REFERENCE §8), and this step's budget may be spent: the
-            # key, read in a step of its own, says whether Consul moved it. Until then this
-            # node claims nothing (it is a standby since hands_over).
-            log.warning("switchover to %s: Consul did not answer the move of the lock (%s); "
-                        "reading %s to learn where it is", target.name, e, self.settings.trigger_key)
-            self.moving = (req, target.session, target.name, str(e))
-            return
-        if not moved:
-            self.kept = True  # unless the key read next says otherwise
-            self._refuse(req, f"Consul refused the move ({target.name}'s session ended, or the key "
-                              f"changed); {self.settings.value} keeps the key")
-            return
-        self.reporter.handed_over(target.name)
-        self._drop_request(req, None)
+        self._moved(self.switchover.move(self.lease.session, handover))
 
-    def _settle_move(self, key: Optional[KeyState]) -> None:
-        """A move Consul did not answer, settled by the key read since: handed over, or refused
-        (the key is still ours, or gone). Still ours: leading again is no new leadership."""
-        req, session, name, error = self.moving
-        self.moving = None
-        if key is not None and key.session == session:
-            self.reporter.handed_over(name)
-            self._drop_request(req, None)
-            return
-        self.kept = key is not None and key.session == self.lease.session
-        self._refuse(req, f"Consul did not move the lock ({error}); "
-                          + (f"{self.settings.value} keeps the key: try again once Consul is healthy"
-                             if self.kept else "the key is no longer this node's: the candidates "
-                                               "compete for it as usual"))
-
-    def _refuse(self, req: Request, why: str) -> None:
-        self.cluster.handled(req)
-        log.warning("switchover to %s (asked by %s) refused: %s", req.target or "?", req.by or "?", why)
-        try:
-            self.consul.put_request(req.refused(why).to_json(), cas=req.modify_index)
-        except ConsulError as e:
-            log.warning("cannot tell the switchover's author why it was refused: %s", e)
-
-    def _drop_request(self, req: Request, why: Optional[str]) -> None:
-        if why:
-            log.info("switchover request to %s dropped: %s", req.target or "?", why)
-        self.cluster.dropped(req)
-        try:
-            self.consul.delete_request(req.modify_index)
-        except ConsulError as e:
-            log.warning("cannot delete the switchover request %s/switchover: %s",
-                        self.settings.trigger_key, e)
+    def _moved(self, moved: Moved) -> None:
+        """A move answered or settled: the target holds the key, or it stayed ours (then leading
+        on is no new leadership), or neither, or the key read next settles it."""
+        if isinstance(moved, HandedOver):
+            self.reporter.handed_over(moved.target)
+        self.kept = isinstance(moved, Kept)
 
     def _follow(self, holder: KeyState) -> None:
         self.kept = False
         self.key.stop_retrying()
         self.reporter.follows(holder)
 
-
-class ConsulTrouble:
-    """Consul erring (§4.8): logged once per distinct reason, retried with a jittered backoff."""
-
-    def __init__(self, settings: Settings, backoff: Backoff, watcher: KeyWatcher):
-        self.settings, self.backoff, self.watcher = settings, backoff, watcher
-        self.reason: Optional[str] = None        # the last Consul error, logged once
-
-    def failed(self, error: ConsulError) -> tuple[float, str]:
-        """Log it (once per distinct reason): how long to wait, and what the status says."""
-        delay = self.backoff.next()
-        s = self.settings
-        if isinstance(error, PermissionDenied):
-            status = f"waiting: Consul refused the ACL token ({s.token_words}): {error}"
-            text = (f"Consul at {s.address} refused the ACL token ({s.token_words}): {error}; give "
-                    f"it the rules of examples/consul-acl-policy.hcl (key write on "
-                    f"{s.trigger_key}, session write on this node, read on the check's service "
-                    f"or node) — 'vip-elector --check' names the missing rule; retrying in "
-                    f"{delay:.0f}s")
-        else:
-            status = f"waiting for Consul at {s.address}: {error}"
-            text = f"cannot use Consul at {s.address}: {error}; retrying in {delay:.0f}s"
-        if str(error) != self.reason:
-            log.warning("%s", text)
-        self.reason = str(error)
-        return delay, status
-
-    def over(self) -> None:
-        """Consul answered."""
-        if self.reason is not None:
-            log.info("Consul at %s answers again", self.settings.address)
-            self.watcher.restart()  # its query in flight may sit on a dead connection
-        self.reason = None
-        self.backoff.reset()

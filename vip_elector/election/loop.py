@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 from ..state import SavedSession, StateStore
 from ..systemd import ElectionContext, Notifier
 from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, VipFault, WatchFailed
+from .agenda import Agenda, Step
 from .cluster import HANDOVER_HOOK_WAIT, READY_READ, Cluster
 from .key import HeldByOther, RefusedByLockDelay, TriggerKey, Won
 from .lease import Confirmed, Failing, Gone, Lease, Replaced, Unhealthy
@@ -129,14 +130,16 @@ class Election:
         self.main_thread = threading.get_ident()
         self.stop_requested = False              # set once, from the signal thread
         self.connected = False                   # the first read of the key passed pre-flight
-        # What is due, on the loop's clock (the lease and the key keep their own).
-        self.retry_at = float("-inf")            # no session: the next attempt to get one
-        self.read_at: Optional[float] = None     # read the key again, then act on it
-        self.act_at: Optional[float] = None      # act on the key as last seen
-        self.paused_until = float("-inf")        # after an internal error, nothing is due before this
+        # What is due, on the loop's clock (the parts keep their own), and who does it.
+        self.agenda = Agenda(self.lease, self.key, self.cluster, self.withdrawal, self.reporter,
+                             notifier, clock)
+        self._steps: dict[Step, Callable[[], None]] = {
+            Step.WITHDRAW: self._withdraw, Step.START: self._start, Step.RENEW: self._renew,
+            Step.SETTLE_STRAY: self._settle_stray, Step.READ_KEY: self._read_key, Step.ACT: self._act,
+            Step.ACQUIRE: self._acquire, Step.WRITE_RECORD: self._write_record,
+            Step.REVIEW_REQUEST: self._review_request, Step.PREEMPT: self._preempt}
         self.lost_at = float("-inf")             # our session was last lost (then look at the checks often)
         self.kept = False                        # a switchover failed: the key never left (no new leadership)
-        self.stray_at = float("-inf")            # settle the lease's stray session (a refused reload's)
 
     @property
     def role(self) -> Role:
@@ -186,7 +189,7 @@ class Election:
         self._turn(self._advance)                # the first attempt to reach Consul (§6: then READY)
         self.notifier.ready()
         while True:
-            event = self.events.get(timeout=max(0.0, self._next_deadline() - self.clock()))
+            event = self.events.get(timeout=max(0.0, self.agenda.wake_at() - self.clock()))
             self.notifier.watchdog()
             if isinstance(event, Stop):
                 holds = self.role == Role.LEADER or self.key.held_by(self.lease.session)
@@ -211,76 +214,16 @@ class Election:
                     self.watcher.handled.set()
             self._turn(self._advance)
 
-    def _next_deadline(self) -> float:
-        """The one place that knows when the loop must be awake next."""
-        now = self.clock()
-        due = [self.retry_at if self.lease.session is None else self.lease.renew_due(self._leading())]
-        if self.withdrawal.active:
-            due = [self.withdrawal.at]
-        due += [t for t in (self.read_at, self.act_at, self.key.retry_at) if t is not None]
-        if self.lease.stray is not None:
-            due.append(self.stray_at)
-        due += [t for t in self._cluster_due() if t is not None]
-        wake = max(min(due), self.paused_until)
-        until = self.lease.claim_until
-        if self.role == Role.LEADER and until is not None:
-            wake = min(wake, until)
-        ping = self.notifier.next_ping()
-        if ping is not None:
-            wake = min(wake, ping)
-        return max(now, wake)
-
-    def _due(self, now: float) -> Optional[Callable[[], None]]:
-        """The step due now, if any, in the order of SPEC §4: session, renewal, key, acquire."""
-        if now < self.paused_until:
-            return None
-        if self.withdrawal.active:
-            return self._withdraw if now >= self.withdrawal.at else None
-        if self.lease.session is None:
-            return self._start if now >= self.retry_at else None
-        if now >= self.lease.renew_due(self._leading()):
-            return self._renew
-        if self.lease.stray is not None and now >= self.stray_at:
-            return self._settle_stray
-        if self.read_at is not None and now >= self.read_at:
-            return self._read_key
-        if self.act_at is not None and now >= self.act_at:
-            return self._act
-        if self.key.retry_at is not None and now >= self.key.retry_at:
-            return self._acquire
-        record, stale, preempt = self._cluster_due()
-        if record is not None and now >= record:
-            return self._write_record
-        if stale is not None and now >= stale:
-            return self._review_request
-        if preempt is not None and now >= preempt:
-            return self._preempt
-        return None
-
-    def _cluster_due(self) -> tuple[Optional[float], Optional[float], Optional[float]]:
-        """SPEC §11, never before the election's own steps: our candidate key, a stale
-        switchover request (the leader drops it), a preemption (a follower asks)."""
-        if self.lease.session is None or self.lease.failing is not None:
-            return None, None, None
-        record = self.cluster.record_due(self.lease.session, self._record_role())
-        stale = self.cluster.request_due() if self.role == Role.LEADER else None
-        preempt = (self.cluster.preempt_due(self.key.state, self.lease.session)
-                   if self.role == Role.FOLLOWER else None)
-        return record, stale, preempt
-
-    def _record_role(self) -> str:
-        return "leader" if self.role == Role.LEADER else "standby"
-
     def _advance(self) -> None:
         """Do whatever is due, step after step; each step once (what it makes due again, such
         as a renewal that took longer than the renewal interval, waits for the next turn)."""
-        done: list[Callable[[], None]] = []
+        done: list[Step] = []
         while True:
-            step = self._due(self.clock())
+            step = self.agenda.due(self.clock())
             if step is None or step in done:
                 return
             done.append(step)
-            step()
+            self._steps[step]()
 
     def _turn(self, step: Callable, *args) -> None:
         """One step under the guard and within the time budget (§9.1, §9.2)."""
@@ -299,7 +242,7 @@ class Election:
             delay = self.bug_backoff.next()
             log.exception("internal error in the election loop (%s); retrying in %.1fs",
                           step.__name__, delay)
-            self.paused_until = self.clock() + delay
+            self.agenda.paused_until = self.clock() + delay
         else:
             self.bug_backoff.reset()
         self._check_claim()
@@ -326,12 +269,8 @@ class Election:
             return False
         why, left = held
         self.reporter.vip_fault(why, left, gave_up=False)
-        self.retry_at = self.clock() + self.withdrawal.look_in(left)
+        self.agenda.retry_at = self.clock() + self.withdrawal.look_in(left)
         return True
-
-    def _leading(self) -> bool:
-        """The session holds the key, or claims (or claimed) it: a leader's cadence."""
-        return self.key.held_by(self.lease.session) or self.role in (Role.LEADER, Role.CUT_OFF)
 
     # ------------------------------------------------------------------
     # §4.6, §4.8, §8.2: reaching Consul, and a session
@@ -380,7 +319,8 @@ class Election:
             # Just lost our session while the checks pass again (a stale "failed" from gossip
             # lasts ~50 ms): look often, so the key can come back here (SPEC §11.4 stickiness).
             soon = self.clock() - self.lost_at < 3.0
-            self.retry_at = self.clock() + (min(0.1, self.timing.health_poll) if soon else self.timing.health_poll)
+            poll = self.timing.health_poll
+            self.agenda.retry_at = self.clock() + (min(0.1, poll) if soon else poll)
             return
         self._recovered()
         self.lease.adopt(created.session, created.sent, created=True)
@@ -392,10 +332,10 @@ class Election:
     def _consul_trouble(self, error: ConsulError) -> None:
         """§4.8: back off, and say so; with a session, keep renewing on the lease's own clock."""
         delay, status = self.trouble.failed(error)
-        self.retry_at = self.clock() + delay
+        self.agenda.retry_at = self.clock() + delay
         with_session = self.lease.session is not None
         if with_session:  # read the key again later
-            self.read_at = self.retry_at
+            self.agenda.read_at = self.agenda.retry_at
             self.key.retry_at = None
         self.reporter.consul_trouble(status, str(error), with_session)
 
@@ -406,7 +346,7 @@ class Election:
     # §4.3, §8.7, §9.3, §9.4: keeping the session, and knowing we still have it
 
     def _renew(self) -> None:
-        renewal = self.lease.renew(self._leading(), cut_off=self.role == Role.CUT_OFF)
+        renewal = self.lease.renew(self.agenda.leading(), cut_off=self.role == Role.CUT_OFF)
         if isinstance(renewal, Gone):
             self._session_gone(renewal.reason)
         elif isinstance(renewal, Failing):
@@ -424,12 +364,13 @@ class Election:
             if renewal.replace:
                 self._replace()
             elif renewal.recovered:
-                self.read_at = self.clock()
+                self.agenda.read_at = self.clock()
 
     def _settle_stray(self) -> None:
         """A refused reload's move went unanswered: the lock goes back to our session first."""
-        self.read_at = self.clock()  # then act on the key as it is
-        self.stray_at = self.clock() + self.trouble.backoff.next()  # if it fails (or raises): again then
+        self.agenda.read_at = self.clock()  # then act on the key as it is
+        # If it fails (or raises): again then.
+        self.agenda.stray_at = self.clock() + self.trouble.backoff.next()
         if self.lease.settle_stray():
             self.trouble.backoff.reset()
 
@@ -438,7 +379,7 @@ class Election:
         if isinstance(replaced, Replaced):
             self.metrics.session_replaced()
             self.key.seen(replaced.index, replaced.key)
-            self.act_at = self.clock()
+            self.agenda.act_at = self.clock()
 
     def _check_claim(self) -> None:
         """End a claim Consul has not confirmed within the window (§9.3)."""
@@ -471,7 +412,7 @@ class Election:
             self.reporter.finish_hooks(min(HANDOVER_HOOK_WAIT, self.settings.hook_timeout))
         self.withdrawal.begin(why)
         self.key.stop_retrying()
-        self.read_at = self.act_at = None
+        self.agenda.read_at = self.agenda.act_at = None
         self._withdraw()
 
     def _withdraw(self) -> None:
@@ -482,7 +423,7 @@ class Election:
             return
         self.lease.forget_quietly()
         self.cluster.session_lost()
-        self.retry_at = self.clock() + withdrawn.look_in
+        self.agenda.retry_at = self.clock() + withdrawn.look_in
 
     def _critical_seen(self, check_id: str) -> None:
         """From the health watch's thread: end the claim now, even mid-request."""
@@ -494,9 +435,9 @@ class Election:
         self.cluster.session_lost()
         self.lost_at = self.clock()
         self.key.stop_retrying()
-        self.read_at = self.act_at = None
+        self.agenda.read_at = self.agenda.act_at = None
         self.reporter.session_gone(why)
-        self.retry_at = self.clock()
+        self.agenda.retry_at = self.clock()
         self.kept = False
         if self.switchover.moving is not None:  # whatever the move did, this node holds nothing now
             self._moved(self.switchover.settle(None, None))
@@ -513,11 +454,11 @@ class Election:
         now = self.clock()
         if self.trouble.reason is not None:
             # The watcher got an answer: Consul is back. Try now, not at the end of the backoff.
-            self.retry_at = now
+            self.agenda.retry_at = now
             if self.lease.session is not None:
-                self.read_at = now
+                self.agenda.read_at = now
         if not self.key.observe(event.index, event.state, event.entries):
-            self.read_at = now  # older than what we read ourselves: read afresh
+            self.agenda.read_at = now  # older than what we read ourselves: read afresh
             return
         # Known with or without a session (waiting for a check, a VIP fault's hold-off): who
         # holds the key is what a later free key is judged by (§11.4), never a stale memory.
@@ -527,7 +468,7 @@ class Election:
 
     def _read_key(self) -> None:
         """Act on the key as it is now, not as the (perhaps reconnecting) watcher last saw it."""
-        self.read_at = None
+        self.agenda.read_at = None
         self.key.read()
         self._act(fresh=True)
         self._expect_handover()
@@ -538,7 +479,7 @@ class Election:
         ``resumed``: the session was just taken up from the previous run; if it
         holds the key, the node leads on without a new leadership (§8.2).
         ``fresh``: the key was read just now (not a watch answer that may predate a move)."""
-        self.act_at = None
+        self.agenda.act_at = None
         key: Optional[KeyState] = self.key.state
         self.cluster.observe(self.key.entries, key)
         if self.withdrawal.active:
@@ -548,11 +489,11 @@ class Election:
             # Only the target can hold it if the move was applied; that it is still ours, only
             # a read made after the move can say (a watch answer may be older).
             if not fresh and not moving.applied(key):
-                self.read_at = self.clock()
+                self.agenda.read_at = self.clock()
                 return
             self._moved(self.switchover.settle(key, self.lease.session))
         if self.lease.stray is not None:
-            self.read_at = self.clock()  # the key may be on the stray session: settle that first
+            self.agenda.read_at = self.clock()  # the key may be on the stray session: settle that first
             return
         foreign = self.key.foreign(key)
         if foreign is not None:
@@ -594,12 +535,12 @@ class Election:
             return
         except ConsulUnreachable:
             # No answer is not "no": Consul may have applied it (REFERENCE §8). Read again.
-            self.read_at = self.clock()
+            self.agenda.read_at = self.clock()
             raise
         if isinstance(acquired, Won):
             self.lease.confirm(acquired.sent)  # a won acquire proves the session valid
             self.reporter.leads()
-            self.read_at = self.clock()  # learn our write's ModifyIndex (for the CAS delete)
+            self.agenda.read_at = self.clock()  # learn our write's ModifyIndex (for the CAS delete)
         elif isinstance(acquired, HeldByOther):
             self._follow(acquired.holder)
         else:
@@ -620,20 +561,20 @@ class Election:
             return False
         until, why = deferral
         self.key.stop_retrying()
-        self.act_at = until
+        self.agenda.act_at = until
         self.reporter.defers(why, until - self.clock())
         return True
 
     def _write_record(self) -> None:
-        self.cluster.write_record(self.lease.session, self._record_role(), self.lease.node)
+        self.cluster.write_record(self.lease.session, self.agenda.record_role(), self.lease.node)
         self._expect_handover()
 
     def _expect_handover(self) -> None:
         """The target of a switchover, once it said it is ready: read the key every READY_READ
         until the request is gone, so that it says it leads the moment the lock is moved to it
         (its watch may hang or back off: the key would be its own, unclaimed, meanwhile)."""
-        if self.role != Role.LEADER and self.read_at is None and self.cluster.awaiting_handover():
-            self.read_at = self.clock() + READY_READ
+        if self.role != Role.LEADER and self.agenda.read_at is None and self.cluster.awaiting_handover():
+            self.agenda.read_at = self.clock() + READY_READ
 
     def _preempt(self) -> None:
         if self.key.state is not None:
@@ -655,7 +596,7 @@ class Election:
             return
         self.reporter.hands_over(handover.target.name, handover.request.by)
         self.reporter.finish_hooks(min(HANDOVER_HOOK_WAIT, self.settings.hook_timeout))
-        self.read_at = self.clock()  # whatever happens next, the key says where it is
+        self.agenda.read_at = self.clock()  # whatever happens next, the key says where it is
         self._moved(self.switchover.move(self.lease.session, handover))
 
     def _moved(self, moved: Moved) -> None:

@@ -74,6 +74,7 @@ from .lease import Confirmed, Failing, Gone, Lease, Replaced, Unhealthy
 from .lifecycle import Lifecycle
 from .previous_run import PreviousRun
 from .role import Reporter, Role
+from .start import Start
 from .switchover import HandedOver, Kept, Moved, Review, Switchover
 from .timing import Backoff, Timing
 from .trouble import ConsulTrouble
@@ -124,12 +125,13 @@ class Election:
                                    self.previous, self.reporter, self.watcher, self.cluster)
         self.trouble = ConsulTrouble(settings, Backoff(timing.backoff_min, timing.backoff_max, rng),
                                      self.watcher)
+        self.start = Start(consul, settings, self.lease, self.key, self.previous, self.cluster,
+                           self.watcher, self.trouble)  # a session: resumed (§8.2) or made
         self.switchover = Switchover(consul, settings, self.cluster)  # §11.3, as the leader
         self.withdrawal = Withdrawal(consul, self.key, self.reporter, timing, clock, vip)  # §12's fault
         self.bug_backoff = Backoff(timing.backoff_min, timing.backoff_max, rng)  # internal errors
         self.main_thread = threading.get_ident()
         self.stop_requested = False              # set once, from the signal thread
-        self.connected = False                   # the first read of the key passed pre-flight
         # What is due, on the loop's clock (the parts keep their own), and who does it.
         self.agenda = Agenda(self.lease, self.key, self.cluster, self.withdrawal, self.reporter,
                              notifier, clock)
@@ -277,56 +279,21 @@ class Election:
 
     def _start(self) -> None:
         """Reach Consul; resume the session we had, else get one. Again after any failure."""
-        if not self.connected:
-            self._connect()
-        if self.previous.pending:
-            resumed = self.previous.resume(self.lease.node)
-            if resumed is not None:
-                self._take_up(resumed.session, resumed.confirmed_at, resumed.node)
-                return
+        self.start.connect()
+        if self.start.resume() is not None:
+            self._act(resumed=True)  # it holds the key: lead on without a new leadership (§8.2)
+            return
         if self._vip_holding_off():
             return
-        self._create_session()
-
-    def _connect(self) -> None:
-        self.key.preflight()
-        self.connected = True
-        try:
-            self.lease.node = self.consul.node_name()
-        except ConsulError as e:  # for messages only; the session is made on the agent's node anyway
-            log.debug("cannot read the agent's node name: %s", e)
-        log.info("connected to Consul at %s%s", self.settings.address,
-                 f" (node {self.lease.node})" if self.lease.node else "")
-        self.watcher.restart()
-        self._recovered()
-
-    def _take_up(self, session: str, confirmed_at: float, node: str) -> None:
-        """The previous run's session is ours again (§8.2): lead at once if it holds the key."""
-        self.lease.node = self.lease.node or node
-        self.lease.adopt(session, confirmed_at)
-        key = self.key.read()
-        self.cluster.session_began(session, resumed=True)
-        log.info("resumed session %s%s", session,
-                 f": it still holds {self.settings.trigger_key}, leading without touching the key"
-                 if key is not None and key.session == session else "")
-        self._act(resumed=True)
-
-    def _create_session(self) -> None:
-        created = self.lease.create()
+        created = self.start.create()
         if isinstance(created, Unhealthy):
-            self.reporter.check_not_passing(created.check_id, created.state, created.output,
-                                            self.timing.health_poll)
+            poll = self.timing.health_poll
+            self.reporter.check_not_passing(created.check_id, created.state, created.output, poll)
             # Just lost our session while the checks pass again (a stale "failed" from gossip
             # lasts ~50 ms): look often, so the key can come back here (SPEC §11.4 stickiness).
             soon = self.clock() - self.lost_at < 3.0
-            poll = self.timing.health_poll
             self.agenda.retry_at = self.clock() + (min(0.1, poll) if soon else poll)
             return
-        self._recovered()
-        self.lease.adopt(created.session, created.sent, created=True)
-        if self.lease.node is None:
-            self.lease.learn_node()
-        self.cluster.session_began(created.session, resumed=False)
         self._read_key()
 
     def _consul_trouble(self, error: ConsulError) -> None:
@@ -339,9 +306,6 @@ class Election:
             self.key.retry_at = None
         self.reporter.consul_trouble(status, str(error), with_session)
 
-    def _recovered(self) -> None:
-        self.trouble.over()
-
     # ------------------------------------------------------------------
     # §4.3, §8.7, §9.3, §9.4: keeping the session, and knowing we still have it
 
@@ -353,7 +317,7 @@ class Election:
             if self.role != Role.LEADER:  # a leader keeps its claim until the window ends
                 self._cut_off(renewal.reason)
         elif isinstance(renewal, Confirmed):
-            self._recovered()
+            self.trouble.over()
             self.reporter.claim_extended()  # the VIP's lifetime follows the claim window
             if renewal.recovered:
                 log.info("Consul confirms session %s again", self.lease.session)

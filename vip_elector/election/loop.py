@@ -35,13 +35,17 @@ watcher thread keeps a blocking query open on the key and posts every
 change; the signal relay posts stops and reloads. Only the main thread
 decides anything, and it is the one that renews the session and pings the
 systemd watchdog, so a stuck loop stops the pings. The loop asks its parts
-what is due and maps their answers to roles: the ``Lease`` (the session),
-the ``TriggerKey``, the ``PreviousRun`` (§8.2), and the ``Reporter``, which
-alone says and announces what the node is; ``Lifecycle`` ends it (a stop,
-a reload). No step calls back into the step that called it: what one step
-makes due (a read after an acquire, an act after a replacement) is a time
-the loop sees in ``_due``; ``_next_deadline`` is the one place that says
-when the loop wakes next.
+what is due and maps their answers to roles: ``Start`` (connect, resume the
+previous run's session (§8.2) or make one), the ``Lease`` (the session),
+the ``TriggerKey``, the ``Cluster`` (§11: candidates, priorities,
+stickiness, preemption), the ``Switchover`` (§11.3, as the leader), the
+``Withdrawal`` (§12: the VIP's fault), ``ConsulTrouble`` (§4.8), and the
+``Reporter``, which alone says and announces what the node is;
+``Lifecycle`` ends it (a stop, a reload). No step calls back into the step
+that called it: what one step makes due (a read after an acquire, an act
+after a replacement) is a time written in the ``Agenda``, the one place
+that says which ``Step`` is due now (``Agenda.due``) and when the loop
+wakes next (``Agenda.wake_at``).
 
 Timing-critical paths: key released → watcher wakes → acquire (one request);
 SIGTERM → hook ``standby`` → CAS delete → destroy (two requests).
@@ -66,8 +70,8 @@ if TYPE_CHECKING:
     from ..address import VirtualAddress
 from ..state import SavedSession, StateStore
 from ..systemd import ElectionContext, Notifier
-from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, VipFault, WatchFailed
 from .agenda import Agenda, Step
+from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, VipFault, WatchFailed
 from .cluster import HANDOVER_HOOK_WAIT, READY_READ, Cluster
 from .key import HeldByOther, RefusedByLockDelay, TriggerKey, Won
 from .lease import Confirmed, Failing, Gone, Lease, Replaced, Unhealthy
@@ -114,7 +118,6 @@ class Election:
                                  hooks or Hooks(None, 0, settings.trigger_key, settings.value),
                                  consul, self._critical_seen, self.metrics, vip)
         self.lease = Lease(consul, settings, timing, clock, self.state, self.reporter.use_session)
-        self.vip = vip
         self.reporter.claim_left = self._claim_left
         if vip is not None:
             vip.on_fault = lambda why: self.events.put(VipFault(why))  # from the VIP's keeper thread

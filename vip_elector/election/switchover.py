@@ -157,7 +157,7 @@ class Switchover:
         """The unanswered move, settled by the key as read since (None: our session is gone):
         handed over, or refused (the key still our ``session``'s, or not)."""
         move, self.moving = self.moving, None
-        assert move is not None, "settle() without a move"
+        assert move is not None, "settle() is for a move under way (see moving)"
         if move.applied(key):
             self._drop(move.request, None)
             return HandedOver(move.target)

@@ -59,6 +59,7 @@ class Withdrawal:
         return min(self.timing.health_poll, max(0.05, left))
 
     def begin(self, why: str) -> None:
+        """The fault ``why`` starts a withdrawal: ``attempt`` it until it is done."""
         self.why = why
 
     def attempt(self, session: str, budget: float) -> Optional[Withdrawn]:

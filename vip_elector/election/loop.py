@@ -35,13 +35,17 @@ watcher thread keeps a blocking query open on the key and posts every
 change; the signal relay posts stops and reloads. Only the main thread
 decides anything, and it is the one that renews the session and pings the
 systemd watchdog, so a stuck loop stops the pings. The loop asks its parts
-what is due and maps their answers to roles: the ``Lease`` (the session),
-the ``TriggerKey``, the ``PreviousRun`` (§8.2), and the ``Reporter``, which
-alone says and announces what the node is; ``Lifecycle`` ends it (a stop,
-a reload). No step calls back into the step that called it: what one step
-makes due (a read after an acquire, an act after a replacement) is a time
-the loop sees in ``_due``; ``_next_deadline`` is the one place that says
-when the loop wakes next.
+what is due and maps their answers to roles: ``Start`` (connect, resume the
+previous run's session (§8.2) or make one), the ``Lease`` (the session),
+the ``TriggerKey``, the ``Cluster`` (§11: candidates, priorities,
+stickiness, preemption), the ``Switchover`` (§11.3, as the leader), the
+``Withdrawal`` (§12: the VIP's fault), ``ConsulTrouble`` (§4.8), and the
+``Reporter``, which alone says and announces what the node is;
+``Lifecycle`` ends it (a stop, a reload). No step calls back into the step
+that called it: what one step makes due (a read after an acquire, an act
+after a replacement) is a time written in the ``Agenda``, the one place
+that says which ``Step`` is due now (``Agenda.due``) and when the loop
+wakes next (``Agenda.wake_at``).
 
 Timing-critical paths: key released → watcher wakes → acquire (one request);
 SIGTERM → hook ``standby`` → CAS delete → destroy (two requests).
@@ -58,8 +62,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..config import ConfigError, Settings
-from ..cluster import Request
-from ..consul import ConsulClient, ConsulError, ConsulUnreachable, InvalidSession, KeyState, PermissionDenied
+from ..consul import ConsulClient, ConsulError, ConsulUnreachable, InvalidSession, KeyState
 from ..hooks import Hooks
 from ..metrics import NullMetrics
 
@@ -67,15 +70,20 @@ if TYPE_CHECKING:
     from ..address import VirtualAddress
 from ..state import SavedSession, StateStore
 from ..systemd import ElectionContext, Notifier
+from .agenda import Agenda, Step
 from .events import RELOAD, CheckCritical, Inbox, KeyChanged, Reload, Stop, VipFault, WatchFailed
 from .cluster import HANDOVER_HOOK_WAIT, READY_READ, Cluster
-from .key import HeldByOther, RefusedByLockDelay, Release, TriggerKey, Won
+from .key import HeldByOther, RefusedByLockDelay, TriggerKey, Won
 from .lease import Confirmed, Failing, Gone, Lease, Replaced, Unhealthy
 from .lifecycle import Lifecycle
 from .previous_run import PreviousRun
 from .role import Reporter, Role
+from .start import Start
+from .switchover import HandedOver, Kept, Moved, Review, Switchover
 from .timing import Backoff, Timing
+from .trouble import ConsulTrouble
 from .watch import KeyWatcher
+from .withdrawal import Withdrawal
 
 log = logging.getLogger("vip_elector")
 
@@ -110,7 +118,6 @@ class Election:
                                  hooks or Hooks(None, 0, settings.trigger_key, settings.value),
                                  consul, self._critical_seen, self.metrics, vip)
         self.lease = Lease(consul, settings, timing, clock, self.state, self.reporter.use_session)
-        self.vip = vip
         self.reporter.claim_left = self._claim_left
         if vip is not None:
             vip.on_fault = lambda why: self.events.put(VipFault(why))  # from the VIP's keeper thread
@@ -121,26 +128,23 @@ class Election:
                                    self.previous, self.reporter, self.watcher, self.cluster)
         self.trouble = ConsulTrouble(settings, Backoff(timing.backoff_min, timing.backoff_max, rng),
                                      self.watcher)
+        self.start = Start(consul, settings, self.lease, self.key, self.previous, self.cluster,
+                           self.watcher, self.trouble)  # a session: resumed (§8.2) or made
+        self.switchover = Switchover(consul, settings, self.cluster)  # §11.3, as the leader
+        self.withdrawal = Withdrawal(consul, self.key, self.reporter, timing, clock, vip)  # §12's fault
         self.bug_backoff = Backoff(timing.backoff_min, timing.backoff_max, rng)  # internal errors
         self.main_thread = threading.get_ident()
         self.stop_requested = False              # set once, from the signal thread
-        self.connected = False                   # the first read of the key passed pre-flight
-        # What is due, on the loop's clock (the lease and the key keep their own).
-        self.retry_at = float("-inf")            # no session: the next attempt to get one
-        self.read_at: Optional[float] = None     # read the key again, then act on it
-        self.act_at: Optional[float] = None      # act on the key as last seen
-        self.paused_until = float("-inf")        # after an internal error, nothing is due before this
+        # What is due, on the loop's clock (the parts keep their own), and who does it.
+        self.agenda = Agenda(self.lease, self.key, self.cluster, self.withdrawal, self.reporter,
+                             notifier, clock)
+        self._steps: dict[Step, Callable[[], None]] = {
+            Step.WITHDRAW: self._withdraw, Step.START: self._start, Step.RENEW: self._renew,
+            Step.SETTLE_STRAY: self._settle_stray, Step.READ_KEY: self._read_key, Step.ACT: self._act,
+            Step.ACQUIRE: self._acquire, Step.WRITE_RECORD: self._write_record,
+            Step.REVIEW_REQUEST: self._review_request, Step.PREEMPT: self._preempt}
         self.lost_at = float("-inf")             # our session was last lost (then look at the checks often)
-        # A switchover's move Consul did not answer: (request, target session, target name,
-        # why), until the key read next says where the lock is.
-        self.moving: Optional[tuple[Request, str, str, str]] = None
         self.kept = False                        # a switchover failed: the key never left (no new leadership)
-        self.stray_at = float("-inf")            # settle the lease's stray session (a refused reload's)
-        self.reviewed = 0                        # the request whose overdue answer we read afresh
-        # --manage-vip's fault (§12): the session being given up, and when to try again.
-        self.withdrawing: Optional[str] = None
-        self.withdraw_failing: Optional[str] = None
-        self.withdraw_at = float("inf")
 
     @property
     def role(self) -> Role:
@@ -190,7 +194,7 @@ class Election:
         self._turn(self._advance)                # the first attempt to reach Consul (§6: then READY)
         self.notifier.ready()
         while True:
-            event = self.events.get(timeout=max(0.0, self._next_deadline() - self.clock()))
+            event = self.events.get(timeout=max(0.0, self.agenda.wake_at() - self.clock()))
             self.notifier.watchdog()
             if isinstance(event, Stop):
                 holds = self.role == Role.LEADER or self.key.held_by(self.lease.session)
@@ -215,76 +219,16 @@ class Election:
                     self.watcher.handled.set()
             self._turn(self._advance)
 
-    def _next_deadline(self) -> float:
-        """The one place that knows when the loop must be awake next."""
-        now = self.clock()
-        due = [self.retry_at if self.lease.session is None else self.lease.renew_due(self._leading())]
-        if self.withdrawing is not None:
-            due = [self.withdraw_at]
-        due += [t for t in (self.read_at, self.act_at, self.key.retry_at) if t is not None]
-        if self.lease.stray is not None:
-            due.append(self.stray_at)
-        due += [t for t in self._cluster_due() if t is not None]
-        wake = max(min(due), self.paused_until)
-        until = self.lease.claim_until
-        if self.role == Role.LEADER and until is not None:
-            wake = min(wake, until)
-        ping = self.notifier.next_ping()
-        if ping is not None:
-            wake = min(wake, ping)
-        return max(now, wake)
-
-    def _due(self, now: float) -> Optional[Callable[[], None]]:
-        """The step due now, if any, in the order of SPEC §4: session, renewal, key, acquire."""
-        if now < self.paused_until:
-            return None
-        if self.withdrawing is not None:
-            return self._withdraw if now >= self.withdraw_at else None
-        if self.lease.session is None:
-            return self._start if now >= self.retry_at else None
-        if now >= self.lease.renew_due(self._leading()):
-            return self._renew
-        if self.lease.stray is not None and now >= self.stray_at:
-            return self._settle_stray
-        if self.read_at is not None and now >= self.read_at:
-            return self._read_key
-        if self.act_at is not None and now >= self.act_at:
-            return self._act
-        if self.key.retry_at is not None and now >= self.key.retry_at:
-            return self._acquire
-        record, stale, preempt = self._cluster_due()
-        if record is not None and now >= record:
-            return self._write_record
-        if stale is not None and now >= stale:
-            return self._review_request
-        if preempt is not None and now >= preempt:
-            return self._preempt
-        return None
-
-    def _cluster_due(self) -> tuple[Optional[float], Optional[float], Optional[float]]:
-        """SPEC §11, never before the election's own steps: our candidate key, a stale
-        switchover request (the leader drops it), a preemption (a follower asks)."""
-        if self.lease.session is None or self.lease.failing is not None:
-            return None, None, None
-        record = self.cluster.record_due(self.lease.session, self._record_role())
-        stale = self.cluster.request_due() if self.role == Role.LEADER else None
-        preempt = (self.cluster.preempt_due(self.key.state, self.lease.session)
-                   if self.role == Role.FOLLOWER else None)
-        return record, stale, preempt
-
-    def _record_role(self) -> str:
-        return "leader" if self.role == Role.LEADER else "standby"
-
     def _advance(self) -> None:
         """Do whatever is due, step after step; each step once (what it makes due again, such
         as a renewal that took longer than the renewal interval, waits for the next turn)."""
-        done: list[Callable[[], None]] = []
+        done: list[Step] = []
         while True:
-            step = self._due(self.clock())
+            step = self.agenda.due(self.clock())
             if step is None or step in done:
                 return
             done.append(step)
-            step()
+            self._steps[step]()
 
     def _turn(self, step: Callable, *args) -> None:
         """One step under the guard and within the time budget (§9.1, §9.2)."""
@@ -303,7 +247,7 @@ class Election:
             delay = self.bug_backoff.next()
             log.exception("internal error in the election loop (%s); retrying in %.1fs",
                           step.__name__, delay)
-            self.paused_until = self.clock() + delay
+            self.agenda.paused_until = self.clock() + delay
         else:
             self.bug_backoff.reset()
         self._check_claim()
@@ -325,99 +269,58 @@ class Election:
     def _vip_holding_off(self) -> bool:
         """--manage-vip: the VIP cannot be held here now (a fault, or one too recent): do not
         compete; the node says so and looks again (§12, keepalived's FAULT state)."""
-        held = self.vip.holding_off() if self.vip is not None else None
+        held = self.withdrawal.holding_off()
         if held is None:
             return False
         why, left = held
         self.reporter.vip_fault(why, left, gave_up=False)
-        self.retry_at = self.clock() + min(self.timing.health_poll, max(0.05, left))
+        self.agenda.retry_at = self.clock() + self.withdrawal.look_in(left)
         return True
-
-    def _leading(self) -> bool:
-        """The session holds the key, or claims (or claimed) it: a leader's cadence."""
-        return self.key.held_by(self.lease.session) or self.role in (Role.LEADER, Role.CUT_OFF)
 
     # ------------------------------------------------------------------
     # §4.6, §4.8, §8.2: reaching Consul, and a session
 
     def _start(self) -> None:
         """Reach Consul; resume the session we had, else get one. Again after any failure."""
-        if not self.connected:
-            self._connect()
-        if self.previous.pending:
-            resumed = self.previous.resume(self.lease.node)
-            if resumed is not None:
-                self._take_up(resumed.session, resumed.confirmed_at, resumed.node)
-                return
+        self.start.connect()
+        if self.start.resume() is not None:
+            self._act(resumed=True)  # it holds the key: lead on without a new leadership (§8.2)
+            return
         if self._vip_holding_off():
             return
-        self._create_session()
-
-    def _connect(self) -> None:
-        self.key.preflight()
-        self.connected = True
-        try:
-            self.lease.node = self.consul.node_name()
-        except ConsulError as e:  # for messages only; the session is made on the agent's node anyway
-            log.debug("cannot read the agent's node name: %s", e)
-        log.info("connected to Consul at %s%s", self.settings.address,
-                 f" (node {self.lease.node})" if self.lease.node else "")
-        self.watcher.restart()
-        self._recovered()
-
-    def _take_up(self, session: str, confirmed_at: float, node: str) -> None:
-        """The previous run's session is ours again (§8.2): lead at once if it holds the key."""
-        self.lease.node = self.lease.node or node
-        self.lease.adopt(session, confirmed_at)
-        key = self.key.read()
-        self.cluster.session_began(session, resumed=True)
-        log.info("resumed session %s%s", session,
-                 f": it still holds {self.settings.trigger_key}, leading without touching the key"
-                 if key is not None and key.session == session else "")
-        self._act(resumed=True)
-
-    def _create_session(self) -> None:
-        created = self.lease.create()
+        created = self.start.create()
         if isinstance(created, Unhealthy):
-            self.reporter.check_not_passing(created.check_id, created.state, created.output,
-                                            self.timing.health_poll)
+            poll = self.timing.health_poll
+            self.reporter.check_not_passing(created.check_id, created.state, created.output, poll)
             # Just lost our session while the checks pass again (a stale "failed" from gossip
             # lasts ~50 ms): look often, so the key can come back here (SPEC §11.4 stickiness).
             soon = self.clock() - self.lost_at < 3.0
-            self.retry_at = self.clock() + (min(0.1, self.timing.health_poll) if soon else self.timing.health_poll)
+            self.agenda.retry_at = self.clock() + (min(0.1, poll) if soon else poll)
             return
-        self._recovered()
-        self.lease.adopt(created.session, created.sent, created=True)
-        if self.lease.node is None:
-            self.lease.learn_node()
-        self.cluster.session_began(created.session, resumed=False)
         self._read_key()
 
     def _consul_trouble(self, error: ConsulError) -> None:
         """§4.8: back off, and say so; with a session, keep renewing on the lease's own clock."""
         delay, status = self.trouble.failed(error)
-        self.retry_at = self.clock() + delay
+        self.agenda.retry_at = self.clock() + delay
         with_session = self.lease.session is not None
         if with_session:  # read the key again later
-            self.read_at = self.retry_at
+            self.agenda.read_at = self.agenda.retry_at
             self.key.retry_at = None
         self.reporter.consul_trouble(status, str(error), with_session)
-
-    def _recovered(self) -> None:
-        self.trouble.over()
 
     # ------------------------------------------------------------------
     # §4.3, §8.7, §9.3, §9.4: keeping the session, and knowing we still have it
 
     def _renew(self) -> None:
-        renewal = self.lease.renew(self._leading(), cut_off=self.role == Role.CUT_OFF)
+        renewal = self.lease.renew(self.agenda.leading(), cut_off=self.role == Role.CUT_OFF)
         if isinstance(renewal, Gone):
             self._session_gone(renewal.reason)
         elif isinstance(renewal, Failing):
             if self.role != Role.LEADER:  # a leader keeps its claim until the window ends
                 self._cut_off(renewal.reason)
         elif isinstance(renewal, Confirmed):
-            self._recovered()
+            self.trouble.over()
             self.reporter.claim_extended()  # the VIP's lifetime follows the claim window
             if renewal.recovered:
                 log.info("Consul confirms session %s again", self.lease.session)
@@ -428,12 +331,13 @@ class Election:
             if renewal.replace:
                 self._replace()
             elif renewal.recovered:
-                self.read_at = self.clock()
+                self.agenda.read_at = self.clock()
 
     def _settle_stray(self) -> None:
         """A refused reload's move went unanswered: the lock goes back to our session first."""
-        self.read_at = self.clock()  # then act on the key as it is
-        self.stray_at = self.clock() + self.trouble.backoff.next()  # if it fails (or raises): again then
+        self.agenda.read_at = self.clock()  # then act on the key as it is
+        # If it fails (or raises): again then.
+        self.agenda.stray_at = self.clock() + self.trouble.backoff.next()
         if self.lease.settle_stray():
             self.trouble.backoff.reset()
 
@@ -442,7 +346,7 @@ class Election:
         if isinstance(replaced, Replaced):
             self.metrics.session_replaced()
             self.key.seen(replaced.index, replaced.key)
-            self.act_at = self.clock()
+            self.agenda.act_at = self.clock()
 
     def _check_claim(self) -> None:
         """End a claim Consul has not confirmed within the window (§9.3)."""
@@ -465,46 +369,28 @@ class Election:
         planned handover, the key is released at once for a healthy node, and the session (with
         our candidate key) destroyed, so that this node does not compete until the fault has
         been gone for the hold-off (§12; keepalived's FAULT state)."""
-        held = self.vip.holding_off() if self.vip is not None else None
-        if held is None or self.lease.session is None or self.withdrawing is not None:
+        held = self.withdrawal.holding_off()
+        if held is None or self.lease.session is None or self.withdrawal.active:
             return  # over already, or nothing to withdraw (_start looks before competing)
         why, left = held
         holds = self.role == Role.LEADER or self.key.held_by(self.lease.session)
         self.reporter.vip_fault(why, left, gave_up=holds)  # standby hook, VIP off
         if holds:
             self.reporter.finish_hooks(min(HANDOVER_HOOK_WAIT, self.settings.hook_timeout))
-        self.withdrawing = why
+        self.withdrawal.begin(why)
         self.key.stop_retrying()
-        self.read_at = self.act_at = None
+        self.agenda.read_at = self.agenda.act_at = None
         self._withdraw()
 
     def _withdraw(self) -> None:
-        """Release the key (if ours) and destroy the session; retried every ``renew_retry``
-        while Consul does not answer (the same interface may be the way to it), so that the
-        session never outlives the withdrawal: its key would wait for the TTL otherwise."""
-        session, why = self.lease.session, self.withdrawing or ""
-        try:
-            with self.consul.time_limit(min(self._budget(), 2 * self.timing.shutdown_timeout + 0.5)):
-                if self.key.held_by(session) or self.key.state is None:
-                    if self.key.release(session) == Release.RELEASED:
-                        self.reporter.released_on_fault()
-                self.consul.destroy_session(session)
-        except InvalidSession:
-            pass  # gone already, and its key with it
-        except ConsulError as e:
-            if self.withdraw_failing != str(e):
-                log.warning("cannot withdraw session %s yet (%s): trying again every %gs",
-                            session, e, self.timing.renew_retry)
-            self.withdraw_failing = str(e)
-            self.withdraw_at = self.clock() + self.timing.renew_retry
+        """Release the key (if ours) and destroy the session, again while Consul does not
+        answer; then the node looks again (after the hold-off) whether it may compete."""
+        withdrawn = self.withdrawal.attempt(self.lease.session, self._budget())
+        if withdrawn is None:
             return
-        log.info("session %s destroyed: withdrawn while the VIP cannot be held here (%s)", session, why)
         self.lease.forget_quietly()
         self.cluster.session_lost()
-        self.withdrawing = self.withdraw_failing = None
-        self.withdraw_at = float("inf")
-        held = self.vip.holding_off() if self.vip is not None else None
-        self.retry_at = self.clock() + min(self.timing.health_poll, max(0.05, held[1] if held else 0.0))
+        self.agenda.retry_at = self.clock() + withdrawn.look_in
 
     def _critical_seen(self, check_id: str) -> None:
         """From the health watch's thread: end the claim now, even mid-request."""
@@ -516,12 +402,12 @@ class Election:
         self.cluster.session_lost()
         self.lost_at = self.clock()
         self.key.stop_retrying()
-        self.read_at = self.act_at = None
+        self.agenda.read_at = self.agenda.act_at = None
         self.reporter.session_gone(why)
-        self.retry_at = self.clock()
+        self.agenda.retry_at = self.clock()
         self.kept = False
-        if self.moving is not None:  # whatever the move did, this node holds nothing now
-            self._settle_move(None)
+        if self.switchover.moving is not None:  # whatever the move did, this node holds nothing now
+            self._moved(self.switchover.settle(None, None))
 
     # ------------------------------------------------------------------
     # §4.2-§4.4: the key
@@ -535,11 +421,11 @@ class Election:
         now = self.clock()
         if self.trouble.reason is not None:
             # The watcher got an answer: Consul is back. Try now, not at the end of the backoff.
-            self.retry_at = now
+            self.agenda.retry_at = now
             if self.lease.session is not None:
-                self.read_at = now
+                self.agenda.read_at = now
         if not self.key.observe(event.index, event.state, event.entries):
-            self.read_at = now  # older than what we read ourselves: read afresh
+            self.agenda.read_at = now  # older than what we read ourselves: read afresh
             return
         # Known with or without a session (waiting for a check, a VIP fault's hold-off): who
         # holds the key is what a later free key is judged by (§11.4), never a stale memory.
@@ -549,7 +435,7 @@ class Election:
 
     def _read_key(self) -> None:
         """Act on the key as it is now, not as the (perhaps reconnecting) watcher last saw it."""
-        self.read_at = None
+        self.agenda.read_at = None
         self.key.read()
         self._act(fresh=True)
         self._expect_handover()
@@ -560,20 +446,21 @@ class Election:
         ``resumed``: the session was just taken up from the previous run; if it
         holds the key, the node leads on without a new leadership (§8.2).
         ``fresh``: the key was read just now (not a watch answer that may predate a move)."""
-        self.act_at = None
+        self.agenda.act_at = None
         key: Optional[KeyState] = self.key.state
         self.cluster.observe(self.key.entries, key)
-        if self.withdrawing is not None:
+        if self.withdrawal.active:
             return  # giving the session up (the VIP's fault): never a claim on the way
-        if self.moving is not None:
+        moving = self.switchover.moving
+        if moving is not None:
             # Only the target can hold it if the move was applied; that it is still ours, only
             # a read made after the move can say (a watch answer may be older).
-            if not fresh and (key is None or key.session != self.moving[1]):
-                self.read_at = self.clock()
+            if not fresh and not moving.applied(key):
+                self.agenda.read_at = self.clock()
                 return
-            self._settle_move(key)
+            self._moved(self.switchover.settle(key, self.lease.session))
         if self.lease.stray is not None:
-            self.read_at = self.clock()  # the key may be on the stray session: settle that first
+            self.agenda.read_at = self.clock()  # the key may be on the stray session: settle that first
             return
         foreign = self.key.foreign(key)
         if foreign is not None:
@@ -599,7 +486,7 @@ class Election:
             self._follow(key)
 
     def _acquire(self) -> None:
-        if self.vip is not None and self.vip.holding_off() is not None:
+        if self.withdrawal.holding_off() is not None:
             self.key.stop_retrying()
             self.events.put(VipFault("held off"))  # withdraw: the next event destroys the session
             return
@@ -615,12 +502,12 @@ class Election:
             return
         except ConsulUnreachable:
             # No answer is not "no": Consul may have applied it (REFERENCE §8). Read again.
-            self.read_at = self.clock()
+            self.agenda.read_at = self.clock()
             raise
         if isinstance(acquired, Won):
             self.lease.confirm(acquired.sent)  # a won acquire proves the session valid
             self.reporter.leads()
-            self.read_at = self.clock()  # learn our write's ModifyIndex (for the CAS delete)
+            self.agenda.read_at = self.clock()  # learn our write's ModifyIndex (for the CAS delete)
         elif isinstance(acquired, HeldByOther):
             self._follow(acquired.holder)
         else:
@@ -641,158 +528,53 @@ class Election:
             return False
         until, why = deferral
         self.key.stop_retrying()
-        self.act_at = until
+        self.agenda.act_at = until
         self.reporter.defers(why, until - self.clock())
         return True
 
     def _write_record(self) -> None:
-        self.cluster.write_record(self.lease.session, self._record_role(), self.lease.node)
+        self.cluster.write_record(self.lease.session, self.agenda.record_role(), self.lease.node)
         self._expect_handover()
 
     def _expect_handover(self) -> None:
         """The target of a switchover, once it said it is ready: read the key every READY_READ
         until the request is gone, so that it says it leads the moment the lock is moved to it
         (its watch may hang or back off: the key would be its own, unclaimed, meanwhile)."""
-        if self.role != Role.LEADER and self.read_at is None and self.cluster.awaiting_handover():
-            self.read_at = self.clock() + READY_READ
+        if self.role != Role.LEADER and self.agenda.read_at is None and self.cluster.awaiting_handover():
+            self.agenda.read_at = self.clock() + READY_READ
 
     def _preempt(self) -> None:
         if self.key.state is not None:
             self.cluster.preempt(self.key.state)
 
     def _review_request(self) -> None:
-        """The request's time is up: drop it if stale, else decide on it (an overdue target)."""
-        req = self.cluster.tree.request
-        if req is None:
-            return
-        if self.cluster.request_expired(req):
-            self._drop_request(req, f"no answer within its {req.timeout:g}s (its author gave up)")
-        elif self.reviewed != req.modify_index:
-            # The target's answer may be in a watch answer we have not had (a watch that hangs
-            # or backs off): read afresh once, and decide on that (_act); if the read fails,
-            # decide on what we know the next time.
-            self.reviewed = req.modify_index
-            self._read_key()
-        else:
+        """The request's time is up: the switchover says whether to read the key first."""
+        review = self.switchover.review()
+        if review is Review.READ_KEY:
+            self._read_key()  # _act decides on the key as read
+        elif review is Review.DECIDE:
             self._switchover()
 
     def _switchover(self) -> None:
-        """A switchover asked of us (SPEC §11.3): the lock moves in one transaction from our
-        session to the target's, with its name as the value: the key is never free, no
-        third node can take it, and a refused move leaves it ours."""
-        req: Optional[Request] = self.cluster.pending_request()
-        if req is None:
+        """A switchover asked of us (SPEC §11.3): standby first (hook ``standby`` before the key
+        leaves us), then the lock moves in one transaction to the target's session."""
+        handover = self.switchover.decide()
+        if handover is None:
             return
-        if self.cluster.request_expired(req):
-            self._drop_request(req, "it is stale (its author gave up)")
-            return
-        if req.target == self.settings.value:
-            self._drop_request(req, "this node holds the key already")
-            return
-        target, why = self.cluster.check_target(req)
-        if target is None:
-            self._refuse(req, why)
-            return
-        ready = self.cluster.target_ready(req, target)
-        if ready is None:
-            return  # its answer comes through the watch (or the deadline: _review_request)
-        if not ready:
-            self._refuse(req, f"{target.name}'s vip-elector did not answer within "
-                              f"{self.cluster.answer_limit(req):g}s (is it frozen or overloaded, or "
-                              f"its Consul agent failing? see its log); {self.settings.value} "
-                              f"keeps the key")
-            return
-        self.cluster.handled(req)
-        self.reporter.hands_over(target.name, req.by)  # hook `standby` before the key leaves us
+        self.reporter.hands_over(handover.target.name, handover.request.by)
         self.reporter.finish_hooks(min(HANDOVER_HOOK_WAIT, self.settings.hook_timeout))
-        self.read_at = self.clock()  # whatever happens next, the key says where it is
-        try:
-            moved = self.consul.hand_over(self.lease.session, target.session, target.name)
-        except ConsulError as e:
-            # No answer is not "no" (REFERENCE §8), and this step's budget may be spent: the
-            # key, read in a step of its own, says whether Consul moved it. Until then this
-            # node claims nothing (it is a standby since hands_over).
-            log.warning("switchover to %s: Consul did not answer the move of the lock (%s); "
-                        "reading %s to learn where it is", target.name, e, self.settings.trigger_key)
-            self.moving = (req, target.session, target.name, str(e))
-            return
-        if not moved:
-            self.kept = True  # unless the key read next says otherwise
-            self._refuse(req, f"Consul refused the move ({target.name}'s session ended, or the key "
-                              f"changed); {self.settings.value} keeps the key")
-            return
-        self.reporter.handed_over(target.name)
-        self._drop_request(req, None)
+        self.agenda.read_at = self.clock()  # whatever happens next, the key says where it is
+        self._moved(self.switchover.move(self.lease.session, handover))
 
-    def _settle_move(self, key: Optional[KeyState]) -> None:
-        """A move Consul did not answer, settled by the key read since: handed over, or refused
-        (the key is still ours, or gone). Still ours: leading again is no new leadership."""
-        req, session, name, error = self.moving
-        self.moving = None
-        if key is not None and key.session == session:
-            self.reporter.handed_over(name)
-            self._drop_request(req, None)
-            return
-        self.kept = key is not None and key.session == self.lease.session
-        self._refuse(req, f"Consul did not move the lock ({error}); "
-                          + (f"{self.settings.value} keeps the key: try again once Consul is healthy"
-                             if self.kept else "the key is no longer this node's: the candidates "
-                                               "compete for it as usual"))
-
-    def _refuse(self, req: Request, why: str) -> None:
-        self.cluster.handled(req)
-        log.warning("switchover to %s (asked by %s) refused: %s", req.target or "?", req.by or "?", why)
-        try:
-            self.consul.put_request(req.refused(why).to_json(), cas=req.modify_index)
-        except ConsulError as e:
-            log.warning("cannot tell the switchover's author why it was refused: %s", e)
-
-    def _drop_request(self, req: Request, why: Optional[str]) -> None:
-        if why:
-            log.info("switchover request to %s dropped: %s", req.target or "?", why)
-        self.cluster.dropped(req)
-        try:
-            self.consul.delete_request(req.modify_index)
-        except ConsulError as e:
-            log.warning("cannot delete the switchover request %s/switchover: %s",
-                        self.settings.trigger_key, e)
+    def _moved(self, moved: Moved) -> None:
+        """A move answered or settled: the target holds the key, or it stayed ours (then leading
+        on is no new leadership), or neither, or the key read next settles it."""
+        if isinstance(moved, HandedOver):
+            self.reporter.handed_over(moved.target)
+        self.kept = isinstance(moved, Kept)
 
     def _follow(self, holder: KeyState) -> None:
         self.kept = False
         self.key.stop_retrying()
         self.reporter.follows(holder)
 
-
-class ConsulTrouble:
-    """Consul erring (§4.8): logged once per distinct reason, retried with a jittered backoff."""
-
-    def __init__(self, settings: Settings, backoff: Backoff, watcher: KeyWatcher):
-        self.settings, self.backoff, self.watcher = settings, backoff, watcher
-        self.reason: Optional[str] = None        # the last Consul error, logged once
-
-    def failed(self, error: ConsulError) -> tuple[float, str]:
-        """Log it (once per distinct reason): how long to wait, and what the status says."""
-        delay = self.backoff.next()
-        s = self.settings
-        if isinstance(error, PermissionDenied):
-            status = f"waiting: Consul refused the ACL token ({s.token_words}): {error}"
-            text = (f"Consul at {s.address} refused the ACL token ({s.token_words}): {error}; give "
-                    f"it the rules of examples/consul-acl-policy.hcl (key write on "
-                    f"{s.trigger_key}, session write on this node, read on the check's service "
-                    f"or node) — 'vip-elector --check' names the missing rule; retrying in "
-                    f"{delay:.0f}s")
-        else:
-            status = f"waiting for Consul at {s.address}: {error}"
-            text = f"cannot use Consul at {s.address}: {error}; retrying in {delay:.0f}s"
-        if str(error) != self.reason:
-            log.warning("%s", text)
-        self.reason = str(error)
-        return delay, status
-
-    def over(self) -> None:
-        """Consul answered."""
-        if self.reason is not None:
-            log.info("Consul at %s answers again", self.settings.address)
-            self.watcher.restart()  # its query in flight may sit on a dead connection
-        self.reason = None
-        self.backoff.reset()

@@ -49,6 +49,7 @@ import signal
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Dict, List, Optional, Tuple
@@ -817,3 +818,21 @@ class ClusterLab(Lab):
                 self.start_elector(node)
             if self.with_vip_manager and not self.hook:   # with the hook, the hook runs it
                 self.ensure_vip_manager(node)
+
+
+@contextmanager
+def running_lab(**options):
+    """A started, settled ClusterLab with every elector running (skips the test when the
+    machine cannot run one), closed at the end: the tests' module fixtures."""
+    import pytest
+    reason = missing_prerequisite()
+    if reason:
+        pytest.skip(reason)
+    lab = ClusterLab(**options)
+    try:
+        lab.start()
+        lab.start_electors()
+        lab.settle(60)
+        yield lab
+    finally:
+        lab.close()

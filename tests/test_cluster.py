@@ -45,21 +45,10 @@ def _report(request, rows):
 
 @pytest.fixture(scope="module")
 def lab(request):
-    reason = cluster.missing_prerequisite()
-    if reason:
-        pytest.skip(reason)
-    lab = cluster.ClusterLab()
     try:
-        lab.start()
-        lab.start_electors()
-        lab.settle(60)
-    except BaseException:
-        lab.close()
-        raise
-    try:
-        yield lab
+        with cluster.running_lab() as lab:
+            yield lab
     finally:
-        lab.close()
         _report(request, RESULTS)
 
 

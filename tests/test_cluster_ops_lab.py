@@ -27,21 +27,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.consul, pytest.mark.e2e]
 
 @pytest.fixture(scope="module")
 def lab():
-    reason = cluster.missing_prerequisite()
-    if reason:
-        pytest.skip(reason)
-    lab = cluster.ClusterLab()
-    try:
-        lab.start()
-        lab.start_electors()
-        lab.settle(60)
-    except BaseException:
-        lab.close()
-        raise
-    try:
+    with cluster.running_lab() as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 def holders_since(lab, t0):

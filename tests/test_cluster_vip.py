@@ -38,21 +38,10 @@ RESULTS = []
 
 @pytest.fixture(scope="module")
 def lab(request):
-    reason = cluster.missing_prerequisite()
-    if reason:
-        pytest.skip(reason)
-    lab = cluster.ClusterLab(manage_vip=True)
     try:
-        lab.start()
-        lab.start_electors()
-        lab.settle(60)
-    except BaseException:
-        lab.close()
-        raise
-    try:
-        yield lab
+        with cluster.running_lab(manage_vip=True) as lab:
+            yield lab
     finally:
-        lab.close()
         capture = request.config.pluginmanager.getplugin("capturemanager")
         with capture.global_and_fixture_disabled():
             print("\n--manage-vip on the cluster lab\n" + FaultResult.HEADER)

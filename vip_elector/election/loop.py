@@ -570,7 +570,8 @@ class Election:
         """A move answered or settled: the target holds the key, or it stayed ours (then leading
         on is no new leadership), or neither, or the key read next settles it."""
         if isinstance(moved, HandedOver):
-            self.reporter.handed_over(moved.target)
+            self.reporter.handed_over(moved.target)  # said first: the request's delete may hang
+            self.switchover.done(moved)
         self.kept = isinstance(moved, Kept)
 
     def _follow(self, holder: KeyState) -> None:

@@ -60,7 +60,10 @@ class Move:
 
 @dataclass(frozen=True)
 class HandedOver:
-    target: str                  # the lock is its session's now
+    """The lock is the target's session's now; ``done`` deletes the request once said."""
+
+    request: Request
+    target: str
 
 
 @dataclass(frozen=True)
@@ -150,8 +153,7 @@ class Switchover:
             self._refuse(req, f"Consul refused the move ({target.name}'s session ended, or the key "
                               f"changed); {self.settings.value} keeps the key")
             return Kept()
-        self._drop(req, None)
-        return HandedOver(target.name)
+        return HandedOver(req, target.name)
 
     def settle(self, key: Optional[KeyState], session: Optional[str]) -> Moved:
         """The unanswered move, settled by the key as read since (None: our session is gone):
@@ -159,14 +161,17 @@ class Switchover:
         move, self.moving = self.moving, None
         assert move is not None, "settle() is for a move under way (see moving)"
         if move.applied(key):
-            self._drop(move.request, None)
-            return HandedOver(move.target)
+            return HandedOver(move.request, move.target)
         kept = key is not None and key.session == session
         self._refuse(move.request, f"Consul did not move the lock ({move.error}); "
                      + (f"{self.settings.value} keeps the key: try again once Consul is healthy"
                         if kept else "the key is no longer this node's: the candidates "
                                      "compete for it as usual"))
         return Kept() if kept else Lost()
+
+    def done(self, moved: HandedOver) -> None:
+        """The hand-over carried out and said: its request is of no use any more."""
+        self._drop(moved.request, None)
 
     def _refuse(self, req: Request, why: str) -> None:
         """Tell the request's author why (on the request itself); it is not acted on again."""
